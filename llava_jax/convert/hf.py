@@ -1,0 +1,248 @@
+"""Load llava_jax models from HF-format directories and export them back.
+
+Import paths (all streamed from memory-mapped files, one target param at a time):
+  * llava-hf `LlavaForConditionalGeneration` dirs (legacy or transformers-5 key layouts);
+  * original LLaVA `LlavaLlamaForCausalLM` dirs + a separate CLIP dir (`clip_path`);
+  * a CLIP dir + a LLaMA/Vicuna dir with a fresh projector (the stage-1 start);
+  * optionally a stage-1 projector file (`projector_path`) overriding the projector.
+Export writes the legacy llava-hf layout that `LlavaForConditionalGeneration.from_pretrained`
+loads with no missing or unexpected keys.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llava_jax.config import LlavaConfig
+from llava_jax.convert import keymap
+from llava_jax.convert.safetensors_io import checkpoint_files, write_sharded
+from llava_jax.models.llava import LlavaModel
+from llava_jax.models.projector import Projector
+
+ShardingFn = Callable[[str, tuple[int, ...]], "jax.sharding.Sharding | None"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not fit the model: names the keys and shapes involved."""
+
+
+def _read_json(path: Path) -> dict:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found")
+    return json.loads(path.read_text())
+
+
+def _flat_params(model_or_state) -> dict[str, nnx.Variable]:
+    state = nnx.state(model_or_state, nnx.Param) if isinstance(model_or_state, nnx.Module) else model_or_state
+    return {"/".join(str(k) for k in path): v for path, v in nnx.to_flat_state(state)}
+
+
+class _KeyIndex:
+    """canonical HF key -> (file, raw key), over several sources; later sources win."""
+
+    def __init__(self):
+        self.entries: dict[str, tuple[object, str]] = {}
+
+    def add(self, files, normalize):
+        for f in files:
+            for raw in f.keys():
+                canon = normalize(raw)
+                if canon is not None:
+                    self.entries[canon] = (f, raw)
+
+    def has_prefix(self, prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in self.entries)
+
+
+def _resolve_config(path: Path, clip_path, projector_type, vision_feature_layer, image_token_id):
+    """(LlavaConfig, key index, params allowed to be freshly initialised)."""
+    cfg_dict = _read_json(path / "config.json") if path.is_dir() else {}
+    mt = cfg_dict.get("model_type")
+    index = _KeyIndex()
+    fresh = None
+    if mt == "llava":
+        vision_dict = _read_json(Path(clip_path) / "config.json") if clip_path else None
+        cfg = LlavaConfig.from_hf_dict(cfg_dict, vision_dict)
+        index.add(checkpoint_files(path), keymap.normalize_llava_hf)
+        if clip_path:
+            index.add(checkpoint_files(clip_path), keymap.normalize_clip)
+    elif mt in ("llava_llama", "llama") or "mm_vision_tower" in cfg_dict:
+        if clip_path is None:
+            tower = cfg_dict.get("mm_vision_tower")
+            if tower and Path(tower).is_dir():
+                clip_path = tower
+            else:
+                raise ValueError(
+                    f"{path} is a LLaMA/original-LLaVA checkpoint; pass clip_path=<local CLIP dir> "
+                    f"(its mm_vision_tower is {tower!r}, not a local directory)"
+                )
+        cfg = LlavaConfig.from_hf_dict({**cfg_dict, "model_type": "llava_llama"},
+                                       _read_json(Path(clip_path) / "config.json"))
+        index.add(checkpoint_files(path), keymap.normalize_llama)
+        index.add(checkpoint_files(clip_path), keymap.normalize_clip)
+        if not index.has_prefix("multi_modal_projector."):
+            fresh = r"projector/.*"  # CLIP + LLaMA: the stage-1 start, projector trained from scratch
+    else:
+        LlavaConfig.from_hf_dict(cfg_dict)  # raises the "unknown architecture" error
+    overrides = {}
+    if projector_type is not None:
+        overrides["projector_type"] = projector_type
+    if vision_feature_layer is not None:
+        overrides["vision_feature_layer"] = vision_feature_layer
+    if image_token_id is not None:
+        overrides["image_token_id"] = image_token_id
+    if overrides:
+        cfg = cfg.replace(**overrides)
+    return cfg, index, fresh
+
+
+def load_params_into(model_abs: LlavaModel, index: _KeyIndex, fresh_pattern: str | None = None,
+                     fresh_values: dict | None = None, sharding_fn: ShardingFn | None = None,
+                     strict: bool = True) -> LlavaModel:
+    """Fill an abstract model (from `nnx.eval_shape`) with checkpoint tensors.
+
+    Each target param is assembled on the host from memory-mapped views (stacked layers filled
+    one layer at a time) and placed straight into its sharding, then the host buffer is dropped.
+    """
+    graphdef, state = nnx.split(model_abs)
+    flat = _flat_params(state)
+    missing, mismatched = [], []
+    used: set[str] = set()
+    values: dict[str, jax.Array] = {}
+    for path, var in flat.items():
+        shape, dtype = tuple(var.value.shape), var.value.dtype
+        if fresh_pattern and re.fullmatch(fresh_pattern, path):
+            values[path] = fresh_values[path]
+            continue
+        template, transform, stacked = keymap.hf_key_for(path)
+        n = shape[0] if stacked else 1
+        per = shape[1:] if stacked else shape
+        keys = [template.format(i=i) for i in range(n)] if stacked else [template]
+        used.update(keys)  # accounted for, even if this param turns out missing or mis-shaped
+        absent = [k for k in keys if k not in index.entries]
+        if absent:
+            missing.extend(absent)
+            continue
+        expect = keymap.hf_shape(transform, per)
+        bad = [(k, index.entries[k][0].shape(index.entries[k][1])) for k in keys]
+        bad = [(k, s) for k, s in bad if tuple(s) != tuple(expect)]
+        if bad:
+            mismatched.extend(f"{k}: expected {tuple(expect)} (for {path}), found {tuple(s)}" for k, s in bad)
+            continue
+        buf = np.empty(shape, dtype=np.dtype(dtype))
+        for i, k in enumerate(keys):
+            f, raw = index.entries[k]
+            t = keymap.to_ours(f.get(raw), transform, per)
+            if stacked:
+                buf[i] = t
+            else:
+                buf[...] = t
+        sharding = sharding_fn(path, shape) if sharding_fn else None
+        if sharding is None:
+            values[path] = jax.device_put(buf)
+        else:
+            values[path] = jax.make_array_from_callback(shape, sharding, lambda idx, b=buf: b[idx])
+        del buf
+    unexpected = sorted(set(index.entries) - used)
+    problems = []
+    if mismatched:
+        problems.append("shape mismatch:\n  " + "\n  ".join(mismatched))
+    if missing:
+        problems.append(f"missing keys ({len(missing)}):\n  " + "\n  ".join(missing[:50]))
+    if unexpected and strict:
+        problems.append(f"unexpected keys ({len(unexpected)}):\n  " + "\n  ".join(unexpected[:50]))
+    if problems:
+        raise CheckpointError("checkpoint does not match the model config:\n" + "\n".join(problems))
+    for path, var in flat.items():
+        var.value = values[path]
+    return nnx.merge(graphdef, state)
+
+
+def from_pretrained(path, *, clip_path=None, projector_path=None, dtype=jnp.float32, param_dtype=jnp.float32,
+                    projector_type: str | None = None, vision_feature_layer=None, image_token_id: int | None = None,
+                    remat_policy: str = "none", attention_impl: str = "xla", sharding_fn: ShardingFn | None = None,
+                    strict: bool = True, seed: int = 0) -> LlavaModel:
+    """Load a LLaVA model from a local HF-format directory (see module docstring for layouts).
+
+    `dtype` is the compute dtype, `param_dtype` the stored param dtype. With `sharding_fn`, each
+    param is created directly in its sharding (the trainer passes its mesh rules here).
+    """
+    path = Path(path)
+    cfg, index, fresh = _resolve_config(path, clip_path, projector_type, vision_feature_layer, image_token_id)
+    if projector_path is not None:
+        proj = _KeyIndex()
+        proj.add(checkpoint_files(projector_path), keymap.normalize_projector)
+        if not proj.entries:
+            raise CheckpointError(f"{projector_path} holds no projector weights (mm_projector.* / multi_modal_projector.*)")
+        index.entries.update(proj.entries)
+        fresh = None
+    cfg = cfg.with_runtime(dtype=dtype, param_dtype=param_dtype, remat_policy=remat_policy,
+                           attention_impl=attention_impl)
+    model_abs = nnx.eval_shape(lambda: LlavaModel(cfg, rngs=None))
+    fresh_values = None
+    if fresh:
+        proj = Projector(cfg.projector_type, cfg.projector_in_features, cfg.text.hidden_size, cfg.projector_bias,
+                         param_dtype=param_dtype, dtype=dtype, rngs=nnx.Rngs(seed))
+        fresh_values = {"projector/" + k: v.value for k, v in _flat_params(proj).items()}
+    return load_params_into(model_abs, index, fresh, fresh_values, sharding_fn, strict)
+
+
+# ------------------------------------------------------------------ export
+def hf_tensors(model_or_params, dtype=None):
+    """Yield (canonical HF key, numpy array) for every param, one param on the host at a time."""
+    for path, var in sorted(_flat_params(model_or_params).items()):
+        template, transform, stacked = keymap.hf_key_for(path)
+        arr = np.asarray(jax.device_get(var.value))
+        if dtype is not None:
+            arr = arr.astype(np.dtype(dtype))
+        if stacked:
+            for i in range(arr.shape[0]):
+                yield template.format(i=i), np.ascontiguousarray(keymap.to_hf(arr[i], transform))
+        else:
+            yield template, np.ascontiguousarray(keymap.to_hf(arr, transform))
+
+
+def processor_files(cfg: LlavaConfig) -> dict[str, dict]:
+    """CLIP image-processor and LlavaProcessor settings matching the model."""
+    from llava_jax.models.llava import CLIP_MEAN, CLIP_STD
+
+    s = cfg.vision.image_size
+    return {
+        "preprocessor_config.json": {
+            "image_processor_type": "CLIPImageProcessor", "processor_class": "LlavaProcessor",
+            "do_resize": True, "size": {"shortest_edge": s}, "resample": 3,
+            "do_center_crop": True, "crop_size": {"height": s, "width": s},
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "do_convert_rgb": True,
+        },
+        "processor_config.json": {
+            "processor_class": "LlavaProcessor", "patch_size": cfg.vision.patch_size,
+            "vision_feature_select_strategy": cfg.vision_feature_select_strategy,
+            "num_additional_image_tokens": 1, "image_token": "<image>",
+        },
+    }
+
+
+def save_pretrained(model: LlavaModel, out_dir, tokenizer=None, dtype=None, max_shard_size: int = 5 * 10**9):
+    """Write `model` as a llava-hf directory (legacy key layout, sharded safetensors + index,
+    config.json, processor configs, and the tokenizer when given)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg: LlavaConfig = model.config
+    hf_cfg = cfg.to_hf_dict()
+    store_dtype = np.dtype(dtype) if dtype is not None else np.dtype(cfg.runtime.param_dtype)
+    hf_cfg["dtype"] = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[store_dtype.name]
+    write_sharded(out, hf_tensors(model, store_dtype), max_shard_size)
+    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+    for name, content in processor_files(cfg).items():
+        (out / name).write_text(json.dumps(content, indent=2))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    return out

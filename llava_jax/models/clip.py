@@ -1,0 +1,168 @@
+"""CLIP ViT vision tower (the `vision/` param subtree).
+
+Patch conv without bias, class + position embeddings, `pre_layrnorm`, pre-LN transformer blocks
+with quick_gelu. Layers are stored stacked (leading `layers` axis) and applied with `lax.scan`,
+so compile time does not grow with depth. Only the layers up to the deepest requested feature
+layer run; `post_layernorm` is kept for checkpoint round-trips but LLaVA never applies it.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llava_jax.config import VisionConfig
+from llava_jax.models.layers import (
+    dot_product_attention,
+    layer_norm,
+    make_param,
+    maybe_remat,
+    quick_gelu,
+)
+
+
+def _cubic_weights(t: np.ndarray, a: float = -0.75) -> np.ndarray:
+    """Keys cubic convolution weights for the 4 taps at offsets -1, 0, 1, 2 (torch's a = -0.75)."""
+
+    def near(x):  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x):  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
+
+
+def bicubic_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """[out, in] matrix equal to torch `interpolate(mode='bicubic', align_corners=False)` along one
+    axis (border taps clamped), so position-embedding interpolation matches transformers."""
+    scale = in_size / out_size
+    m = np.zeros((out_size, in_size), np.float64)
+    for o in range(out_size):
+        src = (o + 0.5) * scale - 0.5
+        i0 = int(np.floor(src))
+        w = _cubic_weights(np.array(src - i0))
+        for tap, wt in zip(range(i0 - 1, i0 + 3), w):
+            m[o, min(max(tap, 0), in_size - 1)] += wt
+    return m.astype(np.float32)
+
+
+class VisionTower(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, param_dtype=jnp.float32, dtype=jnp.float32,
+                 remat_policy: str = "none", attention_impl: str = "xla", rngs: nnx.Rngs | None = None):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.remat_policy = remat_policy
+        self.attention_impl = attention_impl
+        d, f, h, hd, p, c, n = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.head_dim,
+                                cfg.patch_size, cfg.num_channels, cfg.num_layers)
+        P = lambda shape, axes, init="normal": make_param(rngs, shape, axes, init, param_dtype)  # noqa: E731
+        self.patch_embed = P((p, p, c, d), (None, None, None, "embed"))
+        self.class_embed = P((d,), ("embed",))
+        self.pos_embed = P((cfg.num_patches + 1, d), (None, "embed"))
+        self.pre_ln_scale = P((d,), ("embed",), "ones")
+        self.pre_ln_bias = P((d,), ("embed",), "zeros")
+        self.post_ln_scale = P((d,), ("embed",), "ones")
+        self.post_ln_bias = P((d,), ("embed",), "zeros")
+        self.layers = VisionLayers(cfg, P)
+
+    # ------------------------------------------------------------------ embeddings
+    def position_embeddings(self, grid_h: int, grid_w: int):
+        pos = self.pos_embed.value
+        g = self.cfg.grid_size
+        if (grid_h, grid_w) == (g, g):
+            return pos
+        # Other image sizes: bicubic interpolation of the patch grid, CLS position unchanged.
+        grid = pos[1:].reshape(g, g, -1)
+        mh, mw = bicubic_resize_matrix(g, grid_h), bicubic_resize_matrix(g, grid_w)
+        grid = jnp.einsum("hi,wj,ijd->hwd", mh, mw, grid.astype(jnp.float32),
+                          precision=jax.lax.Precision.HIGHEST).astype(pos.dtype)
+        return jnp.concatenate([pos[:1], grid.reshape(grid_h * grid_w, -1)], axis=0)
+
+    def embed(self, pixels):
+        """pixels [N, H, W, C] float (normalised) -> [N, 1 + patches, D] after pre_layrnorm."""
+        cfg, dt = self.cfg, self.dtype
+        n, hh, ww, c = pixels.shape
+        p = cfg.patch_size
+        gh, gw = hh // p, ww // p
+        patches = pixels[:, : gh * p, : gw * p].astype(dt).reshape(n, gh, p, gw, p, c)
+        x = jnp.einsum("nhpwqc,pqcd->nhwd", patches, self.patch_embed.value.astype(dt))
+        x = x.reshape(n, gh * gw, -1)
+        cls = jnp.broadcast_to(self.class_embed.value.astype(dt), (n, 1, x.shape[-1]))
+        x = jnp.concatenate([cls, x], axis=1) + self.position_embeddings(gh, gw).astype(dt)[None]
+        return layer_norm(x, self.pre_ln_scale.value, self.pre_ln_bias.value, cfg.layer_norm_eps)
+
+    # ------------------------------------------------------------------ forward
+    def __call__(self, pixels, feature_layers: tuple[int, ...], select_strategy: str = "default"):
+        """Features of the requested hidden-state indices (0 = embeddings, i = after layer i),
+        concatenated on features; CLS dropped for "default". Deeper layers are not computed."""
+        x = self.embed(pixels)
+        n_run = max(feature_layers)
+        want = sorted(set(feature_layers))
+        if len(want) == 1:
+            states = {n_run: self.layers(x, n_run, self.dtype, self.remat_policy, self.attention_impl)[0]}
+            states[0] = x
+        else:
+            _, all_states = self.hidden_states(x, n_run)
+            states = {i: all_states[i] for i in want}
+        feats = jnp.concatenate([states[i] for i in feature_layers], axis=-1)
+        return feats[:, 1:] if select_strategy == "default" else feats
+
+    def hidden_states(self, x, n_layers: int | None = None):
+        """Embeddings -> (last, [emb, after layer 1, ..., after layer n]) like transformers'
+        `output_hidden_states` (used for multi-layer features and tests)."""
+        n_layers = self.cfg.num_layers if n_layers is None else n_layers
+        last, ys = self.layers(x, n_layers, self.dtype, self.remat_policy, self.attention_impl, collect=True)
+        return last, [x] + [ys[i] for i in range(n_layers)]
+
+
+class VisionLayers(nnx.Module):
+    """All encoder layers, params stacked on a leading `layers` axis."""
+
+    def __init__(self, cfg: VisionConfig, P):
+        self.cfg = cfg
+        L, d, f, h, hd = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.head_dim
+        self.ln1_scale = P((L, d), ("layers", "embed"), "ones")
+        self.ln1_bias = P((L, d), ("layers", "embed"), "zeros")
+        self.q_kernel = P((L, d, h, hd), ("layers", "embed", "heads", "head_dim"))
+        self.q_bias = P((L, h, hd), ("layers", "heads", "head_dim"), "zeros")
+        self.k_kernel = P((L, d, h, hd), ("layers", "embed", "heads", "head_dim"))
+        self.k_bias = P((L, h, hd), ("layers", "heads", "head_dim"), "zeros")
+        self.v_kernel = P((L, d, h, hd), ("layers", "embed", "heads", "head_dim"))
+        self.v_bias = P((L, h, hd), ("layers", "heads", "head_dim"), "zeros")
+        self.o_kernel = P((L, h, hd, d), ("layers", "heads", "head_dim", "embed"))
+        self.o_bias = P((L, d), ("layers", "embed"), "zeros")
+        self.ln2_scale = P((L, d), ("layers", "embed"), "ones")
+        self.ln2_bias = P((L, d), ("layers", "embed"), "zeros")
+        self.fc1_kernel = P((L, d, f), ("layers", "embed", "mlp"))
+        self.fc1_bias = P((L, f), ("layers", "mlp"), "zeros")
+        self.fc2_kernel = P((L, f, d), ("layers", "mlp", "embed"))
+        self.fc2_bias = P((L, d), ("layers", "embed"), "zeros")
+
+    _NAMES = ("ln1_scale", "ln1_bias", "q_kernel", "q_bias", "k_kernel", "k_bias", "v_kernel", "v_bias",
+              "o_kernel", "o_bias", "ln2_scale", "ln2_bias", "fc1_kernel", "fc1_bias", "fc2_kernel", "fc2_bias")
+
+    def __call__(self, x, n_layers: int, dtype, remat_policy: str, attention_impl: str, collect: bool = False):
+        eps = self.cfg.layer_norm_eps
+        stacked = {k: getattr(self, k).value[:n_layers] for k in self._NAMES}
+        n, t, _ = x.shape
+        full = jnp.ones((n, t), jnp.int32)
+        mask = full[:, :, None] == full[:, None, :]
+
+        def layer(x, p):
+            c = lambda name: p[name].astype(dtype)  # noqa: E731
+            y = layer_norm(x, p["ln1_scale"], p["ln1_bias"], eps)
+            q = jnp.einsum("btd,dhk->bthk", y, c("q_kernel")) + c("q_bias")
+            k = jnp.einsum("btd,dhk->bthk", y, c("k_kernel")) + c("k_bias")
+            v = jnp.einsum("btd,dhk->bthk", y, c("v_kernel")) + c("v_bias")
+            a = dot_product_attention(q, k, v, mask, attention_impl)
+            x = x + jnp.einsum("bthk,hkd->btd", a, c("o_kernel")) + c("o_bias")
+            y = layer_norm(x, p["ln2_scale"], p["ln2_bias"], eps)
+            y = quick_gelu(jnp.einsum("btd,df->btf", y, c("fc1_kernel")) + c("fc1_bias"))
+            x = x + jnp.einsum("btf,fd->btd", y, c("fc2_kernel")) + c("fc2_bias")
+            return x, (x if collect else None)
+
+        if n_layers == 0:
+            return x, []
+        return jax.lax.scan(maybe_remat(layer, remat_policy), x, stacked)

@@ -1,0 +1,144 @@
+"""Building blocks shared by the CLIP and LLaMA modules: params with logical axes, norms,
+rotary embeddings, masked attention, remat policies.
+
+Every parameter is an `nnx.Param` whose metadata `axes` names its logical axes (`embed`, `mlp`,
+`heads`, `kv_heads`, `head_dim`, `vocab`, `layers`, ...). The trainer's single rules table maps
+those to mesh axes; nothing here knows about meshes.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+# Large negative used instead of -inf so fully-masked rows (padding queries) stay finite.
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+def make_param(rngs: nnx.Rngs | None, shape, axes, init: str = "normal", dtype=jnp.float32, std: float = 0.02):
+    """A parameter with logical `axes` metadata. `rngs=None` gives zeros (used under eval_shape)."""
+    assert len(shape) == len(axes), (shape, axes)
+    if init == "ones":
+        value = jnp.ones(shape, dtype)
+    elif init == "zeros" or rngs is None:
+        value = jnp.zeros(shape, dtype)
+    elif init == "normal":
+        value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    else:
+        raise ValueError(init)
+    return nnx.Param(value, axes=tuple(axes))
+
+
+# ---------------------------------------------------------------- remat
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,  # no rematerialisation: save every activation
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole layer in backward
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # save matmul outputs
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_qkv_out": jax.checkpoint_policies.save_only_these_names("qkv", "attn_out", "mlp_out"),
+}
+
+
+def maybe_remat(fn: Callable, policy_name: str) -> Callable:
+    if policy_name not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {policy_name!r}; known: {sorted(REMAT_POLICIES)}")
+    if policy_name == "none":
+        return fn
+    return jax.checkpoint(fn, policy=REMAT_POLICIES[policy_name], prevent_cse=False)
+
+
+# ---------------------------------------------------------------- norms
+def layer_norm(x, scale, bias, eps: float):
+    """LayerNorm computed in fp32 (as torch does for fp32; stable for bf16)."""
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def rms_norm(x, scale, eps: float):
+    """LLaMA RMSNorm: normalise in fp32, cast back, then multiply by the weight (HF order)."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + eps)
+    return y.astype(x.dtype) * scale.astype(x.dtype)
+
+
+def quick_gelu(x):
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+def gelu_exact(x):
+    return jax.nn.gelu(x, approximate=False)
+
+
+# ---------------------------------------------------------------- rotary
+def rope_inv_freq(head_dim: int, rope) -> np.ndarray:
+    """Inverse frequencies (float32 numpy) for `RopeConfig` types default / linear / llama3."""
+    inv = 1.0 / (rope.theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
+    if rope.type == "linear":
+        inv = inv / rope.factor
+    elif rope.type == "llama3":
+        old = rope.original_max_position_embeddings
+        low_wavelen = old / rope.low_freq_factor
+        high_wavelen = old / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / rope.factor, inv)
+        smooth = (old / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv = np.where(medium, smoothed, scaled)
+    return inv.astype(np.float32)
+
+
+def rope_cos_sin(positions, inv_freq: np.ndarray, dtype):
+    """positions [B, L] -> cos, sin [B, L, head_dim] (rotate-half layout), computed in fp32."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x [B, L, H, D]; cos/sin [B, L, D]."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+# ---------------------------------------------------------------- attention
+def attention_mask(q_index, k_index, q_segment, k_segment, causal: bool):
+    """Boolean [B, Lq, Lk]: same non-zero segment, and (if causal) key index <= query index.
+
+    Indices are slot indices in the (cached) sequence, not RoPE positions, so packed rows and
+    left-padded decoding share one rule. Segment 0 marks padding / empty cache slots.
+    """
+    mask = (q_segment[:, :, None] == k_segment[:, None, :]) & (k_segment[:, None, :] != 0)
+    if causal:
+        mask &= k_index[..., None, :] <= q_index[..., :, None]
+    return mask
+
+
+def dot_product_attention(q, k, v, mask, impl: str = "xla"):
+    """q [B, Lq, H, D], k/v [B, Lk, KV, D] (GQA: H = KV * G), mask [B, Lq, Lk] bool.
+
+    Scores and softmax in fp32; output in q's dtype.
+    """
+    b, lq, h, d = q.shape
+    kvh = k.shape[2]
+    if impl == "cudnn":
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
+        return out
+    if impl != "xla":
+        raise ValueError(f"unknown attention impl {impl!r}; use 'xla' or 'cudnn'")
+    g = h // kvh
+    qg = q.reshape(b, lq, kvh, g, d)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / math.sqrt(d))
+    scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
+    return out.reshape(b, lq, h, d)

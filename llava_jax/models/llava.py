@@ -1,0 +1,137 @@
+"""The LLaVA model: CLIP tower -> projector -> LLaMA, image features written into the token
+embeddings at image-token positions with static shapes.
+
+Two image layouts:
+  * `pixel_values` [N, C, H, W] (transformers' layout, normalised floats): the N images fill the
+    image tokens of the whole batch in row-major order, as `LlavaForConditionalGeneration` does.
+  * `images` [B, M, H, W, C] (uint8 or normalised float) + `image_mask` [B, M]: up to M image
+    slots per row, the k-th image token of row b takes feature k of that row's valid images.
+    This is the training layout: shapes never depend on content, so `jit` never retraces.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llava_jax.config import LlavaConfig
+from llava_jax.models.clip import VisionTower
+from llava_jax.models.llama import LlamaDecoder
+from llava_jax.models.projector import Projector
+
+IGNORE_INDEX = -100
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def normalize_on_device(images):
+    """uint8 [..., H, W, 3] -> CLIP-normalised float32 (images travel to the device as uint8)."""
+    x = images.astype(jnp.float32) / 255.0
+    return (x - jnp.asarray(CLIP_MEAN, jnp.float32)) / jnp.asarray(CLIP_STD, jnp.float32)
+
+
+class LlavaModel(nnx.Module):
+    def __init__(self, config: LlavaConfig, *, rngs: nnx.Rngs | None = None):
+        self.config = config
+        rt = config.runtime
+        kw = dict(param_dtype=rt.param_dtype, dtype=rt.dtype, rngs=rngs)
+        self.vision = VisionTower(config.vision, remat_policy=rt.remat_policy, attention_impl=rt.attention_impl, **kw)
+        self.projector = Projector(config.projector_type, config.projector_in_features, config.text.hidden_size,
+                                   config.projector_bias, **kw)
+        self.llm = LlamaDecoder(config.text, remat_policy=rt.remat_policy, attention_impl=rt.attention_impl, **kw)
+
+    # ------------------------------------------------------------------ images
+    def encode_images(self, pixels_nhwc):
+        """[N, H, W, C] normalised -> projected features [N, T, D_text]."""
+        feats = self.vision(pixels_nhwc, self.config.feature_layers, self.config.vision_feature_select_strategy)
+        return self.projector(feats)
+
+    def embed_inputs(self, input_ids, pixel_values=None, images=None, image_mask=None):
+        """Token embeddings with image features written at image-token positions."""
+        cfg = self.config
+        is_image = input_ids == cfg.image_token_id
+        # Image-token ids may lie outside the vocab (original LLaVA); look up a valid id instead.
+        embeds = self.llm.embed_tokens(jnp.where(is_image, 0, input_ids))
+        if pixel_values is None and images is None:
+            if _is_concrete(is_image) and bool(jnp.any(is_image)):
+                raise ValueError(
+                    f"input_ids hold {int(is_image.sum())} image tokens (id {cfg.image_token_id}) but no images were given"
+                )
+            return embeds
+        t = cfg.num_image_tokens
+        if pixel_values is not None:
+            # transformers layout: flat images fill image tokens in row-major order over the batch.
+            pv = jnp.asarray(pixel_values)
+            pv = jnp.transpose(pv, (0, 2, 3, 1)) if pv.shape[1] == cfg.vision.num_channels else pv
+            feats = self.encode_images(pv).reshape(-1, embeds.shape[-1])  # [N*T, D]
+            self._check_count(is_image.sum(), feats.shape[0], "the batch")
+            index = jnp.cumsum(is_image.reshape(-1)) - 1
+            gathered = jnp.take(feats, jnp.clip(index, 0, feats.shape[0] - 1), axis=0).reshape(embeds.shape)
+        else:
+            b, m = images.shape[:2]
+            pix = images.reshape((b * m,) + images.shape[2:])
+            pix = normalize_on_device(pix) if pix.dtype == jnp.uint8 else pix
+            feats = self.encode_images(pix).reshape(b, m * t, -1)  # [B, M*T, D]
+            if image_mask is None:
+                image_mask = jnp.ones((b, m), bool)
+            if _is_concrete(is_image) and _is_concrete(image_mask):
+                n_tok = np.asarray(is_image.sum(-1))
+                n_img = np.asarray(image_mask.sum(-1)) * t
+                bad = np.nonzero(n_tok != n_img)[0]
+                if bad.size:
+                    r = int(bad[0])
+                    raise ValueError(f"row {r}: {int(n_tok[r])} image tokens but {int(n_img[r])} image features "
+                                     f"({int(n_img[r]) // t} images x {t} tokens)")
+            index = jnp.cumsum(is_image, axis=-1) - 1
+            gathered = jnp.take_along_axis(feats, jnp.clip(index, 0, m * t - 1)[..., None], axis=1)
+        return jnp.where(is_image[..., None], gathered.astype(embeds.dtype), embeds)
+
+    @staticmethod
+    def _check_count(n_tokens, n_features, where):
+        if _is_concrete(n_tokens) and int(n_tokens) != int(n_features):
+            raise ValueError(f"image tokens and image features do not match in {where}: "
+                             f"{int(n_tokens)} tokens vs {int(n_features)} features")
+
+    # ------------------------------------------------------------------ forward
+    def __call__(self, input_ids, pixel_values=None, attention_mask=None, *, images=None, image_mask=None,
+                 positions=None, segment_ids=None, return_hidden: bool = False):
+        """Logits [B, L, V]. `attention_mask` (1 = token, 0 = padding) is transformers-style;
+        packed rows pass `segment_ids` (0 = padding) and per-segment `positions` instead."""
+        input_ids = jnp.asarray(input_ids)
+        b, l = input_ids.shape
+        if segment_ids is None:
+            segment_ids = (jnp.ones((b, l), jnp.int32) if attention_mask is None
+                           else jnp.asarray(attention_mask).astype(jnp.int32))
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+        embeds = self.embed_inputs(input_ids, pixel_values, images, image_mask)
+        out, _ = self.llm(embeds, positions, segment_ids, return_hidden=return_hidden)
+        return out
+
+
+def loss_fn_from_logits(logits, labels, weights=None):
+    """Mean cross-entropy over supervised tokens (labels != -100), in fp32.
+
+    Returns (sum_loss, num_tokens) so callers can normalise over a whole global batch
+    (gradient accumulation divides once by the total count, not per micro-batch).
+    """
+    logits = logits.astype(jnp.float32)
+    valid = labels != IGNORE_INDEX
+    if weights is not None:
+        valid = valid & (weights > 0)
+    safe = jnp.where(valid, labels, 0)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    tgt = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+    nll = jnp.where(valid, logz - tgt, 0.0)
+    return nll.sum(), valid.sum()
+
+
+def causal_lm_loss(logits, labels):
+    """Mean loss over supervised tokens with HF's shift (logit t predicts label t+1)."""
+    s, n = loss_fn_from_logits(logits[:, :-1], labels[:, 1:])
+    return s / jnp.maximum(n, 1)

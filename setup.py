@@ -1,0 +1,32 @@
+"""llava-jax: LLaVA (Visual Instruction Tuning) in JAX/Flax, TPU-first."""
+from setuptools import find_packages, setup
+
+setup(
+    name="llava_jax",
+    version="0.1.0",
+    description="LLaVA (Visual Instruction Tuning) rebuilt in JAX/Flax: train and serve on TPU/GPU, HF checkpoints in and out.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["llava_jax", "llava_jax.*"]),
+    include_package_data=True,
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "transformers>=5.0",
+        "tensorflow-datasets>=4.9",
+        "grain>=0.2.12",
+        "ml_collections>=1.0",
+        "pillow>=10",
+        "absl-py>=2.0",
+        "safetensors>=0.4",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        # torch is the numerical reference in tests only. On the project's CI machines
+        # `torch==2.13.0` resolves to a local CPU wheel; see README.
+        "test": ["pytest>=8", "pytest-xdist>=3", "torch==2.13.0", "tokenizers>=0.20"],
+    },
+)

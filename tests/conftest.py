@@ -1,0 +1,12 @@
+import os
+import sys
+from pathlib import Path
+
+# Tests run on CPU; keep XLA from grabbing every core of the 2-core CI box per worker.
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "llava_reference"

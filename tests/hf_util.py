@@ -1,0 +1,97 @@
+"""Tiny random transformers LLaVA models built offline (the numerical reference)."""
+from __future__ import annotations
+
+import numpy as np
+
+IMAGE_TOKEN = 100
+
+# Three configs covering: MHA/GQA, linear/mlp2x_gelu projector (the latter via llava-hf),
+# default/llama3 rope, feature layer -2 / a list, tied/untied embeddings, biases.
+CONFIGS = {
+    "mha_default_rope": dict(
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                    image_size=28, patch_size=14),
+        text=dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=4),
+        llava=dict(vision_feature_layer=-2),
+    ),
+    "gqa_llama3_list_tied": dict(
+        vision=dict(hidden_size=24, intermediate_size=48, num_hidden_layers=4, num_attention_heads=2,
+                    image_size=30, patch_size=10),
+        text=dict(vocab_size=160, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                  num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True,
+                  rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 16}),
+        llava=dict(vision_feature_layer=[-3, -1], tie_word_embeddings=True),
+    ),
+    "gqa_linear_rope_bias_full": dict(
+        vision=dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2,
+                    image_size=28, patch_size=7),
+        text=dict(vocab_size=140, hidden_size=32, intermediate_size=72, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, attention_bias=True, mlp_bias=True,
+                  rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}),
+        llava=dict(vision_feature_layer=-1, vision_feature_select_strategy="full",
+                   multimodal_projector_bias=False),
+    ),
+}
+
+
+def make_hf_llava(name: str, seed: int = 0):
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    spec = CONFIGS[name]
+    vc = CLIPVisionConfig(**spec["vision"])
+    tc = LlamaConfig(**spec["text"])
+    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_index=IMAGE_TOKEN, **spec["llava"])
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    # Random init leaves norms at 1 / biases at 0: perturb every param so each one matters.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def num_image_tokens(model) -> int:
+    c = model.config
+    n = (c.vision_config.image_size // c.vision_config.patch_size) ** 2
+    return n + (1 if c.vision_feature_select_strategy == "full" else 0)
+
+
+def make_batch(model, seed: int = 0):
+    """Three rows: right-padded row with 1 image, row with 1 image and more text, text-only row
+    padded; two images in total (transformers' flat pixel_values layout)."""
+    rng = np.random.default_rng(seed)
+    c = model.config
+    vocab = c.text_config.vocab_size
+    t = num_image_tokens(model)
+    L = t + 12
+
+    def text(n):
+        ids = rng.integers(3, vocab, n)
+        return np.where(ids == IMAGE_TOKEN, 5, ids)
+
+    rows = [
+        np.concatenate([[1], text(2), [IMAGE_TOKEN] * t, text(4)]),
+        np.concatenate([[1], [IMAGE_TOKEN] * t, text(L - t - 1)]),
+        np.concatenate([[1], text(8)]),
+    ]
+    ids = np.zeros((3, L), np.int64)
+    mask = np.zeros((3, L), np.int64)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+        mask[i, : len(r)] = 1
+    s = c.vision_config.image_size
+    pixels = rng.normal(size=(2, 3, s, s)).astype(np.float32)
+    return ids, mask, pixels
+
+
+def torch_logits(model, ids, mask, pixels):
+    import torch
+
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                    pixel_values=torch.tensor(pixels))
+    return out.logits.float().numpy()

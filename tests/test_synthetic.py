@@ -1,0 +1,417 @@
+"""Tests for the synthetic shapes world (llava_jax/data/synthetic.py)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from llava_jax.data import synthetic as syn
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "llava_reference"
+CAPS_BOXES = REFERENCE / "caps_boxes_coco2014_val_80.jsonl"
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+class DataSet:
+    def __init__(self, root: Path, manifest: dict):
+        self.root, self.manifest = root, manifest
+        self.annotations = _read_jsonl(root / "annotations.jsonl")
+        self.eval_annotations = _read_jsonl(root / "eval_annotations.jsonl")
+        self.stage1 = json.loads((root / "stage1.json").read_text())
+        self.stage2 = json.loads((root / "stage2.json").read_text())
+        self.eval = _read_jsonl(root / "eval.jsonl")
+        self.by_image = {a["image"]: a for a in self.annotations + self.eval_annotations}
+
+
+@pytest.fixture(scope="module")
+def default_set(tmp_path_factory) -> DataSet:
+    root = tmp_path_factory.mktemp("shapes_default")
+    manifest = syn.generate(root, num_train=300, num_eval=60, seed=0, image_size=64)
+    return DataSet(root, manifest)
+
+
+@pytest.fixture(scope="module")
+def wide_set(tmp_path_factory) -> DataSet:
+    """All shapes, more colours, another size: exercises every drawing path."""
+    root = tmp_path_factory.mktemp("shapes_wide")
+    manifest = syn.generate(root, num_train=120, num_eval=30, seed=3, image_size=48,
+                            shapes=syn.ALL_SHAPES, colors=list(syn.COLOR_RGB), max_objects=5)
+    return DataSet(root, manifest)
+
+
+@pytest.fixture(params=["default_set", "wide_set"])
+def dataset(request) -> DataSet:
+    return request.getfixturevalue(request.param)
+
+
+def _hash_tree(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# ----------------------------------------------------------------------------- determinism
+
+def test_deterministic_for_a_seed(tmp_path):
+    syn.generate(tmp_path / "a", num_train=25, num_eval=8, seed=7)
+    syn.generate(tmp_path / "b", num_train=25, num_eval=8, seed=7)
+    syn.generate(tmp_path / "c", num_train=25, num_eval=8, seed=8)
+    a, b, c = (_hash_tree(tmp_path / d) for d in "abc")
+    assert len(a) == 25 + 8 + 6  # images + 5 data files + manifest.json
+    assert a == b
+    assert set(a) == set(c)
+    for name in ("annotations.jsonl", "stage1.json", "stage2.json", "eval.jsonl", "images/train_000000.png"):
+        assert a[name] != c[name], name
+
+
+def test_scene_depends_only_on_seed_split_index():
+    w = syn.ShapesWorld(seed=5)
+    s1 = w.sample_scene(17, "train")
+    for i in range(5):
+        w.sample_scene(i, "eval")
+    assert syn.ShapesWorld(seed=5).sample_scene(17, "train") == s1
+    assert w.sample_scene(17, "eval").signature() != s1.signature()
+
+
+# ----------------------------------------------------------------------------- annotation format
+
+def test_annotation_keys_and_types_match_reference(dataset):
+    if not CAPS_BOXES.exists():
+        pytest.skip(f"reference data absent: {CAPS_BOXES} (a user's clone has no ../shared)")
+    ref = json.loads(CAPS_BOXES.read_text(encoding="utf-8").splitlines()[0])
+    ref_inst = ref["instances"][0]
+    for row in dataset.annotations + dataset.eval_annotations:
+        assert list(row) == list(ref)
+        for k in ref:
+            assert type(row[k]) is type(ref[k]), k
+        assert len(row["captions"]) == len(ref["captions"]) == 5
+        assert all(isinstance(c, str) and c for c in row["captions"])
+        assert len(set(row["captions"])) >= 4  # varied
+        assert (Path(dataset.root) / "images" / row["image"]).is_file()
+        assert row["image"] == f"{row['id']}.png"
+        assert 1 <= len(row["instances"])
+        for inst in row["instances"]:
+            assert set(inst) == set(ref_inst)
+            assert isinstance(inst["category"], str)
+            color, shape = inst["category"].split(" ")
+            assert color in dataset.manifest["config"]["colors"] and shape in dataset.manifest["config"]["shapes"]
+            box = inst["bbox"]
+            assert isinstance(box, list) and len(box) == 4 and all(type(v) is float for v in box)
+            x1, y1, x2, y2 = box
+            assert 0.0 <= x1 < x2 <= 1.0 and 0.0 <= y1 < y2 <= 1.0
+
+
+def _pixel_box(bbox, size):
+    return [int(round(v * size)) for v in bbox]  # x0, y0, x1 (exclusive), y1 (exclusive)
+
+
+def _check_rendered(img: np.ndarray, instances, color_rgb, background):
+    size = img.shape[0]
+    covered = np.zeros(img.shape[:2], bool)
+    boxes = [_pixel_box(i["bbox"], size) for i in instances]
+    for inst, (x0, y0, x1, y1) in zip(instances, boxes):
+        color, _shape = inst["category"].split(" ")
+        rgb = np.array(color_rgb[color])
+        mask = np.all(img == rgb, axis=-1)
+        inside = mask[y0:y1, x0:x1]
+        assert inside.any(), inst
+        # The box is tight: the colour touches all four edges of the box (within 1 px).
+        ys, xs = np.nonzero(inside)
+        assert xs.min() <= 1 and ys.min() <= 1, inst
+        assert xs.max() >= x1 - x0 - 2 and ys.max() >= y1 - y0 - 2, inst
+        # The centre of the box is filled with the named colour (true for every shape drawn).
+        cx, cy = int((inst["bbox"][0] + inst["bbox"][2]) / 2 * size), int((inst["bbox"][1] + inst["bbox"][3]) / 2 * size)
+        assert tuple(img[cy, cx]) == tuple(color_rgb[color]), inst
+        covered[y0:y1, x0:x1] = True
+    # Boxes do not overlap and nothing is drawn outside them.
+    area = sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in boxes)
+    assert covered.sum() == area
+    outside = img[~covered]
+    assert np.all(outside == np.array(background)), "pixels drawn outside every box"
+
+
+def test_boxes_match_rendered_pixels(dataset):
+    cfg = dataset.manifest["config"]
+    color_rgb = {k: tuple(v) for k, v in cfg["colors"].items()}
+    background = syn.BACKGROUND_RGB[cfg["background"]]
+    for row in dataset.annotations + dataset.eval_annotations:
+        img = np.asarray(Image.open(dataset.root / "images" / row["image"]).convert("RGB"))
+        assert img.shape == (cfg["image_size"], cfg["image_size"], 3)
+        _check_rendered(img, row["instances"], color_rgb, background)
+
+
+@pytest.mark.parametrize("size", [32, 128, 336])
+def test_other_image_sizes(size):
+    w = syn.ShapesWorld(seed=1, image_size=size, shapes=syn.ALL_SHAPES)
+    for i in range(15):
+        scene = w.sample_scene(i)
+        img = np.asarray(w.render(scene))
+        assert img.shape == (size, size, 3)
+        inst = [{"category": o.category, "bbox": o.bbox} for o in scene.objects]
+        _check_rendered(img, inst, w.color_rgb, w.background_rgb)
+
+
+def test_bad_settings_say_what_to_do():
+    with pytest.raises(ValueError, match="available"):
+        syn.ShapesWorld(shapes=["circle", "blob"])
+    with pytest.raises(ValueError, match="available"):
+        syn.ShapesWorld(colors=["red", "mauve"])
+    with pytest.raises(ValueError, match="background"):
+        syn.ShapesWorld(colors=["red", "black"], background="black")
+
+
+# ----------------------------------------------------------------------------- LLaVA rows
+
+def _check_llava_row(row):
+    conv = row["conversations"]
+    assert isinstance(row["id"], str) and row["id"]
+    assert len(conv) >= 2 and len(conv) % 2 == 0
+    for i, turn in enumerate(conv):
+        assert set(turn) == {"from", "value"}
+        assert turn["from"] == ("human" if i % 2 == 0 else "gpt")
+        assert isinstance(turn["value"], str) and turn["value"].strip()
+    n_image = [t["value"].count("<image>") for t in conv]
+    if "image" in row:
+        assert set(row) == {"id", "image", "conversations"}
+        assert n_image[0] == 1 and sum(n_image) == 1
+        v = conv[0]["value"]
+        assert v.startswith("<image>\n") or v.endswith("\n<image>")
+    else:
+        assert set(row) == {"id", "conversations"}
+        assert sum(n_image) == 0
+
+
+def test_stage1_rows_are_llava_pretrain_rows(dataset):
+    assert len(dataset.stage1) == len(dataset.annotations)
+    caps = {a["image"]: a["captions"] for a in dataset.annotations}
+    first = {"before": 0, "after": 0}
+    for row in dataset.stage1:
+        _check_llava_row(row)
+        assert len(row["conversations"]) == 2
+        assert row["conversations"][1]["value"] in caps[row["image"]]
+        instr = row["conversations"][0]["value"].replace("<image>", "").strip()
+        assert instr in syn.STAGE1_INSTRUCTIONS
+        first["before" if row["conversations"][0]["value"].startswith("<image>") else "after"] += 1
+    assert first["before"] > 0 and first["after"] > 0
+
+
+def test_stage2_rows_are_llava_instruction_rows(dataset):
+    text_only = [r for r in dataset.stage2 if "image" not in r]
+    with_image = [r for r in dataset.stage2 if "image" in r]
+    assert len(with_image) == len(dataset.annotations)
+    assert len(text_only) >= 2
+    assert len({r["id"] for r in dataset.stage2}) == len(dataset.stage2)
+    for row in dataset.stage2:
+        _check_llava_row(row)
+        assert 1 <= len(row["conversations"]) // 2 <= 3
+    assert max(len(r["conversations"]) for r in with_image) == 6  # multi-turn rows exist
+
+
+# ----------------------------------------------------------------------------- answers
+
+def _question_patterns(colors, shapes):
+    alt = lambda words: "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))  # noqa: E731
+    groups = {
+        "color": f"(?P<color>{alt(colors)})",
+        "shape": f"(?P<shape>{alt(shapes)})",
+        "shapes": f"(?P<shapes>{alt([syn.PLURALS[s] for s in shapes])})",
+        "subject": f"(?P<subject>(?:(?:{alt(colors)}) )?(?:{alt(shapes)}))",
+    }
+    pats = []
+    for kind, templates in syn.QUESTION_TEMPLATES.items():
+        for t in templates:
+            rx = re.escape(t)
+            for name, g in groups.items():
+                rx = rx.replace(re.escape("{" + name + "}"), g)
+            pats.append((kind, re.compile(rx)))
+    return pats
+
+
+def _parse_question(pats, text):
+    hits = [(kind, m.groupdict()) for kind, rx in pats if (m := rx.fullmatch(text))]
+    assert len(hits) == 1, (text, hits)
+    return hits[0]
+
+
+def _expected(kind, args, instances, captions):
+    """(category, canonical answer) recomputed from the annotation alone; asserts definiteness."""
+    parsed = [dict(zip(("color", "shape"), i["category"].split(" ")), bbox=i["bbox"]) for i in instances]
+    if kind == "color":
+        hits = [p for p in parsed if p["shape"] == args["shape"]]
+        assert len(hits) == 1, "colour question about a non-unique shape"
+        return "color", hits[0]["color"]
+    if kind == "shape":
+        hits = [p for p in parsed if p["color"] == args["color"]]
+        assert len(hits) == 1, "shape question about a non-unique colour"
+        return "shape", hits[0]["shape"]
+    if kind == "count":
+        return "count", str(len(parsed))
+    if kind == "count_color":
+        return "count", str(sum(p["color"] == args["color"] for p in parsed))
+    if kind == "count_shape":
+        shape = {v: k for k, v in syn.PLURALS.items()}[args["shapes"]]
+        return "count", str(sum(p["shape"] == shape for p in parsed))
+    if kind == "position":
+        words = args["subject"].split(" ")
+        hits = [p for p in parsed if (p["color"], p["shape"]) == tuple(words)
+                or (len(words) == 1 and p["shape"] == words[0])]
+        assert len(hits) == 1, "position question about a non-unique object"
+        x1, y1, x2, y2 = hits[0]["bbox"]
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        # Definite: the centre is away from the thirds lines.
+        assert all(abs(c - t) > 0.02 for c in (cx, cy) for t in (1 / 3, 2 / 3))
+        h = "left" if cx < 1 / 3 else "right" if cx > 2 / 3 else ""
+        v = "top" if cy < 1 / 3 else "bottom" if cy > 2 / 3 else ""
+        return "position", f"{v} {h}".strip() or "center"
+    if kind == "existence":
+        present = any(p["color"] == args["color"] and p["shape"] == args["shape"] for p in parsed)
+        return "existence", "yes" if present else "no"
+    if kind == "describe":
+        return "describe", None
+    raise AssertionError(kind)
+
+
+def test_stage2_answers_are_correct(dataset):
+    cfg = dataset.manifest["config"]
+    pats = _question_patterns(cfg["colors"], cfg["shapes"])
+    seen, existence = set(), []
+    for row in dataset.stage2:
+        if "image" not in row:
+            continue
+        ann = dataset.by_image[row["image"]]
+        conv = row["conversations"]
+        questions = [t["value"].replace("<image>", "").strip() for t in conv[0::2]]
+        assert len(set(questions)) == len(questions), "repeated question in one conversation"
+        for q, a in zip(questions, (t["value"] for t in conv[1::2])):
+            kind, args = _parse_question(pats, q)
+            cat, expected = _expected(kind, args, ann["instances"], ann["captions"])
+            seen.add(cat)
+            if cat == "describe":
+                assert a in ann["captions"]
+                continue
+            assert syn.score_answer(cat, a, expected), (q, a, expected)
+            if cat == "existence":
+                existence.append(expected == "yes")
+    assert seen >= set(syn.EVAL_CATEGORIES)
+    if len(existence) >= 80:
+        assert 0.35 <= np.mean(existence) <= 0.65, np.mean(existence)
+
+
+def test_eval_questions_are_correct_and_held_out(dataset):
+    cfg = dataset.manifest["config"]
+    pats = _question_patterns(cfg["colors"], cfg["shapes"])
+    world = syn.ShapesWorld(colors=cfg["colors"], shapes=cfg["shapes"],
+                            min_objects=cfg["min_objects"], max_objects=cfg["max_objects"])
+    chance = syn.chance_rates(world)
+    assert chance == syn.chance_rates(dataset.manifest) == dataset.manifest["chance"]
+    train_ids = {a["id"] for a in dataset.annotations}
+    eval_ids = {a["id"] for a in dataset.eval_annotations}
+    assert not train_ids & eval_ids
+    assert {a["image"] for a in dataset.annotations}.isdisjoint(a["image"] for a in dataset.eval_annotations)
+    train_layouts = {json.dumps(a["instances"]) for a in dataset.annotations}
+    assert not any(json.dumps(a["instances"]) in train_layouts for a in dataset.eval_annotations)
+
+    eval_images = {a["image"] for a in dataset.eval_annotations}
+    assert [r["question_id"] for r in dataset.eval] == list(range(len(dataset.eval)))
+    per_cat = {}
+    for r in dataset.eval:
+        assert set(r) == {"question_id", "image", "text", "category", "answer", "choices", "chance"}
+        assert r["image"] in eval_images and "<image>" not in r["text"]
+        assert r["category"] in syn.EVAL_CATEGORIES
+        assert r["answer"] in r["choices"] and r["chance"] == pytest.approx(chance[r["category"]])
+        ann = dataset.by_image[r["image"]]
+        kind, args = _parse_question(pats, r["text"])
+        cat, expected = _expected(kind, args, ann["instances"], ann["captions"])
+        assert (cat, expected) == (r["category"], r["answer"]), r
+        assert syn.score_answer(cat, r["answer"], r["answer"])
+        per_cat.setdefault(cat, []).append(r["answer"])
+    assert set(per_cat) == set(syn.EVAL_CATEGORIES)
+    yes = [a == "yes" for a in per_cat["existence"]]
+    assert abs(sum(yes) - len(yes) / 2) <= 1  # exactly balanced
+    counts = dataset.manifest["counts"]
+    assert counts["eval_questions"] == len(dataset.eval)
+    assert counts["eval_questions_per_category"] == {k: len(v) for k, v in per_cat.items()}
+
+
+def test_manifest(default_set):
+    m = json.loads((default_set.root / "manifest.json").read_text())
+    assert {k: v for k, v in default_set.manifest.items() if k not in ("root", "seconds")} == m
+    assert Path(default_set.manifest["root"]) == default_set.root.resolve()
+    for name in m["files"].values():
+        assert (default_set.root / name).exists(), name
+    assert m["counts"]["train_images"] == 300 and m["counts"]["eval_images"] == 60
+    assert m["counts"]["stage2_rows"] == 300 + m["counts"]["stage2_text_only_rows"]
+    for cat, base in m["majority_baseline"].items():
+        assert m["chance"][cat] <= base + 0.2 and base < 0.75, (cat, base)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+@pytest.mark.parametrize("category,pred,answer", [
+    ("color", "Red.", "red"),
+    ("color", "The circle is red.", "red"),
+    ("color", "it's RED", "red"),
+    ("shape", "A circle.", "circle"),
+    ("shape", "The red shape is a circle.", "circle"),
+    ("shape", "crosses", "cross"),
+    ("count", "3", "3"),
+    ("count", "Three.", "3"),
+    ("count", "There are three shapes.", "3"),
+    ("count", "There is one circle.", "1"),
+    ("count", "4 shapes", "four"),
+    ("position", "On the left.", "left"),
+    ("position", "The red square is in the top left.", "top left"),
+    ("position", "upper-left corner", "top left"),
+    ("position", "In the centre.", "center"),
+    ("position", "in the middle", "center"),
+    ("position", "bottom center", "bottom"),
+    ("existence", "Yes.", "yes"),
+    ("existence", "yes, there is a blue triangle", "yes"),
+    ("existence", "No.", "no"),
+    ("existence", "No, there is no blue triangle.", "no"),
+    ("existence", "There is no blue triangle.", "no"),
+    ("existence", "There is a blue triangle.", "yes"),
+    ("describe", "A red circle.", "a red circle"),
+])
+def test_score_answer_positives(category, pred, answer):
+    assert syn.score_answer(category, pred, answer)
+
+
+@pytest.mark.parametrize("category,pred,answer", [
+    ("color", "Blue.", "red"),
+    ("color", "red or blue", "red"),
+    ("color", "", "red"),
+    ("color", "reddish", "red"),
+    ("shape", "A square.", "circle"),
+    ("shape", "circle or square", "circle"),
+    ("count", "2", "3"),
+    ("count", "Two.", "3"),
+    ("count", "many", "3"),
+    ("position", "On the right.", "left"),
+    ("position", "On the left.", "top left"),
+    ("position", "In the top left.", "left"),
+    ("position", "", "center"),
+    ("existence", "No.", "yes"),
+    ("existence", "Yes.", "no"),
+    ("existence", "There is no blue triangle.", "yes"),
+    ("existence", "maybe", "yes"),
+    ("describe", "A blue circle.", "a red circle"),
+])
+def test_score_answer_negatives(category, pred, answer):
+    assert not syn.score_answer(category, pred, answer)
+
+
+def test_chance_rates():
+    w = syn.ShapesWorld(shapes=("circle", "square", "triangle"), colors=("red", "green", "blue", "yellow", "cyan"),
+                        max_objects=3)
+    assert syn.chance_rates(w) == pytest.approx(
+        {"color": 1 / 5, "shape": 1 / 3, "count": 1 / 3, "position": 1 / 9, "existence": 0.5})
