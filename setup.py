@@ -23,6 +23,8 @@ setup(
         "absl-py>=2.0",
         "safetensors>=0.4",
         "numpy>=1.26",
+        "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
+        "tqdm>=4.60",
     ],
     extras_require={
         # torch is the numerical reference in tests only. On the project's CI machines

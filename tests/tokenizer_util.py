@@ -70,45 +70,12 @@ def make_llama_tokenizer(
     tokenizer_config.json. ``llava_tokens=True`` also adds ``<image>`` and ``<pad>`` as llava-hf
     does (ids ``vocab_size`` and ``vocab_size + 1`` with the default size).
     """
-    import json
+    from llava_jax.data.tokenizer_build import build_llama_tokenizer
 
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import LlamaTokenizerFast
-
-    special = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
-    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=special, min_frequency=1, show_progress=False
-    )
-    tok.train_from_iterator(_corpus(), trainer)
-    vocab = tok.get_vocab(with_added_tokens=True)
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" "))
-              for m in json.loads(tok.to_str())["model"]["merges"]]
-    hf = LlamaTokenizerFast(
-        vocab=vocab,
-        merges=merges,
-        add_bos_token=True,
-        add_eos_token=False,
-        legacy=legacy,
-    )
-    if llava_tokens:
-        from llava_jax.data.tokenize import add_llava_special_tokens
-
-        add_llava_special_tokens(hf)
     path = os.path.join(os.fspath(tmpdir), "llama_tokenizer" + ("_legacy" if legacy else ""))
     if llava_tokens:
         path += "_llava"
-    hf.save_pretrained(path)
-    # transformers 5 rebuilds the LlamaTokenizer pipeline from ``legacy`` at load time but does not
-    # save the flag; record it (as real LLaMA/Vicuna tokenizer configs do).
-    cfg_path = os.path.join(path, "tokenizer_config.json")
-    with open(cfg_path, encoding="utf-8") as f:
-        cfg = json.load(f)
-    cfg["legacy"] = legacy
-    with open(cfg_path, "w", encoding="utf-8") as f:
-        json.dump(cfg, f, indent=2, ensure_ascii=False)
-    return path
+    return build_llama_tokenizer(_corpus(), path, vocab_size=vocab_size, legacy=legacy, llava_tokens=llava_tokens)
 
 
 def make_bytelevel_tokenizer(tmpdir, *, vocab_size: int = 800, llava_tokens: bool = False) -> str:

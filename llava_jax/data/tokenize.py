@@ -97,8 +97,9 @@ def add_llava_special_tokens(
     """
     from tokenizers import AddedToken
 
-    vocab = tokenizer.get_vocab()
-    if image_token not in vocab:
+    # Always (re-)declare <image> as an added special token: a vocab that merely learned the
+    # string as a BPE piece would still merge it with neighbours ("▁<image>\n").
+    if image_token not in tokenizer.get_added_vocab():
         tokenizer.add_tokens(
             [AddedToken(image_token, special=True, normalized=False, lstrip=False, rstrip=False)],
             special_tokens=True,

@@ -1,0 +1,69 @@
+"""Offline demo / test configs: a tiny LLaVA trained from scratch on the synthetic shapes world.
+
+    python -m llava_jax.demo                      # runs both stages with these configs
+    python -m llava_jax.train --config=configs/demo.py:stage1 --workdir=DIR \
+        --config.tokenizer_path=DIR/tokenizer \
+        --config.data.sources='[{"path": "DIR/data/stage1.json", "image_folder": "DIR/data/images"}]'
+
+Unlike the real recipe (frozen pretrained CLIP and Vicuna), nothing pretrained exists offline,
+so stage 1 trains the whole model (vision tower, projector, LLM) on captions, and stage 2 trains
+projector + LLM with the vision tower frozen, as the recipe does. `tiny` is the test config.
+"""
+from llava_jax.train.defaults import base_config
+
+
+def get_config(arg: str = "stage1"):
+    if arg not in ("stage1", "stage2", "tiny_stage1", "tiny_stage2"):
+        raise ValueError(f"unknown demo config {arg!r}; use stage1, stage2, tiny_stage1, tiny_stage2")
+    tiny = arg.startswith("tiny")
+    stage = 1 if arg.endswith("stage1") else 2
+    c = base_config()
+    c.name = f"demo-{arg}"
+    c.stage = stage
+    c.model.init = "scratch"
+    c.model.dtype = "float32"  # CPU: bf16 is emulated and slower
+    c.model.projector_type = "mlp2x_gelu"
+    c.model.vision_feature_layer = -1  # a 2-layer tower: use its last layer
+    c.model.scratch.vision.update(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                                  image_size=32, patch_size=8)
+    c.model.scratch.text.update(hidden_size=128, intermediate_size=256, num_layers=3, num_heads=4,
+                                num_kv_heads=2, head_dim=32, max_position_embeddings=512)
+    c.data.image_mode = "pad"
+    c.data.max_images_per_row = 4
+    c.data.worker_count = 0
+    c.optim.grad_clip = 1.0
+    c.optim.weight_decay = 0.0
+    c.train.mesh.data = -1
+    c.train.per_device_batch = 16
+    c.train.global_batch = 16
+    c.train.log_every = 25
+    c.train.ckpt_every = 200
+    c.train.keep = 2
+    if stage == 1:
+        c.trainable = [r"vision/.*", r"projector/.*", r"llm/.*"]
+        c.data.template = "plain"
+        c.data.max_length = 128
+        c.data.num_epochs = 4
+        c.optim.lr = 2e-3
+    else:
+        c.trainable = [r"projector/.*", r"llm/.*"]
+        c.data.template = "vicuna_v1"
+        c.data.max_length = 256
+        c.data.num_epochs = 4
+        c.optim.lr = 1e-3
+    if tiny:
+        c.model.scratch.vision.update(hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
+                                      image_size=16, patch_size=8)
+        c.model.scratch.text.update(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                                    num_kv_heads=2, head_dim=8)
+        c.data.max_length = 128 if stage == 1 else 256
+        c.train.per_device_batch = 1
+        c.train.global_batch = 4
+        c.train.num_steps = 6
+        c.train.log_every = 1
+        c.train.ckpt_every = 2
+        c.train.keep = 10
+        c.train.progress_bar = False
+        c.train.tensorboard = True
+        c.train.async_checkpoint = True
+    return c

@@ -1,0 +1,52 @@
+"""LLaVA-1.5 recipe (7B / 13B, stage 1 and stage 2).
+
+    python -m llava_jax.train --config=configs/llava_v1_5.py:7b_stage1 --workdir=DIR \
+        --config.model.clip_path=/ckpt/clip-vit-large-patch14-336 \
+        --config.model.llm_path=/ckpt/vicuna-7b-v1.5 \
+        --config.data.sources='[{"path": "/data/blip_laion_cc_sbu_558k.json", "image_folder": "/data/images"}]'
+    python -m llava_jax.train --config=configs/llava_v1_5.py:7b_stage2 --workdir=DIR2 \
+        --config.model.init_from_workdir=DIR ...
+
+Defaults follow the original scripts: stage 1 trains the projector only (plain template,
+batch 256, lr 1e-3, wd 0, 1 epoch, cosine with 3% warmup, max length 2048, mlp2x_gelu, CLIP
+ViT-L/14-336 layer -2); stage 2 trains projector + LLM (vicuna_v1, batch 128, lr 2e-5, pad mode).
+Batches count packed rows of 2048 tokens; set --config.data.pack=False for one sample per row.
+"""
+from llava_jax.train.defaults import base_config
+
+SIZES = {"7b": "vicuna-7b-v1.5", "13b": "vicuna-13b-v1.5"}
+
+
+def get_config(arg: str = "7b_stage1"):
+    size, stage = arg.split("_")
+    if size not in SIZES or stage not in ("stage1", "stage2"):
+        raise ValueError(f"unknown config {arg!r}; use one of 7b_stage1, 7b_stage2, 13b_stage1, 13b_stage2")
+    c = base_config()
+    c.name = f"llava-v1.5-{size}-{stage}"
+    c.model.init = "clip_llama"
+    c.model.clip_path = "clip-vit-large-patch14-336"
+    c.model.llm_path = SIZES[size]
+    c.model.projector_type = "mlp2x_gelu"
+    c.model.vision_feature_layer = -2
+    c.model.remat = "dots_no_batch"
+    c.data.max_length = 2048
+    c.optim.warmup_ratio = 0.03
+    c.optim.weight_decay = 0.0
+    if stage == "stage1":
+        c.stage = 1
+        c.trainable = [r"projector/.*"]
+        c.data.template = "plain"
+        c.data.image_mode = "crop"
+        c.train.global_batch = 256
+        c.optim.lr = 1e-3
+    else:
+        c.stage = 2
+        c.trainable = [r"projector/.*", r"llm/.*"]
+        c.model.init_from_workdir_patterns = [r"projector/.*"]
+        c.data.template = "vicuna_v1"
+        c.data.image_mode = "pad"
+        c.train.global_batch = 128
+        c.optim.lr = 2e-5
+        c.train.mesh.fsdp = -1
+        c.train.mesh.data = 1
+    return c

@@ -1,0 +1,3 @@
+from llava_jax.train.main import run
+
+run()

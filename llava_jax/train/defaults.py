@@ -1,0 +1,84 @@
+"""The full set of training config fields with defaults; experiment files in `configs/` start
+from `base_config()` and override. Every field is settable from the command line as
+`--config.<group>.<field>=...` (ml_collections config_flags)."""
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.name = "llava"
+    c.stage = 1
+    # Regexes over param paths (vision/..., projector/..., llm/...): what trains this stage.
+    c.trainable = [r"projector/.*"]
+
+    c.model = ml_collections.ConfigDict()
+    # scratch: random init from model.scratch | clip_llama: CLIP dir + LLaMA/Vicuna dir (fresh
+    # projector) | hf: a llava-hf or original-LLaVA dir (hf_path; clip_path for the latter).
+    c.model.init = "clip_llama"
+    c.model.hf_path = ""
+    c.model.clip_path = ""
+    c.model.llm_path = ""
+    c.model.projector_path = ""  # a stage-1 projector file (mm_projector.bin / safetensors)
+    # A previous stage's workdir: its trained params (e.g. the stage-1 projector) are loaded
+    # on top of the model above. Only params matching init_from_workdir_patterns are taken.
+    c.model.init_from_workdir = ""
+    c.model.init_from_workdir_patterns = [r".*"]
+    c.model.projector_type = "mlp2x_gelu"
+    c.model.vision_feature_layer = -2
+    c.model.vision_feature_select_strategy = "default"
+    c.model.dtype = "bfloat16"  # compute
+    c.model.param_dtype = "float32"  # master params
+    c.model.remat = "none"
+    c.model.attention_impl = "xla"
+    c.model.seed = 0
+    c.model.scratch = ml_collections.ConfigDict({
+        "vision": {"hidden_size": 64, "intermediate_size": 128, "num_layers": 2, "num_heads": 4,
+                   "image_size": 32, "patch_size": 8},
+        "text": {"hidden_size": 64, "intermediate_size": 128, "num_layers": 2, "num_heads": 4,
+                 "num_kv_heads": 2, "head_dim": 16, "rope_theta": 10000.0, "max_position_embeddings": 2048},
+    })
+
+    c.tokenizer_path = ""  # default: model.llm_path or model.hf_path
+
+    c.data = ml_collections.ConfigDict()
+    # Each source: {"path": JSON/JSONL file, "image_folder": dir} or {"tfds": name, "split": ..., "data_dir": ...}
+    c.data.sources = []
+    c.data.template = "plain"
+    c.data.image_mode = "crop"  # crop | pad (LLaVA-1.5 stage 2 pads to square)
+    c.data.max_length = 2048
+    c.data.max_images_per_row = 4
+    c.data.pack = True
+    c.data.length_policy = "drop"
+    c.data.shuffle = True
+    c.data.num_epochs = 1
+    c.data.seed = 0
+    c.data.worker_count = 0
+    c.data.skip_log = "skipped.jsonl"  # relative to the workdir
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-3
+    c.optim.schedule = "cosine"
+    c.optim.warmup_ratio = 0.03
+    c.optim.warmup_steps = ml_collections.config_dict.placeholder(int)
+    c.optim.weight_decay = 0.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.grad_clip = 1.0
+
+    c.train = ml_collections.ConfigDict()
+    c.train.global_batch = 256  # rows per optimizer step, whatever the device count
+    c.train.per_device_batch = 1  # rows per device per micro-batch; accumulation fills the rest
+    c.train.num_steps = -1  # -1: one pass over num_epochs of the data (rows estimated unpacked)
+    c.train.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    c.train.log_every = 10
+    c.train.ckpt_every = 500
+    c.train.keep = 3
+    c.train.async_checkpoint = True
+    c.train.seed = 42
+    c.train.peak_tflops = 0.0  # per device; 0 = look up from the device kind
+    c.train.tensorboard = True
+    c.train.progress_bar = True
+    return c

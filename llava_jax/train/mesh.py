@@ -1,0 +1,104 @@
+"""Device mesh and the ONE logical-axis rules table.
+
+Every param carries logical axes (`embed`, `mlp`, `heads`, ...; see `llava_jax.models.layers`);
+activations/batches use `batch` and `length`. `LOGICAL_RULES` maps each logical axis to mesh
+axes (`data`, `fsdp`, `tensor`). A dimension that a mesh axis does not divide is replicated
+instead (so tiny test models run on any mesh), and a mesh axis is used at most once per array.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axes (tuple = sharded over their product), in priority order.
+LOGICAL_RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
+    "length": (),
+    "layers": (),
+    "embed": ("fsdp",),
+    "vision_embed": ("fsdp",),
+    "mlp": ("tensor",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "head_dim": (),
+    "vocab": ("tensor",),
+}
+
+
+def resolve_mesh_shape(shape: dict[str, int] | Sequence[int], num_devices: int) -> tuple[int, ...]:
+    """Sizes for (data, fsdp, tensor); one entry may be -1 = the remaining devices."""
+    sizes = [int(shape[a]) for a in MESH_AXES] if isinstance(shape, dict) else [int(s) for s in shape]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {sizes}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % known:
+            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} does not divide {num_devices} devices")
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {num_devices}")
+    return tuple(sizes)
+
+
+def make_mesh(shape: dict[str, int] | Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
+    devices = jax.devices() if devices is None else devices
+    sizes = resolve_mesh_shape(shape, len(devices))
+    # Auto axes: GSPMD propagates shardings from params and batches (no sharding-in-types).
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    if len(devices) == jax.device_count():
+        return jax.make_mesh(sizes, MESH_AXES, devices=devices, axis_types=auto)
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=auto)
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules: dict[str, tuple[str, ...]] = LOGICAL_RULES) -> P:
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(axes, shape):
+        mesh_axes = [a for a in rules.get(name, ()) if name is not None and a not in used and mesh.shape[a] > 1]
+        # keep the longest prefix of mesh axes whose product divides the dimension
+        while mesh_axes and dim % math.prod(mesh.shape[a] for a in mesh_axes):
+            mesh_axes.pop()
+        used.update(mesh_axes)
+        spec.append(tuple(mesh_axes) if len(mesh_axes) > 1 else (mesh_axes[0] if mesh_axes else None))
+    return P(*spec)
+
+
+def named_sharding(axes, shape, mesh: Mesh, rules=LOGICAL_RULES) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))
+
+
+def param_sharding_fn(model_abs, mesh: Mesh, rules=LOGICAL_RULES):
+    """`path -> sharding` for `llava_jax.from_pretrained(sharding_fn=...)`, from the abstract
+    model's param metadata."""
+    from flax import nnx
+
+    axes = {"/".join(map(str, p)): v.get_metadata()["axes"] for p, v in nnx.to_flat_state(nnx.state(model_abs, nnx.Param))}
+    return lambda path, shape: named_sharding(axes[path], shape, mesh, rules)
+
+
+def state_shardings(state, mesh: Mesh, rules=LOGICAL_RULES):
+    """NamedSharding for every leaf of an nnx.State of Params (same tree structure)."""
+    from flax import nnx
+
+    def one(v):
+        return named_sharding(v.get_metadata()["axes"], v.value.shape, mesh, rules)
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules=LOGICAL_RULES) -> NamedSharding:
+    """Leading dim over the batch axes, the rest replicated."""
+    batch_axes = tuple(a for a in rules["batch"] if mesh.shape[a] > 1)
+    lead = batch_axes if len(batch_axes) > 1 else (batch_axes[0] if batch_axes else None)
+    return NamedSharding(mesh, P(lead, *([None] * (ndim - 1))))
+
+
+def data_parallel_size(mesh: Mesh, rules=LOGICAL_RULES) -> int:
+    return math.prod(mesh.shape[a] for a in rules["batch"])

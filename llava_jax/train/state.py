@@ -1,0 +1,189 @@
+"""Params, freezing, optimizer and the compiled train step.
+
+Freezing is two things at once:
+  * frozen subtrees enter the loss through `jax.lax.stop_gradient` and are not differentiated
+    (no backward work for their weights, no gradient buffers);
+  * the optimizer is built over the TRAINABLE subtree only, so frozen params carry no optimizer
+    state at all. This is the stricter form of `optax.multi_transform(..., set_to_zero())`:
+    that keeps zero-sized state but still needs full-size zero gradients for the frozen
+    leaves; here they never exist. Stage 1 allocates Adam moments for the projector only.
+Which params train is a regex table over param paths (`vision/...`, `projector/...`, `llm/...`)
+in the config, never `if name == ...` in code.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from llava_jax.config import projector_depth
+from llava_jax.models.llava import LlavaModel, loss_fn_from_logits
+
+# Params never decayed: norms and biases (as HF Trainer excludes LayerNorm weights and biases).
+NO_DECAY_PATTERNS = (r".*norm.*", r".*_scale$", r".*_bias$", r".*bias$")
+
+
+def path_str(path) -> str:
+    """'llm/layers/q_kernel' from an nnx path or a jax key path (a trailing `.value` dropped)."""
+    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    if names and names[-1] == "value":
+        names = names[:-1]
+    return "/".join(names)
+
+
+def trainable_filter(patterns: Sequence[str]):
+    """nnx filter: a Param whose path fully matches one of the regexes trains."""
+    compiled = [re.compile(p) for p in patterns]
+
+    def f(path, value):
+        return isinstance(value, nnx.Param) and any(c.fullmatch(path_str(path)) for c in compiled)
+
+    return f
+
+
+def split_model(model: LlavaModel, trainable_patterns: Sequence[str]):
+    """(graphdef, trainable State, frozen State)."""
+    graphdef, trainable, frozen = nnx.split(model, trainable_filter(trainable_patterns), ...)
+    if not jax.tree.leaves(trainable):
+        raise ValueError(f"no param matches the trainable patterns {list(trainable_patterns)}")
+    return graphdef, trainable, frozen
+
+
+def count_params(state) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(state))
+
+
+# ---------------------------------------------------------------- optimizer
+def lr_schedule(lr: float, total_steps: int, warmup_ratio: float = 0.03, warmup_steps: int | None = None,
+                kind: str = "cosine"):
+    """Linear warmup from 0 then cosine to 0 (HF `get_cosine_schedule_with_warmup`), or constant."""
+    warm = warmup_steps if warmup_steps is not None else math.ceil(warmup_ratio * total_steps)
+    if kind == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warm, max(total_steps, warm + 1), 0.0)
+    if kind == "constant":
+        return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), optax.constant_schedule(lr)], [warm])
+    raise ValueError(f"unknown lr schedule {kind!r}; use cosine or constant")
+
+
+def decay_mask(trainable_state):
+    compiled = [re.compile(p) for p in NO_DECAY_PATTERNS]
+
+    def mask(path, _):
+        return not any(c.fullmatch(path_str(path)) for c in compiled)
+
+    return jax.tree_util.tree_map_with_path(mask, trainable_state)
+
+
+def make_optimizer(optim_cfg, total_steps: int, trainable_state):
+    schedule = lr_schedule(optim_cfg.lr, total_steps, optim_cfg.warmup_ratio,
+                           optim_cfg.get("warmup_steps"), optim_cfg.get("schedule", "cosine"))
+    tx = optax.chain(
+        optax.clip_by_global_norm(optim_cfg.grad_clip) if optim_cfg.grad_clip else optax.identity(),
+        optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+                    weight_decay=optim_cfg.weight_decay, mask=decay_mask(trainable_state)),
+    )
+    return tx, schedule
+
+
+# ---------------------------------------------------------------- loss / step
+def batch_loss(trainable, frozen, graphdef, batch):
+    """(sum of token losses, number of supervised tokens) for one (micro-)batch.
+
+    `batch["targets"]` is already shifted (target of token t at position t, -100 = ignore)."""
+    model = nnx.merge(graphdef, trainable, jax.lax.stop_gradient(frozen))
+    logits = model(batch["input_ids"], images=batch.get("images"), image_mask=batch.get("image_mask"),
+                   positions=batch["positions"], segment_ids=batch["segment_ids"])
+    return loss_fn_from_logits(logits, batch["targets"])
+
+
+def make_train_step(graphdef, tx, schedule, grad_accum: int = 1):
+    """step(trainable, opt_state, frozen, batch, step) -> (trainable, opt_state, metrics).
+
+    The batch is split into `grad_accum` micro-batches (strided, so each stays spread over the
+    data-parallel devices); gradients of the summed token loss are accumulated and divided once
+    by the total supervised-token count of the whole batch: k micro-batches == one big batch.
+    """
+
+    def grads_of(trainable, frozen, mb):
+        (s, n), g = jax.value_and_grad(batch_loss, has_aux=True)(trainable, frozen, graphdef, mb)
+        return s, n, g
+
+    def step_fn(trainable, opt_state, frozen, batch, step):
+        if grad_accum == 1:
+            s, n, g = grads_of(trainable, frozen, batch)
+        else:
+            def split(x):
+                b = x.shape[0]
+                if b % grad_accum:
+                    raise ValueError(f"batch {b} not divisible by grad_accum {grad_accum}")
+                return jnp.swapaxes(x.reshape((b // grad_accum, grad_accum) + x.shape[1:]), 0, 1)
+
+            micro = jax.tree.map(split, batch)
+
+            def body(carry, mb):
+                s0, n0, g0 = carry
+                s, n, g = grads_of(trainable, frozen, mb)
+                return (s0 + s, n0 + n, jax.tree.map(jnp.add, g0, g)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, trainable)
+            (s, n, g), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), zeros), micro)
+        denom = jnp.maximum(n, 1).astype(jnp.float32)
+        grads = jax.tree.map(lambda x: x / denom, g)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        metrics = {
+            "loss": s / denom,
+            "tokens": n,
+            "grad_norm": optax.global_norm(grads),
+            "lr": schedule(step),
+        }
+        return trainable, opt_state, metrics
+
+    return step_fn
+
+
+def step_flops(cfg, trains: set[str], llm_tokens: int, num_images: int, seq_len: int) -> float:
+    """Model FLOPs of one train step (the MFU numerator), written down:
+
+      per LLM token:  m * N_llm + a * 2 * layers * seq_len * heads * head_dim   (attention, causal)
+                      m = 6 when the LLM trains (fwd 2N + bwd 4N), 4 when frozen but
+                      back-propagated through (stage 1: gradients reach the projector), and
+                      a = 3 / 2 likewise (fwd 1 + bwd 2 / fwd 1 + bwd 1);
+      per image:      vision forward only (frozen, inputs need no grad): 2 * N_vision_run * patches
+                      + attention, x3 if the tower trains; projector 6 * N_proj * image_tokens.
+    N counts matmul weights (LM head included, embedding lookups excluded); layers after the
+    feature layer are not run and not counted.
+    """
+    t, v = cfg.text, cfg.vision
+    per_layer = (t.hidden_size * (t.num_heads + 2 * t.num_kv_heads) * t.head_dim
+                 + t.num_heads * t.head_dim * t.hidden_size + 3 * t.hidden_size * t.intermediate_size)
+    n_llm = t.num_layers * per_layer + t.hidden_size * t.vocab_size
+    llm_m, attn_m = (6, 3) if "llm" in trains else (4, 2)
+    attn = 2 * t.num_layers * seq_len * t.num_heads * t.head_dim
+    llm = llm_tokens * (llm_m * n_llm + attn_m * attn)
+    run = max(cfg.feature_layers)
+    n_vis = run * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
+    patches = v.num_patches + 1
+    vis_m = 3 if "vision" in trains else 1
+    vision = num_images * vis_m * (2 * n_vis * patches + 4 * run * patches * patches * v.hidden_size)
+    depth = projector_depth(cfg.projector_type)
+    n_proj = cfg.projector_in_features * t.hidden_size + (depth - 1) * t.hidden_size**2
+    proj = num_images * cfg.num_image_tokens * 6 * n_proj
+    return float(llm + vision + proj)
+
+
+def param_count_by_subtree(state) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for path, v in nnx.to_flat_state(state):
+        top = str(path[0])
+        out[top] = out.get(top, 0) + math.prod(v.value.shape)
+    return out
+
+
+def abstract_with_shardings(state, shardings) -> Any:
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)

@@ -1,0 +1,327 @@
+"""The two-stage LLaVA trainer: one readable loop in banner sections.
+
+    mesh -> tokenizer + model (params created/loaded straight into their shards) -> freezing +
+    optimizer -> input pipeline -> restore -> compiled step -> loop (log, checkpoint, SIGTERM,
+    NaN stop) -> final checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from llava_jax.config import LlavaConfig, RopeConfig, RuntimeOptions, TextConfig, VisionConfig
+from llava_jax.models.llava import LlavaModel
+from llava_jax.train import mesh as mesh_lib
+from llava_jax.train.checkpoint import Checkpointer
+from llava_jax.train.metrics import MetricsWriter, peak_flops_per_device
+from llava_jax.train.state import (
+    count_params,
+    make_optimizer,
+    make_train_step,
+    param_count_by_subtree,
+    split_model,
+    step_flops,
+)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped early (non-finite loss); the last good checkpoint is kept."""
+
+
+# =============================================================================== tokenizer
+def load_run_tokenizer(config):
+    from llava_jax.data.tokenize import add_llava_special_tokens, load_tokenizer
+
+    path = config.tokenizer_path or config.model.llm_path or config.model.hf_path
+    if not path:
+        raise ValueError("set config.tokenizer_path (or model.llm_path / model.hf_path)")
+    tok = load_tokenizer(path)
+    ids = add_llava_special_tokens(tok)
+    return tok, ids
+
+
+# =============================================================================== model
+def runtime_options(config) -> dict:
+    m = config.model
+    return dict(dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype], remat_policy=m.remat,
+                attention_impl=m.attention_impl)
+
+
+def scratch_model_config(config, vocab_size: int, image_token_id: int) -> LlavaConfig:
+    s = config.model.scratch
+    v, t = s.vision, s.text
+    return LlavaConfig(
+        vision=VisionConfig(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+                            num_layers=v.num_layers, num_heads=v.num_heads, image_size=v.image_size,
+                            patch_size=v.patch_size),
+        text=TextConfig(vocab_size=vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                        num_layers=t.num_layers, num_heads=t.num_heads, num_kv_heads=t.num_kv_heads,
+                        head_dim=t.head_dim, rope=RopeConfig(theta=t.rope_theta),
+                        max_position_embeddings=t.max_position_embeddings),
+        image_token_id=image_token_id,
+        projector_type=config.model.projector_type,
+        vision_feature_layer=config.model.vision_feature_layer,
+        vision_feature_select_strategy=config.model.vision_feature_select_strategy,
+        runtime=RuntimeOptions(**runtime_options(config)),
+    )
+
+
+def build_model(config, mesh, tokenizer_ids=None, vocab_size: int | None = None) -> LlavaModel:
+    """The model with every param created or loaded directly into its shard (no full copy on
+    one device), then the previous stage's trained params applied on top."""
+    m = config.model
+    rt = runtime_options(config)
+    if m.init == "scratch":
+        cfg = scratch_model_config(config, vocab_size, tokenizer_ids.image_token_id)
+        abs_model = nnx.eval_shape(lambda: LlavaModel(cfg, rngs=nnx.Rngs(m.seed)))
+        graphdef, abs_state = nnx.split(abs_model)
+        shardings = mesh_lib.state_shardings(abs_state, mesh)
+
+        @jax.jit
+        def init():
+            return nnx.split(LlavaModel(cfg, rngs=nnx.Rngs(m.seed)))[1]
+
+        state = jax.jit(init, out_shardings=shardings)()
+        model = nnx.merge(graphdef, state)
+    else:
+        from llava_jax.convert.hf import from_pretrained
+
+        path = m.hf_path if m.init == "hf" else m.llm_path
+        if not path:
+            raise ValueError(f"model.init={m.init!r} needs model.{'hf_path' if m.init == 'hf' else 'llm_path'}")
+        kw: dict[str, Any] = dict(clip_path=m.clip_path or None, projector_path=m.projector_path or None, **rt)
+        if m.init == "clip_llama":
+            kw.update(projector_type=m.projector_type, vision_feature_layer=m.vision_feature_layer)
+        if tokenizer_ids is not None and m.init != "hf":
+            kw["image_token_id"] = tokenizer_ids.image_token_id
+        # Build the abstract model once to derive shardings from its param metadata.
+        probe = _probe_config(path, kw)
+        abs_model = nnx.eval_shape(lambda: LlavaModel(probe, rngs=None))
+        model = from_pretrained(path, sharding_fn=mesh_lib.param_sharding_fn(abs_model, mesh), **kw)
+    if m.init_from_workdir:
+        model = apply_workdir_params(model, m.init_from_workdir, m.init_from_workdir_patterns)
+    return model
+
+
+def _probe_config(path, kw) -> LlavaConfig:
+    from llava_jax.convert.hf import _resolve_config
+
+    cfg, _, _ = _resolve_config(Path(path), kw.get("clip_path"), kw.get("projector_type"),
+                                kw.get("vision_feature_layer"), kw.get("image_token_id"))
+    return cfg.with_runtime(dtype=kw["dtype"], param_dtype=kw["param_dtype"], remat_policy=kw["remat_policy"],
+                            attention_impl=kw["attention_impl"])
+
+
+def apply_workdir_params(model: LlavaModel, workdir: str, patterns) -> LlavaModel:
+    """Load a previous stage's trained params (its latest checkpoint) into `model`; only those
+    matching `patterns` are taken (e.g. just `projector/.*` from a stage-1 run)."""
+    import re
+
+    ck = Checkpointer(workdir, async_save=False)
+    step = ck.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"init_from_workdir: no checkpoint in {workdir}/checkpoints")
+    saved_patterns = ck.extra(step).get("meta", {}).get("trainable")
+    if not saved_patterns:
+        raise ValueError(f"init_from_workdir: checkpoint {workdir} step {step} does not record its trainable params")
+    _, saved_like, _ = split_model(model, saved_patterns)
+    restored = ck.restore_params(step, saved_like)
+    ck.close()
+    keep = [(p, v) for p, v in nnx.to_flat_state(restored)
+            if any(re.fullmatch(x, "/".join(map(str, p))) for x in patterns)]
+    if not keep:
+        raise ValueError(f"init_from_workdir: none of the saved params ({saved_patterns}) match {list(patterns)}")
+    nnx.update(model, nnx.from_flat_state(keep))
+    logging.info("loaded %d params from %s step %d", len(keep), workdir, step)
+    return model
+
+
+# =============================================================================== data
+def make_data_iterator(config, tokenizer, model_cfg: LlavaConfig, process_batch: int, workdir: str):
+    from llava_jax.data.pipeline import PipelineConfig, make_iterator, make_skip_log
+    from llava_jax.data.sources import ConcatSource, sources_from_config
+
+    d = config.data
+    pcfg = PipelineConfig(
+        max_length=d.max_length, max_images_per_row=d.max_images_per_row, image_size=model_cfg.vision.image_size,
+        image_mode=d.image_mode, template=d.template, num_image_tokens=model_cfg.num_image_tokens,
+        image_token_id=model_cfg.image_token_id, batch_size=process_batch, pack=d.pack, seed=d.seed,
+        shuffle=d.shuffle, num_epochs=d.num_epochs, worker_count=d.worker_count, length_policy=d.length_policy,
+    )
+    sources = ConcatSource(sources_from_config(list(d.sources)))
+    skip_log = make_skip_log(Path(workdir) / d.skip_log if d.skip_log and jax.process_index() == 0 else None)
+    it = make_iterator(sources, tokenizer, pcfg, process_index=jax.process_index(),
+                       process_count=jax.process_count(), skip_log=skip_log)
+    return it, sources
+
+
+# =============================================================================== train
+def train(config, workdir: str) -> dict:
+    workdir_p = Path(workdir)
+    workdir_p.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+
+    # ---------------------------------------------------------------- mesh & batch geometry
+    mesh = mesh_lib.make_mesh(dict(config.train.mesh))
+    dp = mesh_lib.data_parallel_size(mesh)
+    micro_global = config.train.per_device_batch * dp
+    if config.train.global_batch % micro_global:
+        raise ValueError(f"global_batch {config.train.global_batch} is not a multiple of per_device_batch "
+                         f"{config.train.per_device_batch} x {dp} data-parallel devices")
+    grad_accum = config.train.global_batch // micro_global
+    if config.train.global_batch % jax.process_count():
+        raise ValueError("global_batch must divide evenly over processes")
+    process_batch = config.train.global_batch // jax.process_count()
+    logging.info("mesh %s, global batch %d = %d per device x %d devices x %d accumulation",
+                 dict(mesh.shape), config.train.global_batch, config.train.per_device_batch, dp, grad_accum)
+
+    # ---------------------------------------------------------------- tokenizer & model
+    tokenizer, tok_ids = load_run_tokenizer(config)
+    model = build_model(config, mesh, tok_ids, vocab_size=len(tokenizer))
+    model_cfg: LlavaConfig = model.config
+    if len(tokenizer) > model_cfg.text.vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model vocab is {model_cfg.text.vocab_size}")
+
+    # ---------------------------------------------------------------- freezing & optimizer
+    graphdef, trainable, frozen = split_model(model, list(config.trainable))
+    del model
+    counts = param_count_by_subtree(trainable)
+    trains = set(counts)
+    logging.info("trainable params %s (%d); frozen %d", counts, count_params(trainable), count_params(frozen))
+
+    data_iter, sources = make_data_iterator(config, tokenizer, model_cfg, process_batch, workdir)
+    num_steps = config.train.num_steps
+    if num_steps <= 0:
+        num_steps = max(1, math.ceil(len(sources) * config.data.num_epochs / config.train.global_batch))
+    tx, schedule = make_optimizer(config.optim, num_steps, trainable)
+    opt_state = jax.jit(tx.init)(trainable)
+
+    # ---------------------------------------------------------------- restore
+    ckpt = Checkpointer(workdir, keep=config.train.keep, async_save=config.train.async_checkpoint)
+    rng = jax.random.key(config.train.seed)
+    step = 0
+    latest = ckpt.latest_step()
+    if latest is not None:
+        trainable, opt_state, step, rng, data_state, _ = ckpt.restore(latest, trainable, opt_state)
+        if data_state is not None:
+            data_iter.set_state(data_state)
+        logging.info("resumed from %s at step %d", ckpt.directory, step)
+
+    # ---------------------------------------------------------------- compiled step
+    tr_sh = jax.tree.map(lambda x: x.sharding, trainable)
+    fr_sh = jax.tree.map(lambda x: x.sharding, frozen)
+    os_sh = jax.tree.map(lambda x: x.sharding, opt_state)
+    step_fn = jax.jit(make_train_step(graphdef, tx, schedule, grad_accum),
+                      in_shardings=(tr_sh, os_sh, fr_sh, None, None),
+                      out_shardings=(tr_sh, os_sh, None), donate_argnums=(0, 1))
+
+    def to_global(batch):
+        arrays = {k: v for k, v in batch.items() if k != "stats"}
+        return {k: _global_array(v, mesh) for k, v in arrays.items()}
+
+    # ---------------------------------------------------------------- loop
+    stop = {"sigterm": False}
+
+    def on_sigterm(signum, frame):  # TPU preemption: save at the next step boundary and exit
+        stop["sigterm"] = True
+
+    old_handler = signal.signal(signal.SIGTERM, on_sigterm)
+    ckpt_meta = {"config": config.name, "stage": config.stage, "trainable": list(config.trainable)}
+    writer = MetricsWriter(workdir_p, enabled=is_main, tensorboard=config.train.tensorboard,
+                           progress_total=num_steps, progress_bar=config.train.progress_bar, start=step)
+    peak = config.train.peak_tflops * 1e12 if config.train.peak_tflops else peak_flops_per_device()
+    seq_len = config.data.max_length
+    skipped_total: dict[str, int] = {}
+    last: dict[str, Any] = {}
+    t_last = time.perf_counter()
+    tokens_since = 0
+    flops_since = 0.0
+    samples_since = 0
+    real_tokens_since = 0
+    status = "completed"
+    try:
+        while step < num_steps:
+            try:
+                batch = next(data_iter)
+            except StopIteration:
+                status = "data exhausted"
+                break
+            stats = batch.get("stats", {})
+            for k, v in stats.items():  # cumulative counters from the pipeline
+                if k.startswith("total/skipped") or k == "total/truncated":
+                    skipped_total[k[len("total/"):]] = int(v)
+            n_images = int(np.asarray(batch["image_mask"]).sum()) if "image_mask" in batch else 0
+            real = int((np.asarray(batch["segment_ids"]) > 0).sum())
+            gb = to_global(batch)
+            trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, gb, jnp.asarray(step, jnp.int32))
+            step += 1
+            rows, length = np.asarray(batch["input_ids"]).shape
+            tokens_since += rows * length * jax.process_count()
+            real_tokens_since += real * jax.process_count()
+            samples_since += int(stats.get("num_samples", 0)) * jax.process_count()
+            flops_since += step_flops(model_cfg, trains, rows * length * jax.process_count(),
+                                      n_images * jax.process_count(), seq_len)
+            log_now = step % config.train.log_every == 0 or step == num_steps
+            if log_now or stop["sigterm"]:
+                m = jax.device_get(metrics)
+                loss = float(m["loss"])
+                if not np.isfinite(loss):
+                    status = "non-finite loss"
+                    raise TrainingStopped(
+                        f"loss is {loss} at step {step}; stopping without saving this state. The last good "
+                        f"checkpoint (step {ckpt.latest_step()}) is kept in {ckpt.directory}. Lower the lr, "
+                        "check the data (skipped-row log) or use float32 compute to investigate.")
+                dt = time.perf_counter() - t_last
+                last = {
+                    "step": step, "loss": loss, "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
+                    "supervised_tokens": int(m["tokens"]),
+                    "tokens_per_s": tokens_since / dt, "samples_per_s": samples_since / dt,
+                    "packing_efficiency": real_tokens_since / max(tokens_since, 1),
+                    "tflops_per_device": flops_since / dt / jax.device_count() / 1e12,
+                    **{k: v for k, v in skipped_total.items()},
+                }
+                if peak:
+                    last["mfu"] = flops_since / dt / jax.device_count() / peak
+                writer.write(step, last)
+                t_last, tokens_since, flops_since, samples_since, real_tokens_since = time.perf_counter(), 0, 0.0, 0, 0
+            else:
+                writer.advance(step)
+            if step % config.train.ckpt_every == 0 or step == num_steps or stop["sigterm"]:
+                ckpt.save(step, trainable, opt_state, rng, data_iter.get_state(),
+                          meta=ckpt_meta)
+            if stop["sigterm"]:
+                status = "preempted (SIGTERM)"
+                break
+        if status == "data exhausted" and step and ckpt.latest_step() != step:
+            ckpt.save(step, trainable, opt_state, rng, data_iter.get_state(), meta=ckpt_meta)
+    finally:
+        ckpt.wait()
+        ckpt.close()
+        writer.close()
+        signal.signal(signal.SIGTERM, old_handler)
+    summary = {"status": status, "step": step, "num_steps": num_steps, **last}
+    if is_main:
+        (workdir_p / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        logging.info("training %s at step %d", status, step)
+    return summary
+
+
+def _global_array(x, mesh):
+    """Process-local rows -> one global array sharded over the batch axes."""
+    x = np.asarray(x)
+    sharding = mesh_lib.batch_sharding(mesh, x.ndim)
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    return jax.make_array_from_process_local_data(sharding, x)

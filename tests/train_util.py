@@ -1,0 +1,74 @@
+"""Tiny models, configs and synthetic batches for trainer tests (no pipeline needed)."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+from flax import nnx
+
+from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
+from llava_jax.models.llava import LlavaModel
+from llava_jax.train.defaults import base_config
+
+IMAGE_TOKEN = 60
+
+
+def tiny_model_config(**kw) -> LlavaConfig:
+    return LlavaConfig(
+        vision=VisionConfig(hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, image_size=16, patch_size=8),
+        text=TextConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=4,
+                        num_kv_heads=2, head_dim=4),
+        image_token_id=IMAGE_TOKEN, **kw)
+
+
+def tiny_model(seed=0, **kw) -> LlavaModel:
+    return LlavaModel(tiny_model_config(**kw), rngs=nnx.Rngs(seed))
+
+
+def synthetic_batch(cfg: LlavaConfig, batch=8, length=16, max_images=1, seed=0):
+    """Rows: [bos, image tokens..., text]; targets = next token within the row, prompt masked."""
+    rng = np.random.default_rng(seed)
+    t = cfg.num_image_tokens
+    ids = rng.integers(3, cfg.text.vocab_size, (batch, length)).astype(np.int32)
+    ids[ids == IMAGE_TOKEN] = 5
+    has_image = rng.random(batch) < 0.75
+    ids[:, 0] = 1
+    ids[has_image, 1:1 + t] = IMAGE_TOKEN
+    seg = np.ones((batch, length), np.int32)
+    cut = rng.integers(length - 3, length + 1, batch)
+    for b in range(batch):
+        seg[b, cut[b]:] = 0
+        ids[b, cut[b]:] = 0
+    targets = np.full((batch, length), -100, np.int32)
+    targets[:, :-1] = ids[:, 1:]
+    targets[:, : 1 + t] = -100
+    targets[seg == 0] = -100
+    targets[:, :-1][seg[:, 1:] == 0] = -100
+    s = cfg.vision.image_size
+    images = rng.integers(0, 256, (batch, max_images, s, s, 3)).astype(np.uint8)
+    image_mask = np.zeros((batch, max_images), bool)
+    image_mask[has_image, 0] = True
+    pos = np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)).copy()
+    return {"input_ids": ids, "targets": targets, "segment_ids": seg, "positions": pos,
+            "images": images, "image_mask": image_mask}
+
+
+def optim_config(lr=1e-2, **kw):
+    c = base_config().optim
+    c.lr = lr
+    c.warmup_steps = 1
+    for k, v in kw.items():
+        setattr(c, k, v)
+    return c
+
+
+def params_by_path(state) -> dict[str, np.ndarray]:
+    return {"/".join(map(str, p)): np.asarray(v.value) for p, v in nnx.to_flat_state(state)}
+
+
+def devices(n):
+    d = jax.devices()
+    if len(d) < n:
+        import pytest
+
+        pytest.skip(f"needs {n} devices (XLA_FLAGS=--xla_force_host_platform_device_count={n})")
+    return d[:n]
