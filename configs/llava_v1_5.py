@@ -3,7 +3,7 @@
     python -m llava_jax.train --config=configs/llava_v1_5.py:7b_stage1 --workdir=DIR \
         --config.model.clip_path=/ckpt/clip-vit-large-patch14-336 \
         --config.model.llm_path=/ckpt/vicuna-7b-v1.5 \
-        --config.data.sources='[{"path": "/data/blip_laion_cc_sbu_558k.json", "image_folder": "/data/images"}]'
+        --config.data.sources=/data/blip_laion_cc_sbu_558k.json --config.data.image_folder=/data/images
     python -m llava_jax.train --config=configs/llava_v1_5.py:7b_stage2 --workdir=DIR2 \
         --config.model.init_from_workdir=DIR ...
 
@@ -34,15 +34,15 @@ def get_config(arg: str = "7b_stage1"):
     c.optim.weight_decay = 0.0
     if stage == "stage1":
         c.stage = 1
-        c.trainable = [r"projector/.*"]
+        c.trainable = (r"projector/.*",)
         c.data.template = "plain"
         c.data.image_mode = "crop"
         c.train.global_batch = 256
         c.optim.lr = 1e-3
     else:
         c.stage = 2
-        c.trainable = [r"projector/.*", r"llm/.*"]
-        c.model.init_from_workdir_patterns = [r"projector/.*"]
+        c.trainable = (r"projector/.*", r"llm/.*",)
+        c.model.init_from_workdir_patterns = (r"projector/.*",)
         c.data.template = "vicuna_v1"
         c.data.image_mode = "pad"
         c.train.global_batch = 128

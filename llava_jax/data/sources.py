@@ -797,10 +797,14 @@ class SkipLog:
         self._lock = threading.Lock()
 
 
-def sources_from_config(specs) -> list:
+def sources_from_config(specs, image_folder: str | None = None) -> list:
     """Sources from config entries: `{"path": file.json|.jsonl, "image_folder": dir, "name"?}` or
     `{"tfds": name_or_builder_dir, "split": ..., "data_dir"?, "image_key"?, "text_key"?,
-    "instruction"?}`."""
+    "instruction"?}`. `specs` may also be a string: a JSON list of such entries, or the path of
+    one LLaVA JSON/JSONL file whose images are under `image_folder`."""
+    if isinstance(specs, str):
+        text = specs.strip()
+        specs = json.loads(text) if text.startswith("[") else ([{"path": text}] if text else [])
     out = []
     for spec in specs:
         spec = dict(spec)
@@ -808,7 +812,8 @@ def sources_from_config(specs) -> list:
             name = spec.pop("tfds")
             out.append(TfdsSource(name, spec.pop("split", "train"), **spec))
         elif "path" in spec:
-            out.append(LlavaJsonSource(spec["path"], spec.get("image_folder"), name=spec.get("name")))
+            out.append(LlavaJsonSource(spec["path"], spec.get("image_folder") or image_folder or None,
+                                       name=spec.get("name")))
         else:
             raise ValueError(f"data source needs 'path' (LLaVA JSON/JSONL) or 'tfds': {spec}")
     if not out:

@@ -11,7 +11,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.name = "llava"
     c.stage = 1
     # Regexes over param paths (vision/..., projector/..., llm/...): what trains this stage.
-    c.trainable = [r"projector/.*"]
+    c.trainable = (r"projector/.*",)
 
     c.model = ml_collections.ConfigDict()
     # scratch: random init from model.scratch | clip_llama: CLIP dir + LLaMA/Vicuna dir (fresh
@@ -24,7 +24,7 @@ def base_config() -> ml_collections.ConfigDict:
     # A previous stage's workdir: its trained params (e.g. the stage-1 projector) are loaded
     # on top of the model above. Only params matching init_from_workdir_patterns are taken.
     c.model.init_from_workdir = ""
-    c.model.init_from_workdir_patterns = [r".*"]
+    c.model.init_from_workdir_patterns = (r".*",)
     c.model.projector_type = "mlp2x_gelu"
     c.model.vision_feature_layer = -2
     c.model.vision_feature_select_strategy = "default"
@@ -43,8 +43,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.tokenizer_path = ""  # default: model.llm_path or model.hf_path
 
     c.data = ml_collections.ConfigDict()
-    # Each source: {"path": JSON/JSONL file, "image_folder": dir} or {"tfds": name, "split": ..., "data_dir": ...}
-    c.data.sources = []
+    # One LLaVA JSON/JSONL file (images under data.image_folder), or a JSON list of sources:
+    # '[{"path": file, "image_folder": dir}, {"tfds": name, "split": "train", "data_dir": dir}]'
+    c.data.sources = ""
+    c.data.image_folder = ""
     c.data.template = "plain"
     c.data.image_mode = "crop"  # crop | pad (LLaVA-1.5 stage 2 pads to square)
     c.data.max_length = 2048

@@ -160,11 +160,26 @@ def make_data_iterator(config, tokenizer, model_cfg: LlavaConfig, process_batch:
         image_token_id=model_cfg.image_token_id, batch_size=process_batch, pack=d.pack, seed=d.seed,
         shuffle=d.shuffle, num_epochs=d.num_epochs, worker_count=d.worker_count, length_policy=d.length_policy,
     )
-    sources = ConcatSource(sources_from_config(list(d.sources)))
+    sources = ConcatSource(sources_from_config(d.sources, d.image_folder))
     skip_log = make_skip_log(Path(workdir) / d.skip_log if d.skip_log and jax.process_index() == 0 else None)
     it = make_iterator(sources, tokenizer, pcfg, process_index=jax.process_index(),
                        process_count=jax.process_count(), skip_log=skip_log)
-    return it, sources
+    return it, sources, pcfg
+
+
+def estimate_num_steps(sources, tokenizer, pcfg, num_epochs: int, global_batch: int, probe: int = 256) -> int:
+    """Optimizer steps for `num_epochs` passes: packed rows per sample measured on the first
+    `probe` records (run through the real pipeline), scaled to the whole source."""
+    from llava_jax.data.pipeline import make_iterator
+
+    n = len(sources)
+    k = min(n, probe)
+    sub = [sources[i] for i in range(k)]
+    it = make_iterator(sub, tokenizer, pcfg.replace(batch_size=1, shuffle=False, num_epochs=1, worker_count=0,
+                                                    drop_remainder=False, prefetch_batches=0),
+                       process_index=0, process_count=1)
+    rows = sum(1 for _ in it)
+    return max(1, math.ceil(n * num_epochs * max(rows, 1) / k / global_batch))
 
 
 # =============================================================================== train
@@ -201,12 +216,13 @@ def train(config, workdir: str) -> dict:
     trains = set(counts)
     logging.info("trainable params %s (%d); frozen %d", counts, count_params(trainable), count_params(frozen))
 
-    data_iter, sources = make_data_iterator(config, tokenizer, model_cfg, process_batch, workdir)
+    data_iter, sources, pcfg = make_data_iterator(config, tokenizer, model_cfg, process_batch, workdir)
     num_steps = config.train.num_steps
-    if num_steps <= 0:
-        num_steps = max(1, math.ceil(len(sources) * config.data.num_epochs / config.train.global_batch))
+    if num_steps <= 0:  # one schedule over num_epochs of the data, in packed rows
+        num_steps = estimate_num_steps(sources, tokenizer, pcfg, config.data.num_epochs, config.train.global_batch)
+        logging.info("num_steps estimated at %d for %d epochs", num_steps, config.data.num_epochs)
     tx, schedule = make_optimizer(config.optim, num_steps, trainable)
-    opt_state = jax.jit(tx.init)(trainable)
+    opt_state = _on_mesh(jax.jit(tx.init)(trainable), mesh)  # moments inherit the params' shardings
 
     # ---------------------------------------------------------------- restore
     ckpt = Checkpointer(workdir, keep=config.train.keep, async_save=config.train.async_checkpoint)
@@ -316,6 +332,18 @@ def train(config, workdir: str) -> dict:
         (workdir_p / "train_summary.json").write_text(json.dumps(summary, indent=2))
         logging.info("training %s at step %d", status, step)
     return summary
+
+
+def _on_mesh(tree, mesh):
+    """Leaves that ended up on a single device (scalar counters) are replicated over the mesh."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    def fix(x):
+        if len(x.sharding.device_set) == mesh.size:
+            return x
+        return jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
+
+    return jax.tree.map(fix, tree)
 
 
 def _global_array(x, mesh):
