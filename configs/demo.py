@@ -7,7 +7,8 @@
 
 Unlike the real recipe (frozen pretrained CLIP and Vicuna), nothing pretrained exists offline,
 so stage 1 trains the whole model (vision tower, projector, LLM) on captions, and stage 2 trains
-projector + LLM with the vision tower frozen, as the recipe does. `tiny` is the test config.
+it all again on conversations (the recipe freezes the tower in stage 2; a from-scratch tower
+needs the extra training). `tiny` is the test config.
 """
 from llava_jax.train.defaults import base_config
 

@@ -183,7 +183,3 @@ def param_count_by_subtree(state) -> dict[str, int]:
         top = str(path[0])
         out[top] = out.get(top, 0) + math.prod(v.value.shape)
     return out
-
-
-def abstract_with_shardings(state, shardings) -> Any:
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
