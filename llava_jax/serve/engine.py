@@ -76,7 +76,7 @@ class Engine:
         logits = model.llm.logits(h[:, -1:])[:, 0].astype(jnp.float32)
         return logits, cache, pos[:, -1] + 1
 
-    @partial(jax.jit, static_argnums=(0,), donate_argnums=(3,))
+    @partial(jax.jit, static_argnums=(0,))  # no donation yet: see issue 6 (compiled decode loop)
     def _decode(self, state, tokens, next_pos, cache):
         model = nnx.merge(self.graphdef, state)
         emb = model.llm.embed_tokens(tokens[:, None])
