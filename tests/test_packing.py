@@ -280,18 +280,6 @@ def make_hf_llava_for_tokenizer(image_token_id: int, vocab_size: int = VOCAB, se
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    from llava_jax.data.tokenize import add_llava_special_tokens
-    from tokenizer_util import make_llama_tokenizer
-
-    tok = AutoTokenizer.from_pretrained(make_llama_tokenizer(tmp_path_factory.mktemp("tok"), llava_tokens=True))
-    add_llava_special_tokens(tok)
-    return tok
-
-
-@pytest.fixture(scope="module")
 def model(tokenizer, tmp_path_factory):
     pytest.importorskip("torch")
     import llava_jax

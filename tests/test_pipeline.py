@@ -18,18 +18,6 @@ SIZE = 28
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    from llava_jax.data.tokenize import add_llava_special_tokens
-    from tokenizer_util import make_llama_tokenizer
-
-    tok = AutoTokenizer.from_pretrained(make_llama_tokenizer(tmp_path_factory.mktemp("tok"), llava_tokens=True))
-    add_llava_special_tokens(tok)
-    return tok
-
-
-@pytest.fixture(scope="module")
 def image_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("images")
     rng = np.random.default_rng(0)

@@ -211,7 +211,7 @@ def hf_tensors(model_or_params, dtype=None):
 
 def processor_files(cfg: LlavaConfig) -> dict[str, dict]:
     """CLIP image-processor and LlavaProcessor settings matching the model."""
-    from llava_jax.models.llava import CLIP_MEAN, CLIP_STD
+    from llava_jax.data.images import CLIP_MEAN, CLIP_STD
 
     s = cfg.vision.image_size
     return {

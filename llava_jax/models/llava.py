@@ -16,23 +16,16 @@ import numpy as np
 from flax import nnx
 
 from llava_jax.config import LlavaConfig
+from llava_jax.data.images import normalize
 from llava_jax.models.clip import VisionTower
 from llava_jax.models.llama import LlamaDecoder
 from llava_jax.models.projector import Projector
 
 IGNORE_INDEX = -100
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
-
-
-def normalize_on_device(images):
-    """uint8 [..., H, W, 3] -> CLIP-normalised float32 (images travel to the device as uint8)."""
-    x = images.astype(jnp.float32) / 255.0
-    return (x - jnp.asarray(CLIP_MEAN, jnp.float32)) / jnp.asarray(CLIP_STD, jnp.float32)
 
 
 class LlavaModel(nnx.Module):
@@ -75,7 +68,7 @@ class LlavaModel(nnx.Module):
         else:
             b, m = images.shape[:2]
             pix = images.reshape((b * m,) + images.shape[2:])
-            pix = normalize_on_device(pix) if pix.dtype == jnp.uint8 else pix
+            pix = normalize(pix) if pix.dtype == jnp.uint8 else pix  # uint8 travels to the device
             feats = self.encode_images(pix).reshape(b, m * t, -1)  # [B, M*T, D]
             if image_mask is None:
                 image_mask = jnp.ones((b, m), bool)
