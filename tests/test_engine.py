@@ -49,3 +49,122 @@ def test_greedy_equals_transformers_generate(pair, lengths):
     images = np.transpose(pixels, (0, 2, 3, 1))[:, None]
     ours = Engine(model).generate(prompts, images, np.ones((len(prompts), 1), bool), SamplingParams(max_new_tokens=8))
     assert ours == ref
+
+
+# ---------------------------------------------------------------------------- engine behaviour
+from llava_jax.serve.engine import Request, sample_rows  # noqa: E402
+
+
+def _reqs(hf, rng, lengths, params=None):
+    s = hf.config.vision_config.image_size
+    out = []
+    for i, n in enumerate(lengths):
+        img = rng.normal(size=(1, s, s, 3)).astype(np.float32)
+        out.append(Request(_prompt(hf, rng, n), img, params[i] if params else SamplingParams(max_new_tokens=10)))
+    return out
+
+
+def test_streaming_chunks_and_no_recompile(pair):
+    hf, model = pair
+    eng = Engine(model, chunk_size=3)
+    reqs = _reqs(hf, np.random.default_rng(0), (3, 9, 6))
+    steps = list(eng.stream(reqs))
+    assert len(steps) == 1 + 3  # prefill + ceil(9 / 3) chunks of 3 decode steps
+    streamed = [sum((s.new_tokens[i] for s in steps), []) for i in range(3)]
+    assert all(len(x) == 10 for x in streamed) and steps[-1].finish == ["length"] * 3
+    assert streamed == eng.generate([r.prompt for r in reqs], np.stack([r.images for r in reqs]),
+                                    params=SamplingParams(max_new_tokens=10))
+    traces = dict(eng.traces)
+    assert traces == {"prefill": 1, "decode": 1}
+    # new lengths in the same bucket, other sampling settings, seeds and max_new: no new compile
+    other = [SamplingParams(max_new_tokens=5), SamplingParams(12, temperature=0.8, top_p=0.9, seed=3),
+             SamplingParams(7, temperature=1.3, top_k=5, seed=4)]
+    list(eng.stream(_reqs(hf, np.random.default_rng(1), (4, 11, 2), other)))
+    assert dict(eng.traces) == traces
+
+
+def test_eos_stop_and_cancel(pair):
+    hf, model = pair
+    eng = Engine(model, chunk_size=4)
+    reqs = _reqs(hf, np.random.default_rng(2), (5, 8))
+    ref = eng.generate([r.prompt for r in reqs], np.stack([r.images for r in reqs]),
+                       params=SamplingParams(max_new_tokens=10))
+    eos = ref[0][4]
+    k0 = ref[0].index(eos)
+    out = eng.generate([r.prompt for r in reqs], np.stack([r.images for r in reqs]),
+                       params=SamplingParams(max_new_tokens=10), eos_ids=[eos])
+    assert out[0] == ref[0][:k0]
+    assert out[1] == (ref[1][:ref[1].index(eos)] if eos in ref[1] else ref[1])
+    steps = list(eng.stream(reqs, cancelled=lambda i: i == 0))
+    assert steps[-1].finish == ["cancelled", "length"]
+    assert sum(len(s.new_tokens[0]) for s in steps) == 1  # the prefill's token only
+    assert sum(len(s.new_tokens[1]) for s in steps) == 10
+
+
+def test_sampling_seeded_batch_independent(pair):
+    hf, model = pair
+    eng = Engine(model, chunk_size=8)
+    rng = np.random.default_rng(3)
+    greedy = SamplingParams(max_new_tokens=12)
+    hot = SamplingParams(max_new_tokens=12, temperature=1.5, seed=11)
+    a, b, c = _reqs(hf, rng, (4, 7, 9), [hot, greedy, greedy])
+    alone = eng.generate([a.prompt], a.images[None], params=hot)[0]
+    together = eng.generate([a.prompt, b.prompt, c.prompt], np.stack([a.images, b.images, c.images]),
+                            params=[hot, greedy, hot])
+    assert together[0] == alone  # a row's random stream depends on its seed only
+    g = eng.generate([a.prompt], a.images[None], params=greedy)[0]
+    assert together[0] != g  # (t = 1.5 on this model: sampling differs from greedy)
+    top1 = eng.generate([a.prompt], a.images[None], params=SamplingParams(12, temperature=1.5, top_k=1, seed=5))[0]
+    assert top1 == g
+    tiny_p = eng.generate([a.prompt], a.images[None], params=SamplingParams(12, temperature=1.5, top_p=1e-6, seed=5))
+    assert tiny_p[0] == g
+
+
+def test_sample_rows_top_k_top_p_sets():
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(1, 50)).astype(np.float32) * 2
+    n = 400
+    x = jnp.asarray(np.repeat(logits, n, 0))
+    ones = jnp.ones((n,), jnp.float32)
+
+    def draw(top_k, top_p, t=1.0):
+        samp = {"temperature": t * ones, "top_k": jnp.full((n,), top_k, jnp.int32), "top_p": top_p * ones,
+                "seed": jnp.arange(n, dtype=jnp.uint32)}
+        return set(np.asarray(jax.jit(sample_rows)(x, jnp.zeros((n,), jnp.int32), samp)).tolist())
+
+    order = np.argsort(-logits[0])
+    assert draw(3, 1.0) <= set(order[:3].tolist()) and len(draw(3, 1.0)) == 3
+    p = np.exp(logits[0] - logits[0].max())
+    p /= p.sum()
+    nucleus = int(np.searchsorted(np.cumsum(p[order]), 0.6) + 1)  # smallest head with mass >= 0.6
+    got = draw(0, 0.6)
+    assert got <= set(order[:nucleus].tolist()) and len(got) > 1
+    assert len(draw(0, 1.0)) > nucleus
+
+
+def test_sharded_engine_on_mesh(pair, tmp_path):
+    """Params sharded over a (data 2, fsdp 2, tensor 2) mesh of the 8 CPU devices: same ids."""
+    import jax
+    from flax import nnx
+
+    from llava_jax.models.llava import LlavaModel
+    from llava_jax.train.mesh import make_mesh, param_sharding_fn
+
+    hf, model = pair
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (fake CPU) devices")
+    hf.save_pretrained(tmp_path)
+    mesh = make_mesh((2, 2, 2))
+    model_abs = nnx.eval_shape(lambda: LlavaModel(model.config, rngs=None))
+    sharded = llava_jax.from_pretrained(tmp_path, sharding_fn=param_sharding_fn(model_abs, mesh))
+    q = sharded.llm.layers.q_kernel.value
+    assert len(q.sharding.device_set) == 8 and not q.sharding.is_fully_replicated
+    reqs = _reqs(hf, np.random.default_rng(4), (3, 9, 6))
+    args = ([r.prompt for r in reqs], np.stack([r.images for r in reqs]))
+    eng = Engine(sharded, chunk_size=4)
+    assert eng.mesh is not None
+    ref = Engine(model).generate(*args, params=SamplingParams(max_new_tokens=9))
+    assert eng.generate(*args, params=SamplingParams(max_new_tokens=9)) == ref

@@ -1,15 +1,31 @@
-"""KV-cache generation: left-padded batched prefill, then one compiled decode step per token.
+"""KV-cache generation: bucketed batched prefill, then a compiled decode loop run in chunks.
 
-Prompts are left-padded to a length bucket (so a new prompt length reuses a compiled prefill),
-their RoPE positions count real tokens only (cumsum of the mask), and the cache marks padded
-slots with segment 0 so they are never attended. Greedy by default; temperature / top-k / top-p
-sampling with a seed.
+Shapes never depend on content, so nothing recompiles per request:
+  * the batch is padded to a batch bucket (1, 2, 4, 8, ...) with idle rows;
+  * prompts are left-padded to a prompt-length bucket; RoPE positions count real tokens only
+    (cumsum of the mask) and padded cache slots carry segment 0, so they are never attended;
+  * the cache holds `prompt bucket + new-token bucket` slots;
+  * per-row sampling settings (temperature, top-k, top-p, seed, max new tokens) and the EOS ids
+    are arrays, not static arguments.
+One compiled prefill per (batch, prompt, images, new-token) bucket; one compiled decode chunk per
+(batch, cache length). A chunk is a `lax.while_loop` of up to `chunk_size` decode steps that
+exits early once every row is done; the host gets each chunk's tokens (streaming), checks stop
+strings and cancellations, and launches the next chunk. The KV cache is donated to each chunk.
+
+Sampling follows transformers' order: temperature, then top-k, then top-p; temperature 0 is
+greedy (argmax over fp32 logits). Each row's random stream depends only on its own seed and
+token index, so a seeded request samples the same tokens whatever batch it shares.
+
+A model whose params are sharded on a mesh (e.g. loaded with `from_pretrained(sharding_fn=...)`)
+works as is: batch inputs are placed over the mesh's batch axes and the cache is constrained to
+the logical-axis rules (`llava_jax.train.mesh`).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
-from functools import partial
-from typing import Sequence
+import threading
+from typing import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,105 +35,330 @@ from flax import nnx
 from llava_jax.models.llava import LlavaModel
 
 PROMPT_BUCKETS = (32, 64, 128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+NEW_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+IMAGE_BUCKETS = (1, 2, 4, 8, 16)
+MAX_EOS_IDS = 8
+
+FINISH_EOS = "stop"  # OpenAI's finish_reason for an end-of-sequence token or a stop string
+FINISH_LENGTH = "length"
+FINISH_CANCELLED = "cancelled"
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 64
     temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0
+    top_k: int = 0  # 0 = off
     top_p: float = 1.0
     seed: int = 0
+
+
+@dataclasses.dataclass
+class Request:
+    """One prompt: token ids with image tokens already expanded, and its images
+    `[M, H, W, 3]` (uint8, or normalised float) in the order their tokens appear."""
+
+    prompt: Sequence[int]
+    images: np.ndarray | None = None
+    params: SamplingParams = SamplingParams()
 
 
 def bucket(n: int, buckets: Sequence[int] = PROMPT_BUCKETS) -> int:
     for b in buckets:
         if n <= b:
             return b
-    return int(np.ceil(n / 512) * 512)
+    step = buckets[-1] - buckets[-2] if len(buckets) > 1 else buckets[-1]
+    return int(buckets[-1] + np.ceil((n - buckets[-1]) / step) * step)
+
+
+# ---------------------------------------------------------------------------- sampling
+def _row_keys(seeds, n_gen):
+    return jax.vmap(lambda s, n: jax.random.fold_in(jax.random.key(s), n))(seeds, n_gen)
+
+
+def sample_rows(logits, n_gen, samp):
+    """logits [B, V] fp32 -> ids [B] int32, with per-row settings `samp` (arrays [B]:
+    temperature, top_k, top_p, seed). Greedy-only batches skip the sort entirely."""
+    greedy = jnp.argmax(logits, -1).astype(jnp.int32)
+    temperature = samp["temperature"]
+
+    def sampled(_):
+        v = logits.shape[-1]
+        x = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+        desc = -jnp.sort(-x, axis=-1)
+        k = jnp.where(samp["top_k"] > 0, jnp.minimum(samp["top_k"], v), v)
+        kth = jnp.take_along_axis(desc, (k - 1)[:, None], -1)
+        x = jnp.where(x < kth, -jnp.inf, x)
+        desc = jnp.where(jnp.arange(v)[None] < k[:, None], desc, -jnp.inf)
+        probs = jax.nn.softmax(desc, -1)
+        # top-p: the smallest head of the sorted distribution whose mass reaches top_p
+        keep = (jnp.cumsum(probs, -1) - probs) < samp["top_p"][:, None]
+        cutoff = jnp.min(jnp.where(keep, desc, jnp.inf), -1, keepdims=True)
+        x = jnp.where(x < cutoff, -jnp.inf, x)
+        tok = jax.vmap(jax.random.categorical)(_row_keys(samp["seed"], n_gen), x).astype(jnp.int32)
+        return jnp.where(temperature > 0, tok, greedy)
+
+    return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda _: greedy, None)
 
 
 def sample_logits(logits, key, temperature, top_k: int, top_p: float):
-    """logits [B, V] fp32 -> token ids [B]."""
-    if temperature <= 0:
-        return jnp.argmax(logits, -1)
-    logits = logits / temperature
-    if top_k:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p < 1.0:
-        sorted_logits = jnp.sort(logits, -1)[:, ::-1]
-        probs = jax.nn.softmax(sorted_logits, -1)
-        cum = jnp.cumsum(probs, -1)
-        # smallest set whose mass reaches top_p: keep tokens whose preceding mass < top_p
-        keep = (cum - probs) < top_p
-        cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), -1, keepdims=True)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, -1)
+    """Single-setting sampling of logits [B, V] with one key (kept for callers of the old API)."""
+    b = logits.shape[0]
+    seeds = jax.random.randint(key, (b,), 0, 2**31 - 1, jnp.int32).astype(jnp.uint32)
+    samp = {"temperature": jnp.full((b,), temperature, jnp.float32), "top_k": jnp.full((b,), top_k, jnp.int32),
+            "top_p": jnp.full((b,), top_p, jnp.float32), "seed": seeds}
+    return sample_rows(logits.astype(jnp.float32), jnp.zeros((b,), jnp.int32), samp)
+
+
+# ---------------------------------------------------------------------------- engine
+@dataclasses.dataclass
+class StepOutput:
+    """What one streaming step yields, per request (in request order): the tokens produced since
+    the previous step (EOS excluded) and, once a request has ended, why (`stop`, `length`,
+    `cancelled`; None while running)."""
+
+    new_tokens: list[list[int]]
+    finish: list[str | None]
+
+
+def _mesh_of(state):
+    for leaf in jax.tree.leaves(state):
+        sh = getattr(leaf, "sharding", None)
+        if isinstance(sh, jax.sharding.NamedSharding) and sh.mesh.size > 1:
+            return sh.mesh
+    return None
 
 
 class Engine:
-    """Compiled prefill/decode for one model. `generate` takes token-id prompts (image tokens
-    already expanded) with images in the [B, M, H, W, 3] layout."""
+    """Compiled prefill + chunked decode loop for one model.
 
-    def __init__(self, model: LlavaModel):
+    `stream(requests)` yields a `StepOutput` after the prefill and after every decode chunk;
+    `generate(...)` returns the finished id lists. `stats` counts compilations (traces) per
+    function, batches and rows served.
+    """
+
+    def __init__(self, model: LlavaModel, *, mesh=None, chunk_size: int = 8,
+                 prompt_buckets: Sequence[int] = PROMPT_BUCKETS, batch_buckets: Sequence[int] = BATCH_BUCKETS,
+                 new_token_buckets: Sequence[int] = NEW_TOKEN_BUCKETS, donate: bool = True):
         self.model = model
         self.graphdef, self.state = nnx.split(model)
         self.cfg = model.config
+        self.mesh = mesh if mesh is not None else _mesh_of(self.state)
+        self.chunk_size = int(chunk_size)
+        self.prompt_buckets = tuple(prompt_buckets)
+        self.batch_buckets = tuple(batch_buckets)
+        self.new_token_buckets = tuple(new_token_buckets)
+        self.traces: collections.Counter = collections.Counter()
+        self.stats: collections.Counter = collections.Counter()
+        self._lock = threading.Lock()
+        self._prefill_jit = jax.jit(self._prefill, static_argnames=("max_len",))
+        self._decode_jit = jax.jit(self._decode_chunk, donate_argnames=("carry",) if donate else ())
 
-    @partial(jax.jit, static_argnums=(0, 6))
-    def _prefill(self, state, ids, seg, images, image_mask, max_len: int):
+    # ------------------------------------------------------------------ compiled parts
+    def _constrain(self, x, axes):
+        if self.mesh is None:
+            return x
+        from llava_jax.train.mesh import named_sharding
+
+        return jax.lax.with_sharding_constraint(x, named_sharding(axes, x.shape, self.mesh))
+
+    def _constrain_cache(self, cache):
+        kv_axes = ("layers", "batch", "length", "kv_heads", "head_dim")
+        return {"k": self._constrain(cache["k"], kv_axes), "v": self._constrain(cache["v"], kv_axes),
+                "segment_ids": self._constrain(cache["segment_ids"], ("batch", "length")), "index": cache["index"]}
+
+    def _prefill(self, state, ids, seg, images, image_mask, samp, eos, *, max_len: int):
+        self.traces["prefill"] += 1  # runs once per compilation
         model = nnx.merge(self.graphdef, state)
+        b = ids.shape[0]
         pos = jnp.maximum(jnp.cumsum(seg, -1) - 1, 0)
-        embeds = model.embed_inputs(ids, images=images, image_mask=image_mask) if images is not None \
-            else model.embed_inputs(ids)
-        cache = model.llm.init_cache(ids.shape[0], max_len)
+        if images is not None:
+            embeds = model.embed_inputs(ids, images=images, image_mask=image_mask)
+        else:
+            embeds = model.embed_inputs(ids)
+        cache = self._constrain_cache(model.llm.init_cache(b, max_len))
         h, cache = model.llm(embeds, pos, seg, cache=cache, return_hidden=True)
         logits = model.llm.logits(h[:, -1:])[:, 0].astype(jnp.float32)
-        return logits, cache, pos[:, -1] + 1
+        n_gen = jnp.zeros((b,), jnp.int32)
+        tok = sample_rows(logits, n_gen, samp)
+        emit = samp["max_new"] > 0
+        n_gen = emit.astype(jnp.int32)
+        done = ~emit | jnp.isin(tok, eos) | (n_gen >= samp["max_new"])
+        carry = {"cache": self._constrain_cache(cache), "tok": tok, "pos": pos[:, -1] + 1, "n_gen": n_gen,
+                 "done": done}
+        return jnp.where(emit, tok, -1), carry
 
-    @partial(jax.jit, static_argnums=(0,))  # no donation yet: see issue 6 (compiled decode loop)
-    def _decode(self, state, tokens, next_pos, cache):
+    def _decode_chunk(self, state, carry, samp, eos, cancel):
+        self.traces["decode"] += 1
         model = nnx.merge(self.graphdef, state)
-        emb = model.llm.embed_tokens(tokens[:, None])
-        seg = jnp.ones_like(tokens)[:, None]
-        logits, cache = model.llm(emb, next_pos[:, None], seg, cache=cache)
-        return logits[:, 0].astype(jnp.float32), cache
+        b = carry["tok"].shape[0]
+        n = self.chunk_size
+        carry = dict(carry, done=carry["done"] | cancel)
 
-    def generate(self, prompts: Sequence[Sequence[int]], images=None, image_mask=None,
-                 params: SamplingParams = SamplingParams(), eos_ids: Sequence[int] = (), stream=None):
-        """Returns a list of generated id lists (stopping at, and excluding, any EOS id).
-        `stream(step, tokens[B])` is called after each step when given."""
-        b = len(prompts)
-        p = bucket(max(len(x) for x in prompts))
+        def cond(c):
+            i, cr, _ = c
+            return (i < n) & ~jnp.all(cr["done"])
+
+        def body(c):
+            i, cr, out = c
+            emb = model.llm.embed_tokens(cr["tok"][:, None])
+            logits, cache = model.llm(emb, cr["pos"][:, None], jnp.ones((b, 1), jnp.int32), cache=cr["cache"])
+            logits = logits[:, 0].astype(jnp.float32)
+            tok = sample_rows(logits, cr["n_gen"], samp)
+            emit = ~cr["done"]
+            out = out.at[:, i].set(jnp.where(emit, tok, -1))
+            n_gen = cr["n_gen"] + emit.astype(jnp.int32)
+            done = cr["done"] | (emit & jnp.isin(tok, eos)) | (n_gen >= samp["max_new"])
+            cr = {"cache": self._constrain_cache(cache), "tok": tok, "pos": cr["pos"] + 1, "n_gen": n_gen,
+                  "done": done}
+            return i + 1, cr, out
+
+        out0 = jnp.full((b, n), -1, jnp.int32)
+        _, carry, out = jax.lax.while_loop(cond, body, (jnp.int32(0), carry, out0))
+        return out, carry
+
+    # ------------------------------------------------------------------ host side
+    def _put(self, x):
+        """Place a batch array: leading dim over the mesh's batch axes when it divides, else
+        replicated."""
+        if self.mesh is None:
+            return jnp.asarray(x)
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        from llava_jax.train.mesh import batch_sharding, data_parallel_size
+
+        if x.shape and x.shape[0] % data_parallel_size(self.mesh) == 0:
+            return jax.device_put(x, batch_sharding(self.mesh, x.ndim))
+        return jax.device_put(x, NamedSharding(self.mesh, PartitionSpec()))
+
+    def _pack(self, requests: Sequence[Request], eos_ids):
+        n = len(requests)
+        if n == 0:
+            raise ValueError("no requests")
+        b = bucket(n, self.batch_buckets)
+        lens = [len(r.prompt) for r in requests]
+        if min(lens) < 1:
+            raise ValueError("empty prompt: every request needs at least one token")
+        p = bucket(max(lens), self.prompt_buckets)
+        max_new = [int(r.params.max_new_tokens) for r in requests]
+        if min(max_new) < 0:
+            raise ValueError("max_new_tokens must be >= 0")
+        new = bucket(max(max(max_new), 1), self.new_token_buckets)
         ids = np.zeros((b, p), np.int32)
         seg = np.zeros((b, p), np.int32)
-        for i, x in enumerate(prompts):  # left padding
-            ids[i, p - len(x):] = x
-            seg[i, p - len(x):] = 1
-        max_len = p + params.max_new_tokens
-        logits, cache, next_pos = self._prefill(
-            self.state, jnp.asarray(ids), jnp.asarray(seg),
-            None if images is None else jnp.asarray(images),
-            None if image_mask is None else jnp.asarray(image_mask), max_len)
-        key = jax.random.key(params.seed)
-        out = [[] for _ in range(b)]
-        done = np.zeros(b, bool)
-        eos = set(int(e) for e in eos_ids)
-        for step in range(params.max_new_tokens):
-            key, sub = jax.random.split(key)
-            tok = sample_logits(logits, sub, params.temperature, params.top_k, params.top_p)
-            tok_np = np.asarray(tok)
-            for i in range(b):
-                if not done[i]:
-                    if int(tok_np[i]) in eos:
-                        done[i] = True
-                    else:
-                        out[i].append(int(tok_np[i]))
+        for i, r in enumerate(requests):  # left padding
+            ids[i, p - lens[i]:] = np.asarray(r.prompt, np.int32)
+            seg[i, p - lens[i]:] = 1
+        seg[n:, -1] = 1  # idle rows: one token, so no row is fully masked
+        images = image_mask = None
+        with_images = [r for r in requests if r.images is not None and len(r.images)]
+        t = self.cfg.num_image_tokens
+        for i, r in enumerate(requests):
+            n_tok = int(np.sum(np.asarray(r.prompt) == self.cfg.image_token_id))
+            n_img = 0 if r.images is None else len(r.images)
+            if n_tok != n_img * t:
+                raise ValueError(f"request {i}: {n_tok} image tokens but {n_img} images x {t} tokens")
+        if with_images:
+            m = bucket(max(len(r.images) for r in with_images), IMAGE_BUCKETS)
+            first = np.asarray(with_images[0].images)
+            images = np.zeros((b, m) + first.shape[1:], first.dtype)
+            image_mask = np.zeros((b, m), bool)
+            for i, r in enumerate(requests):
+                if r.images is not None and len(r.images):
+                    images[i, :len(r.images)] = np.asarray(r.images).astype(first.dtype)
+                    image_mask[i, :len(r.images)] = True
+        sp = [r.params for r in requests]
+        pad = b - n
+        samp = {
+            "temperature": np.array([max(float(s.temperature), 0.0) for s in sp] + [0.0] * pad, np.float32),
+            "top_k": np.array([int(s.top_k) for s in sp] + [0] * pad, np.int32),
+            "top_p": np.array([float(s.top_p) for s in sp] + [1.0] * pad, np.float32),
+            "seed": np.array([int(s.seed) % 2**32 for s in sp] + [0] * pad, np.uint32),
+            "max_new": np.array(max_new + [0] * pad, np.int32),
+        }
+        eos = sorted({int(e) for e in eos_ids})
+        if len(eos) > MAX_EOS_IDS:
+            raise ValueError(f"at most {MAX_EOS_IDS} EOS ids, got {len(eos)}")
+        eos = np.array(eos + [-1] * (MAX_EOS_IDS - len(eos)), np.int32)
+        return dict(ids=ids, seg=seg, images=images, image_mask=image_mask, samp=samp, eos=eos, max_len=p + new, b=b)
+
+    def stream(self, requests: Sequence[Request], eos_ids: Sequence[int] = (),
+               cancelled: Callable[[int], bool] | None = None) -> Iterator[StepOutput]:
+        """Run `requests` as one batch; yield a StepOutput after the prefill and after every decode
+        chunk. `cancelled(i)` is polled between chunks: True ends request i (finish `cancelled`)."""
+        with self._lock:
+            yield from self._stream(requests, eos_ids, cancelled)
+
+    def _stream(self, requests, eos_ids, cancelled):
+        n = len(requests)
+        pk = self._pack(requests, eos_ids)
+        b = pk["b"]
+        eos_set = {int(e) for e in eos_ids}
+        samp = {k: self._put(v) for k, v in pk["samp"].items()}
+        eos = jnp.asarray(pk["eos"])
+        images = None if pk["images"] is None else self._put(pk["images"])
+        image_mask = None if pk["image_mask"] is None else self._put(pk["image_mask"])
+        tok, carry = self._prefill_jit(self.state, self._put(pk["ids"]), self._put(pk["seg"]), images, image_mask,
+                                       samp, eos, max_len=pk["max_len"])
+        self.stats["batches"] += 1
+        self.stats["rows"] += n
+        max_new = pk["samp"]["max_new"]
+        n_gen = np.zeros(b, np.int64)
+        finish: list[str | None] = [None] * n
+        for i in range(n):
+            if max_new[i] == 0:
+                finish[i] = FINISH_LENGTH
+        cancel = np.zeros(b, bool)
+        cancel[n:] = True
+        chunk = np.asarray(tok)[:, None]
+        while True:
+            new = [[] for _ in range(n)]
+            for i in range(n):
+                for t in chunk[i]:
+                    t = int(t)
+                    if t < 0 or finish[i] is not None:
+                        continue
+                    n_gen[i] += 1
+                    if t in eos_set:
+                        finish[i] = FINISH_EOS
+                        continue
+                    new[i].append(t)
+                    if n_gen[i] >= max_new[i]:
+                        finish[i] = FINISH_LENGTH
+            self.stats["tokens"] += int(sum(len(x) for x in new))
+            yield StepOutput(new, list(finish))
+            if cancelled is not None:
+                for i in range(n):
+                    if finish[i] is None and cancelled(i):
+                        finish[i] = FINISH_CANCELLED
+            if all(f is not None for f in finish):
+                return
+            for i in range(n):
+                cancel[i] = finish[i] is not None
+            out, carry = self._decode_jit(self.state, carry, samp, eos, self._put(cancel))
+            chunk = np.asarray(out)
+
+    def generate(self, prompts: Sequence[Sequence[int]], images=None, image_mask=None,
+                 params: SamplingParams | Sequence[SamplingParams] = SamplingParams(), eos_ids: Sequence[int] = (),
+                 stream: Callable[[StepOutput], None] | None = None) -> list[list[int]]:
+        """Generated ids per prompt (stopping at, and excluding, any EOS id). `images`
+        [B, M, H, W, 3] with `image_mask` [B, M] (None: all valid) give each row's images;
+        `params` is one SamplingParams for all rows or one per row. `stream(StepOutput)` is
+        called after every step when given."""
+        requests = []
+        for i, p in enumerate(prompts):
+            img = None
+            if images is not None:
+                img = np.asarray(images[i])
+                if image_mask is not None:
+                    img = img[np.asarray(image_mask[i], bool)]
+            sp = params if isinstance(params, SamplingParams) else params[i]
+            requests.append(Request(list(p), img, sp))
+        out = [[] for _ in prompts]
+        for step in self.stream(requests, eos_ids):
+            for i, t in enumerate(step.new_tokens):
+                out[i].extend(t)
             if stream is not None:
-                stream(step, tok_np)
-            if done.all() or step == params.max_new_tokens - 1:
-                break
-            logits, cache = self._decode(self.state, tok, next_pos, cache)
-            next_pos = next_pos + 1
+                stream(step)
         return out
