@@ -83,15 +83,17 @@ class TextStream:
     stop string. Once a stop string appears, `stopped` is set and the text ends before it.
     """
 
-    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+    def __init__(self, tokenizer, stop: Sequence[str] = (), lock=None):
         self.tokenizer = tokenizer
+        self.lock = lock or threading.RLock()
         self.stop = [s for s in stop if s]
         self.ids: list[int] = []
         self.text = ""  # the text shown so far
         self.stopped = False
 
     def _decode(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        with self.lock:
+            return self.tokenizer.decode(self.ids, skip_special_tokens=True)
 
     def add(self, ids: Sequence[int]) -> str:
         if self.stopped or not ids:
@@ -194,6 +196,7 @@ class ChatGenerator:
         self.eos_ids = list(eos_ids)
         self.context_length = int(self.cfg.text.max_position_embeddings)
         self._run_lock = threading.Lock()
+        self.tokenizer_lock = threading.RLock()  # HF fast tokenizers are not safe across threads
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -269,10 +272,11 @@ class ChatGenerator:
         if len(images) > self.max_images:
             raise RequestError(f"{len(images)} images; at most {self.max_images} per request", "messages",
                                "too_many_images")
-        if self.template == CHAT_TEMPLATE:
-            text, ids = self._encode_chat_template(turns)
-        else:
-            text, ids = self._encode_template(turns)
+        with self.tokenizer_lock:
+            if self.template == CHAT_TEMPLATE:
+                text, ids = self._encode_chat_template(turns)
+            else:
+                text, ids = self._encode_template(turns)
         imgs = np.stack(images) if images else None
         return Encoded(ids, imgs, text)
 
@@ -324,7 +328,7 @@ class ChatGenerator:
             return self._run(completions)
 
     def _run(self, comps):
-        streams = [TextStream(self.tokenizer, c.stop) for c in comps]
+        streams = [TextStream(self.tokenizer, c.stop, self.tokenizer_lock) for c in comps]
         ended = [False] * len(comps)
 
         def end(i, reason):
