@@ -83,7 +83,8 @@ def _bits(dtype) -> int:
 
 
 def param_bytes(model, subtree: str | None = None, linear_only: bool = False) -> int:
-    """Bytes the params take at their storage width (int4 counted as 4 bits; the CPU backend
+    """Bytes the params (under `subtree`; `linear_only`: the LLM's quantizable kernels and their
+    scales) take at their storage width (int4 counted as 4 bits; the CPU backend
     actually holds int4 in a byte each, TPU and GPU pack two per byte)."""
     total = 0
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
@@ -91,9 +92,9 @@ def param_bytes(model, subtree: str | None = None, linear_only: bool = False) ->
         if subtree and not p.startswith(subtree):
             continue
         name = p.rsplit("/", 1)[-1]
-        if linear_only and name.removesuffix("_scale") not in KERNELS:
+        if linear_only and (not p.startswith("llm/") or name.removesuffix("_scale") not in KERNELS):
             continue
-        v = var[...]
+        v = var.get_value()
         total += int(np.prod(v.shape)) * _bits(v.dtype) // 8
     return total
 
