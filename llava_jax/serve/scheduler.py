@@ -52,6 +52,16 @@ class BatchScheduler:
                 raise QueueFull(f"{self._pending} requests are queued or running (limit {self.max_pending}); "
                                 "retry later")
             self._pending += 1
+            user_done = completion.on_done
+
+            def done(c, user_done=user_done):  # free the slot before the client hears back
+                with self._cv:
+                    self._pending -= 1
+                    self.completed += 1
+                if user_done:
+                    user_done(c)
+
+            completion.on_done = done
             self._queue.append(completion)
             self._cv.notify_all()
         return completion
@@ -104,6 +114,9 @@ class BatchScheduler:
             if batch is None:
                 return
             live = [c for c in batch if not c.cancelled]
+            with self._cv:  # counted before running, so stats read after a response include its batch
+                if live:
+                    self.batch_sizes[len(live)] += 1
             for c in batch:
                 if c.cancelled:
                     c.finish_reason = "cancelled"
@@ -118,10 +131,6 @@ class BatchScheduler:
                     self.errors += len(live)
             finally:
                 with self._cv:
-                    if live:
-                        self.batch_sizes[len(live)] += 1
-                    self.completed += len(batch)
                     self.generated_tokens += sum(c.completion_tokens for c in live)
-                    self._pending -= len(batch)
                     self._running = 0
 
