@@ -32,9 +32,11 @@ def test_quantized_logits_memory_and_greedy(ckpt):
         assert str(q.llm.layers.q_kernel[...].dtype) == mode and model.llm.layers.q_kernel[...].dtype == np.float32
         stats = compare_logits(ref, q(ids))
         ratio = param_bytes(q, linear_only=True) / fp_bytes
-        out = Engine(q).generate(prompts, params=SamplingParams(max_new_tokens=16))
-        agree = float(np.mean([a == b for x, y in zip(greedy, out) for a, b in zip(x, y)]))
-        report[mode] = dict(stats, linear_bytes_ratio=ratio, greedy_token_agreement=agree)
+        report[mode] = dict(stats, linear_bytes_ratio=ratio)
+        if mode == "int8":
+            out = Engine(q).generate(prompts, params=SamplingParams(max_new_tokens=16))
+            report[mode]["greedy_token_agreement"] = float(np.mean([a == b for x, y in zip(greedy, out)
+                                                                    for a, b in zip(x, y)]))
         assert stats["cosine_mean"] > min_cos and ratio < max_ratio
     print(f"\nrandom tiny model (48 hidden): {report}")
     assert report["int8"]["top1_agreement"] > 0.95 and report["int8"]["greedy_token_agreement"] > 0.6
