@@ -168,3 +168,41 @@ def test_sharded_engine_on_mesh(pair, tmp_path):
     assert eng.mesh is not None
     ref = Engine(model).generate(*args, params=SamplingParams(max_new_tokens=9))
     assert eng.generate(*args, params=SamplingParams(max_new_tokens=9)) == ref
+
+
+def test_continuous_batching_joins_equal_solo_runs(pair):
+    """Requests joining a running batch between decode chunks (into new and freed rows) get
+    exactly the tokens they get alone; the decode chunk compiles once for the batch."""
+    hf, model = pair
+    eng = Engine(model, chunk_size=3)
+    rng = np.random.default_rng(5)
+    ps = [SamplingParams(max_new_tokens=m) for m in (4, 12, 9, 10, 6)]
+    ps[3] = SamplingParams(max_new_tokens=10, temperature=1.2, seed=9)
+    reqs = _reqs(hf, rng, (3, 9, 6, 5, 8), ps)
+    reqs[2].images = None  # a text-only joiner
+    reqs[2].prompt = [t for t in reqs[2].prompt if t != IMAGE_TOKEN]
+    solo = [eng.generate([r.prompt], None if r.images is None else r.images[None], params=r.params)[0] for r in reqs]
+    before = dict(eng.traces)
+    batch = eng.open(reqs[:2], slots=4, reserve_new_tokens=40)
+    got = {0: [], 1: []}
+    req_of = {0: 0, 1: 1}
+    waiting = [2, 3, 4]
+    done = {}
+    steps = 0
+    while batch.running or waiting:
+        for slot, (toks, fin) in batch.step().items():
+            got[req_of[slot]] += toks
+            if fin:
+                done[req_of[slot]] = fin
+        steps += 1
+        if steps >= 2 and waiting:  # join after the first decode chunk, as many as fit
+            k = min(len(batch.free_slots), len(waiting))
+            joiners = [waiting.pop(0) for _ in range(k)]
+            if joiners:
+                for j, slot in zip(joiners, batch.join([reqs[j] for j in joiners])):
+                    req_of[slot] = j
+                    got[j] = []
+    assert [got[i] for i in range(5)] == solo
+    assert done[0] == "length" and eng.stats["joined"] == 3
+    new = {k: v - before.get(k, 0) for k, v in eng.traces.items()}
+    assert new["decode"] == 1 and new["prefill"] == 1  # one batch shape, whatever joined

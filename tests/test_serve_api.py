@@ -120,7 +120,19 @@ def test_stop_strings_and_seeds(server):
     assert s[0] == s[1]
 
 
-def test_concurrent_requests_share_a_batch(server, gen):
+@pytest.fixture(params=["continuous", "windowed"])
+def any_server(request, server, gen):
+    if request.param == "continuous":
+        yield server
+        return
+    srv = _start(gen, window_s=0.25, max_batch=8, max_pending=16, continuous=False)
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_concurrent_requests_share_a_batch(any_server, gen):
+    server = any_server
     c = _client(server)
     before = json.loads(_raw(server, "GET", "/stats")[1])
     questions = ["What is in the image?", "How many people are there?", "Describe the scene in detail.",
@@ -146,6 +158,38 @@ def test_concurrent_requests_share_a_batch(server, gen):
         msgs = _image_msg(questions[i], i) if i % 2 == 0 else [{"role": "user", "content": questions[i]}]
         alone = c.chat.completions.create(model="tiny-llava", messages=msgs, max_tokens=10, temperature=0)
         assert alone.choices[0].message.content == results[i].choices[0].message.content
+
+
+def test_request_joins_a_running_batch(gen):
+    """Continuous batching: a request that arrives while another is generating joins its batch
+    at the next chunk boundary (no waiting for it to finish) and gets the same text as alone."""
+    from llava_jax.serve.generator import Completion
+    from llava_jax.serve.scheduler import BatchScheduler
+
+    sched = BatchScheduler(gen, max_batch=4, window_s=0.0, reserve_new_tokens=16)
+    try:
+        msgs_a = [{"role": "user", "content": [{"type": "image", "image": rand_image(0)},
+                                                {"type": "text", "text": "Describe the scene in detail."}]}]
+        msgs_b = [{"role": "user", "content": "What color is it?"}]
+        p = SamplingParams(max_new_tokens=16)
+        done = {k: threading.Event() for k in "ab"}
+        b = Completion(gen.encode(msgs_b), SamplingParams(max_new_tokens=6), on_done=lambda c: done["b"].set())
+        fired = []
+
+        def on_delta(text):  # runs on the batching thread while `a` is generating
+            if not fired:
+                fired.append(text)
+                sched.submit(b)
+
+        a = Completion(gen.encode(msgs_a), p, on_delta=on_delta, on_done=lambda c: done["a"].set())
+        sched.submit(a)
+        assert done["a"].wait(120) and done["b"].wait(120)
+        st = sched.stats()
+        assert st["joined_running_batch"] == 1 and st["max_rows_per_step"] == 2, st
+        assert a.text == gen.chat(msgs_a, p).text and a.finish_reason == "length"
+        assert b.text == gen.chat(msgs_b, SamplingParams(max_new_tokens=6)).text
+    finally:
+        sched.close()
 
 
 def test_api_key(gen):

@@ -5,6 +5,7 @@ import base64
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ if not CHROMIUM:
 
 from serve_util import make_chat_checkpoint, png_bytes, rand_image  # noqa: E402
 
+from llava_jax.serve.engine import DecodeBatch  # noqa: E402
 from llava_jax.serve.generator import ChatGenerator  # noqa: E402
 from llava_jax.serve.server import Limits, make_server, serve_in_thread  # noqa: E402
 
@@ -32,9 +34,15 @@ def url(tmp_path_factory):
     srv = make_server(gen, "127.0.0.1", 0, limits=Limits(max_tokens=64))
     serve_in_thread(srv)
     host, port = srv.server_address[:2]
-    yield f"http://{host}:{port}"
-    srv.shutdown()
-    srv.server_close()
+    # The tiny model would finish before the page paints once: pace the engine like a big model.
+    step = DecodeBatch.step
+    DecodeBatch.step = lambda self: (time.sleep(0.03), step(self))[1]
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        DecodeBatch.step = step
+        srv.shutdown()
+        srv.server_close()
 
 
 def _api_answer(url, image_png, question, max_tokens):

@@ -57,6 +57,12 @@ def main(argv=None):
     p.add_argument("--max-batch", type=int, default=8, help="requests per engine batch")
     p.add_argument("--batch-window-ms", type=float, default=10.0, help="how long an idle server waits to fill a batch")
     p.add_argument("--max-pending", type=int, default=32, help="queued + running requests before answering 429")
+    p.add_argument("--batching", choices=("continuous", "windowed"), default="continuous",
+                   help="continuous: requests join a running batch between decode chunks; windowed: batches run "
+                        "to completion")
+    p.add_argument("--session-tokens", type=int, default=None,
+                   help="new tokens a running batch's cache holds past its first prompts (default: --max-tokens); "
+                        "more lets requests keep joining longer, at the cost of cache memory")
     p.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
     p.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request gives none")
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="default: the context length - 1")
@@ -80,7 +86,8 @@ def main(argv=None):
                     default_max_tokens=args.default_max_tokens)
     srv = make_server(gen, args.host, args.port, limits=limits, api_key=args.api_key, max_batch=args.max_batch,
                       window_s=args.batch_window_ms / 1000, max_pending=args.max_pending,
-                      model_name=args.served_model_name)
+                      model_name=args.served_model_name, continuous=args.batching == "continuous",
+                      reserve_new_tokens=args.session_tokens)
     host, port = srv.server_address[:2]
     print(f"llava-jax serving {srv.app.model_name!r} (template {gen.template}, image mode {gen.image_mode}) on "
           f"http://{host}:{port}/  (API: http://{host}:{port}/v1, key {'required' if args.api_key else 'not required'})",

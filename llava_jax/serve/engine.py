@@ -154,6 +154,7 @@ class Engine:
         self._lock = threading.Lock()
         self._prefill_jit = jax.jit(self._prefill, static_argnames=("max_len",))
         self._decode_jit = jax.jit(self._decode_chunk, donate_argnames=("carry",) if donate else ())
+        self._join_jit = jax.jit(self._join, donate_argnames=("carry",) if donate else ())
 
     # ------------------------------------------------------------------ compiled parts
     def _constrain(self, x, axes):
@@ -218,6 +219,46 @@ class Engine:
         _, carry, out = jax.lax.while_loop(cond, body, (jnp.int32(0), carry, out0))
         return out, carry
 
+    def _join(self, state, carry, ids, seg, images, image_mask, samp, eos, slots):
+        """Prefill k new prompts and write them into rows `slots` of a running batch, ending at
+        the batch's current cache index (so they share its write position from now on). Slots
+        >= the batch size (padding joiners) are dropped."""
+        self.traces["join"] += 1
+        model = nnx.merge(self.graphdef, state)
+        k, p = ids.shape
+        pos = jnp.maximum(jnp.cumsum(seg, -1) - 1, 0)
+        if images is not None:
+            embeds = model.embed_inputs(ids, images=images, image_mask=image_mask)
+        else:
+            embeds = model.embed_inputs(ids)
+        small = model.llm.init_cache(k, p)
+        h, small = model.llm(embeds, pos, seg, cache=small, return_hidden=True)
+        logits = model.llm.logits(h[:, -1:])[:, 0].astype(jnp.float32)
+        tok = sample_rows(logits, jnp.zeros((k,), jnp.int32), samp)
+        emit = samp["max_new"] > 0
+        n_gen = emit.astype(jnp.int32)
+        done = ~emit | jnp.isin(tok, eos) | (n_gen >= samp["max_new"])
+        big = carry["cache"]
+        start = big["index"] - p
+
+        def put(dst, src, axis):  # rows `slots` of dst (batch axis `axis`) get src at [start, start + p)
+            rows = jnp.take(dst, jnp.clip(slots, 0, dst.shape[axis] - 1), axis=axis)
+            if src.dtype != rows.dtype:
+                src = src.astype(rows.dtype)
+            if axis == 0:  # segment ids [B, T]: the rest of the row is emptied
+                rows = jax.lax.dynamic_update_slice(jnp.zeros_like(rows), src, (0, start))
+                return dst.at[slots].set(rows, mode="drop")
+            rows = jax.lax.dynamic_update_slice(rows, src, (0, 0, start, 0, 0))
+            return dst.at[:, slots].set(rows, mode="drop")
+
+        cache = {"k": put(big["k"], small["k"], 1), "v": put(big["v"], small["v"], 1),
+                 "segment_ids": put(big["segment_ids"], seg.astype(jnp.int32), 0), "index": big["index"]}
+        upd = lambda a, v: a.at[slots].set(v.astype(a.dtype), mode="drop")  # noqa: E731
+        carry = {"cache": self._constrain_cache(cache), "tok": upd(carry["tok"], tok),
+                 "pos": upd(carry["pos"], pos[:, -1] + 1), "n_gen": upd(carry["n_gen"], n_gen),
+                 "done": upd(carry["done"], done)}
+        return jnp.where(emit, tok, -1), carry
+
     # ------------------------------------------------------------------ host side
     def _put(self, x):
         """Place a batch array: leading dim over the mesh's batch axes when it divides, else
@@ -232,11 +273,11 @@ class Engine:
             return jax.device_put(x, batch_sharding(self.mesh, x.ndim))
         return jax.device_put(x, NamedSharding(self.mesh, PartitionSpec()))
 
-    def _pack(self, requests: Sequence[Request], eos_ids):
+    def _pack(self, requests: Sequence[Request], eos_ids, b: int | None = None, min_new: int = 1):
         n = len(requests)
         if n == 0:
             raise ValueError("no requests")
-        b = bucket(n, self.batch_buckets)
+        b = bucket(n, self.batch_buckets) if b is None else b
         lens = [len(r.prompt) for r in requests]
         if min(lens) < 1:
             raise ValueError("empty prompt: every request needs at least one token")
@@ -244,7 +285,7 @@ class Engine:
         max_new = [int(r.params.max_new_tokens) for r in requests]
         if min(max_new) < 0:
             raise ValueError("max_new_tokens must be >= 0")
-        new = bucket(max(max(max_new), 1), self.new_token_buckets)
+        new = bucket(max(max(max_new), min_new, 1), self.new_token_buckets)
         ids = np.zeros((b, p), np.int32)
         seg = np.zeros((b, p), np.int32)
         for i, r in enumerate(requests):  # left padding
@@ -272,8 +313,8 @@ class Engine:
         pad = b - n
         samp = {
             "temperature": np.array([max(float(s.temperature), 0.0) for s in sp] + [0.0] * pad, np.float32),
-            "top_k": np.array([int(s.top_k) for s in sp] + [0] * pad, np.int32),
-            "top_p": np.array([float(s.top_p) for s in sp] + [1.0] * pad, np.float32),
+            "top_k": np.array([max(int(s.top_k), 0) for s in sp] + [0] * pad, np.int32),
+            "top_p": np.array([min(max(float(s.top_p), 1e-9), 1.0) for s in sp] + [1.0] * pad, np.float32),
             "seed": np.array([int(s.seed) % 2**32 for s in sp] + [0] * pad, np.uint32),
             "max_new": np.array(max_new + [0] * pad, np.int32),
         }
@@ -281,63 +322,33 @@ class Engine:
         if len(eos) > MAX_EOS_IDS:
             raise ValueError(f"at most {MAX_EOS_IDS} EOS ids, got {len(eos)}")
         eos = np.array(eos + [-1] * (MAX_EOS_IDS - len(eos)), np.int32)
-        return dict(ids=ids, seg=seg, images=images, image_mask=image_mask, samp=samp, eos=eos, max_len=p + new, b=b)
+        return dict(ids=ids, seg=seg, images=images, image_mask=image_mask, samp=samp, eos=eos, p=p,
+                    max_len=p + new, b=b)
+
+    def open(self, requests: Sequence[Request], eos_ids: Sequence[int] = (), *, slots: int | None = None,
+             reserve_new_tokens: int = 0) -> "DecodeBatch":
+        """Start a running batch (see DecodeBatch) with `requests` in slots 0..n-1."""
+        return DecodeBatch(self, requests, eos_ids, slots=slots, reserve_new_tokens=reserve_new_tokens)
 
     def stream(self, requests: Sequence[Request], eos_ids: Sequence[int] = (),
                cancelled: Callable[[int], bool] | None = None) -> Iterator[StepOutput]:
         """Run `requests` as one batch; yield a StepOutput after the prefill and after every decode
         chunk. `cancelled(i)` is polled between chunks: True ends request i (finish `cancelled`)."""
         with self._lock:
-            yield from self._stream(requests, eos_ids, cancelled)
-
-    def _stream(self, requests, eos_ids, cancelled):
-        n = len(requests)
-        pk = self._pack(requests, eos_ids)
-        b = pk["b"]
-        eos_set = {int(e) for e in eos_ids}
-        samp = {k: self._put(v) for k, v in pk["samp"].items()}
-        eos = jnp.asarray(pk["eos"])
-        images = None if pk["images"] is None else self._put(pk["images"])
-        image_mask = None if pk["image_mask"] is None else self._put(pk["image_mask"])
-        tok, carry = self._prefill_jit(self.state, self._put(pk["ids"]), self._put(pk["seg"]), images, image_mask,
-                                       samp, eos, max_len=pk["max_len"])
-        self.stats["batches"] += 1
-        self.stats["rows"] += n
-        max_new = pk["samp"]["max_new"]
-        n_gen = np.zeros(b, np.int64)
-        finish: list[str | None] = [None] * n
-        for i in range(n):
-            if max_new[i] == 0:
-                finish[i] = FINISH_LENGTH
-        cancel = np.zeros(b, bool)
-        cancel[n:] = True
-        chunk = np.asarray(tok)[:, None]
-        while True:
-            new = [[] for _ in range(n)]
-            for i in range(n):
-                for t in chunk[i]:
-                    t = int(t)
-                    if t < 0 or finish[i] is not None:
-                        continue
-                    n_gen[i] += 1
-                    if t in eos_set:
-                        finish[i] = FINISH_EOS
-                        continue
-                    new[i].append(t)
-                    if n_gen[i] >= max_new[i]:
-                        finish[i] = FINISH_LENGTH
-            self.stats["tokens"] += int(sum(len(x) for x in new))
-            yield StepOutput(new, list(finish))
-            if cancelled is not None:
-                for i in range(n):
-                    if finish[i] is None and cancelled(i):
-                        finish[i] = FINISH_CANCELLED
-            if all(f is not None for f in finish):
-                return
-            for i in range(n):
-                cancel[i] = finish[i] is not None
-            out, carry = self._decode_jit(self.state, carry, samp, eos, self._put(cancel))
-            chunk = np.asarray(out)
+            n = len(requests)
+            batch = DecodeBatch(self, requests, eos_ids)
+            finish: list[str | None] = [None] * n
+            while batch.running:
+                new = [[] for _ in range(n)]
+                for slot, (toks, fin) in batch.step().items():
+                    new[slot] = toks
+                    finish[slot] = fin
+                yield StepOutput(new, list(finish))
+                if cancelled is not None:
+                    for i in range(n):
+                        if finish[i] is None and cancelled(i):
+                            batch.cancel(i)
+                            finish[i] = FINISH_CANCELLED
 
     def generate(self, prompts: Sequence[Sequence[int]], images=None, image_mask=None,
                  params: SamplingParams | Sequence[SamplingParams] = SamplingParams(), eos_ids: Sequence[int] = (),
@@ -361,4 +372,136 @@ class Engine:
                 out[i].extend(t)
             if stream is not None:
                 stream(step)
+        return out
+
+
+class DecodeBatch:
+    """A running batch: `slots` rows sharing one KV cache of `max_len` slots, for continuous
+    batching. Created with a first group of requests (one prefill); more requests `join` free
+    rows between decode chunks: their prompts are prefilled separately and written into the
+    cache so that they end at the batch's current write index, so every row keeps writing at
+    the same index (one compiled decode chunk for the whole life of the batch). A request can
+    join when a row is free, its prompt bucket fits before the index and its max new tokens fit
+    after it (`can_join`). Rows are identified by slot number; `step()` returns
+    {slot: (new tokens, finish or None)} for the rows that were active.
+    """
+
+    def __init__(self, engine: Engine, requests: Sequence[Request], eos_ids=(), *, slots: int | None = None,
+                 reserve_new_tokens: int = 0):
+        self.engine = engine
+        n = len(requests)
+        b = bucket(max(n, slots or n), engine.batch_buckets)
+        pk = engine._pack(requests, eos_ids, b=b, min_new=reserve_new_tokens)
+        self.b, self.max_len, self.index = b, pk["max_len"], pk["p"]
+        self.eos_ids = list(eos_ids)
+        self.eos_set = {int(e) for e in eos_ids}
+        self.eos = jnp.asarray(pk["eos"])
+        self.samp = pk["samp"]
+        self._samp_dev = None
+        e = engine
+        images = None if pk["images"] is None else e._put(pk["images"])
+        image_mask = None if pk["image_mask"] is None else e._put(pk["image_mask"])
+        tok, self.carry = e._prefill_jit(e.state, e._put(pk["ids"]), e._put(pk["seg"]), images, image_mask,
+                                         self._samp(), self.eos, max_len=pk["max_len"])
+        e.stats["batches"] += 1
+        e.stats["rows"] += n
+        self.active = np.zeros(b, bool)
+        self.active[:n] = True
+        self.n_gen = np.zeros(b, np.int64)
+        self.max_new = self.samp["max_new"].astype(np.int64).copy()
+        self._first = [(tok, list(range(n)))]  # first tokens not yet reported: (device ids, slots)
+
+    def _samp(self):
+        if self._samp_dev is None:
+            self._samp_dev = {k: self.engine._put(v) for k, v in self.samp.items()}
+        return self._samp_dev
+
+    @property
+    def running(self) -> bool:
+        return bool(self.active.any())
+
+    @property
+    def free_slots(self) -> list[int]:
+        return [int(s) for s in np.flatnonzero(~self.active)]
+
+    def can_join(self, request: Request) -> bool:
+        p = bucket(len(request.prompt), self.engine.prompt_buckets)
+        return (not self.active.all() and 0 < len(request.prompt) and p <= self.index
+                and self.index + int(request.params.max_new_tokens) <= self.max_len)
+
+    def join(self, requests: Sequence[Request]) -> list[int]:
+        """Add requests to free rows (each must pass `can_join`); returns their slots."""
+        free = self.free_slots
+        if len(requests) > len(free):
+            raise ValueError(f"{len(requests)} requests but {len(free)} free rows")
+        for r in requests:
+            if not self.can_join(r):
+                raise ValueError("a request does not fit this batch (see can_join)")
+        e = self.engine
+        k = bucket(len(requests), e.batch_buckets)
+        pk = e._pack(requests, self.eos_ids, b=k)
+        slots = free[:len(requests)]
+        slot_arr = np.array(slots + [self.b] * (k - len(slots)), np.int32)
+        images = None if pk["images"] is None else e._put(pk["images"])
+        image_mask = None if pk["image_mask"] is None else e._put(pk["image_mask"])
+        samp_k = {key: e._put(v) for key, v in pk["samp"].items()}
+        tok, self.carry = e._join_jit(e.state, self.carry, e._put(pk["ids"]), e._put(pk["seg"]), images, image_mask,
+                                      samp_k, self.eos, jnp.asarray(slot_arr))
+        for key in self.samp:
+            self.samp[key][slots] = pk["samp"][key][:len(slots)]
+        self._samp_dev = None
+        self.active[slots] = True
+        self.n_gen[slots] = 0
+        self.max_new[slots] = pk["samp"]["max_new"][:len(slots)]
+        self._first.append((tok, slots))
+        e.stats["joined"] += len(slots)
+        e.stats["rows"] += len(slots)
+        return slots
+
+    def cancel(self, slot: int):
+        """End a row now (its output so far stands); the row is free for a new request."""
+        self.active[slot] = False
+
+    def _take(self, slot, toks, out):
+        fin = None
+        got = []
+        for t in toks:
+            t = int(t)
+            if t < 0:
+                continue
+            self.n_gen[slot] += 1
+            if t in self.eos_set:
+                fin = FINISH_EOS
+                break
+            got.append(t)
+            if self.n_gen[slot] >= self.max_new[slot]:
+                fin = FINISH_LENGTH
+                break
+        if self.max_new[slot] == 0:
+            fin = FINISH_LENGTH
+        prev = out.get(slot, ([], None))[0]
+        out[slot] = (prev + got, fin)
+        if fin is not None:
+            self.active[slot] = False
+
+    def step(self) -> dict[int, tuple[list[int], str | None]]:
+        """Report the first tokens of rows that just started (prefill / join), or else run one
+        decode chunk for the active rows."""
+        out: dict[int, tuple[list[int], str | None]] = {}
+        first, self._first = self._first, []
+        for tok, slots in first:
+            tok = np.asarray(tok)
+            for j, s in enumerate(slots):
+                if self.active[s]:
+                    self._take(s, tok[j:j + 1], out)
+        if not first and self.active.any():
+            e = self.engine
+            cancel = ~self.active
+            toks, self.carry = e._decode_jit(e.state, self.carry, self._samp(), self.eos, e._put(cancel))
+            toks = np.asarray(toks)
+            self.index = int(self.carry["cache"]["index"])
+            for s in np.flatnonzero(self.active):
+                self._take(int(s), toks[s], out)
+        e = self.engine
+        e.stats["tokens"] += sum(len(v[0]) for v in out.values())
         return out

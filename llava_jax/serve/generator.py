@@ -30,7 +30,7 @@ from PIL import Image
 from llava_jax.data.images import preprocess_image_uint8, to_rgb
 from llava_jax.data.templates import IMAGE_TOKEN, get_template
 from llava_jax.data.tokenize import expand_image_tokens, tokenize_conversation
-from llava_jax.serve.engine import FINISH_EOS, Engine, Request, SamplingParams
+from llava_jax.serve.engine import FINISH_CANCELLED, FINISH_EOS, Engine, Request, SamplingParams
 
 CHAT_TEMPLATE = "chat_template"
 
@@ -328,47 +328,16 @@ class ChatGenerator:
             return self._run(completions)
 
     def _run(self, comps):
-        streams = [TextStream(self.tokenizer, c.stop, self.tokenizer_lock) for c in comps]
-        ended = [False] * len(comps)
-
-        def end(i, reason):
-            c = comps[i]
-            rest = streams[i].finish()
-            if rest:
-                c.text += rest
-                if c.on_delta:
-                    c.on_delta(rest)
-            c.finish_reason = reason
-            ended[i] = True
-            if c.on_done:
-                c.on_done(c)
-
-        reqs = [Request(c.encoded.ids, c.encoded.images, c.params) for c in comps]
-        try:
-            for step in self.engine.stream(reqs, self.eos_ids, cancelled=lambda i: comps[i].cancelled or ended[i]):
-                for i, c in enumerate(comps):
-                    if ended[i]:
-                        continue
-                    new = step.new_tokens[i]
-                    if new:
-                        c.completion_tokens += len(new)
-                        delta = streams[i].add(new)
-                        if delta:
-                            c.text += delta
-                            if c.on_delta:
-                                c.on_delta(delta)
-                        if streams[i].stopped:
-                            end(i, FINISH_EOS)
-                            continue
-                    if step.finish[i] is not None:
-                        end(i, step.finish[i])
-        except Exception as e:  # noqa: BLE001 - report to every waiting request, then re-raise
-            for i, c in enumerate(comps):
-                if not ended[i]:
-                    c.error = f"{type(e).__name__}: {e}"
-                    end(i, "error")
-            raise
+        session = ChatSession(self, comps)
+        while session.running:
+            session.step()
         return comps
+
+    def session(self, completions: Sequence[Completion], *, slots: int | None = None,
+                reserve_new_tokens: int = 0) -> "ChatSession":
+        """A running batch that more completions can join (continuous batching); the caller
+        drives it with `step()` from one thread."""
+        return ChatSession(self, completions, slots=slots, reserve_new_tokens=reserve_new_tokens)
 
     def chat(self, messages, params: SamplingParams = SamplingParams(), stop: Sequence[str] = (),
              on_delta=None) -> Completion:
@@ -376,3 +345,96 @@ class ChatGenerator:
         c = Completion(self.encode(messages), params, stop, on_delta)
         self.run([c])
         return c
+
+
+class ChatSession:
+    """Completions running in one engine DecodeBatch: text streaming, stop strings, cancellation
+    and errors per row; new completions `join` free rows between steps."""
+
+    def __init__(self, gen: ChatGenerator, comps: Sequence[Completion], *, slots: int | None = None,
+                 reserve_new_tokens: int = 0):
+        self.gen = gen
+        self.rows: dict[int, tuple[Completion, TextStream]] = {}
+        try:
+            self.batch = gen.engine.open([self._request(c) for c in comps], gen.eos_ids, slots=slots,
+                                         reserve_new_tokens=reserve_new_tokens)
+        except Exception as e:  # noqa: BLE001
+            self._fail(list(comps), e)
+            raise
+        for slot, c in enumerate(comps):
+            self.rows[slot] = (c, TextStream(gen.tokenizer, c.stop, gen.tokenizer_lock))
+
+    @staticmethod
+    def _request(c: Completion) -> Request:
+        return Request(c.encoded.ids, c.encoded.images, c.params)
+
+    @property
+    def running(self) -> bool:
+        return bool(self.rows)
+
+    @property
+    def free(self) -> int:
+        return len(self.batch.free_slots)
+
+    def can_join(self, c: Completion) -> bool:
+        return self.batch.can_join(self._request(c))
+
+    def join(self, comps: Sequence[Completion]):
+        try:
+            slots = self.batch.join([self._request(c) for c in comps])
+        except Exception as e:  # noqa: BLE001
+            self._fail(list(comps), e)
+            raise
+        for slot, c in zip(slots, comps):
+            self.rows[slot] = (c, TextStream(self.gen.tokenizer, c.stop, self.gen.tokenizer_lock))
+
+    def _end(self, slot: int, reason: str):
+        c, ts = self.rows.pop(slot)
+        rest = ts.finish()
+        if rest:
+            c.text += rest
+            if c.on_delta:
+                c.on_delta(rest)
+        c.finish_reason = reason
+        if c.on_done:
+            c.on_done(c)
+
+    def _fail(self, comps, e):
+        for c in comps:
+            c.error = f"{type(e).__name__}: {e}"
+            c.finish_reason = "error"
+            if c.on_done:
+                c.on_done(c)
+
+    def step(self):
+        """One engine step; delivers text to the completions' callbacks."""
+        for slot, (c, _) in list(self.rows.items()):
+            if c.cancelled:
+                self.batch.cancel(slot)
+                self._end(slot, FINISH_CANCELLED)
+        if not self.rows:
+            return
+        try:
+            out = self.batch.step()
+        except Exception as e:  # noqa: BLE001 - report to every request of the batch, then re-raise
+            comps = [c for c, _ in self.rows.values()]
+            self.rows.clear()
+            self._fail(comps, e)
+            raise
+        for slot, (toks, fin) in out.items():
+            if slot not in self.rows:
+                continue
+            c, ts = self.rows[slot]
+            if toks:
+                c.completion_tokens += len(toks)
+                delta = ts.add(toks)
+                if delta:
+                    c.text += delta
+                    if c.on_delta:
+                        c.on_delta(delta)
+                if ts.stopped:
+                    self.batch.cancel(slot)
+                    self._end(slot, FINISH_EOS)
+                    continue
+            if fin is not None:
+                self._end(slot, fin)

@@ -1,9 +1,16 @@
-"""Windowed batching: requests that arrive together share one engine batch.
+"""Batching of concurrent requests: continuous (default) or windowed.
 
 One worker thread owns the engine. When it is idle and a request arrives, it waits up to
-`window_s` for more (or until `max_batch` are queued) and runs them as one batch; requests that
-arrive while a batch is running queue up and form the next batch. At most `max_pending`
-requests may be queued or running; `submit` raises `QueueFull` beyond that (HTTP 429).
+`window_s` for more (or until `max_batch` are queued) and starts them as one running batch of
+`max_batch` rows.
+  * continuous: between decode chunks, queued requests join free rows of the running batch
+    (first come, first served: when the oldest waiting request does not fit - its prompt is
+    longer than the batch's current position, or its max_tokens would overrun the batch's
+    cache - nobody else jumps ahead; the batch drains and a new one starts with it);
+  * windowed: the batch runs to completion; requests that arrived meanwhile form the next one.
+The batch's cache holds `reserve_new_tokens` (at least) new tokens past its first prompts, which
+bounds how long it can keep admitting requests. At most `max_pending` requests may be queued or
+running; `submit` raises `QueueFull` beyond that (HTTP 429).
 """
 from __future__ import annotations
 
@@ -22,13 +29,17 @@ class QueueFull(RuntimeError):
 
 class BatchScheduler:
     def __init__(self, generator: ChatGenerator, *, max_batch: int = 8, window_s: float = 0.01,
-                 max_pending: int = 32):
+                 max_pending: int = 32, continuous: bool = True, reserve_new_tokens: int = 256):
         if max_batch < 1 or max_pending < 1:
             raise ValueError("max_batch and max_pending must be >= 1")
         self.generator = generator
         self.max_batch = int(max_batch)
         self.window_s = float(window_s)
         self.max_pending = int(max_pending)
+        self.continuous = bool(continuous)
+        self.reserve_new_tokens = int(reserve_new_tokens)
+        self.rows_per_step: collections.Counter = collections.Counter()
+        self.joined = 0
         self._queue: collections.deque[Completion] = collections.deque()
         self._cv = threading.Condition()
         self._pending = 0
@@ -58,6 +69,7 @@ class BatchScheduler:
                 with self._cv:
                     self._pending -= 1
                     self.completed += 1
+                    self.generated_tokens += c.completion_tokens
                 if user_done:
                     user_done(c)
 
@@ -71,8 +83,12 @@ class BatchScheduler:
             sizes = dict(sorted(self.batch_sizes.items()))
             return {
                 "batches": sum(sizes.values()),
-                "batch_sizes": {str(k): v for k, v in sizes.items()},  # batch size -> number of batches
+                "mode": "continuous" if self.continuous else "windowed",
+                "batch_sizes": {str(k): v for k, v in sizes.items()},  # requests starting a batch -> count
                 "max_batch_size": max(sizes) if sizes else 0,
+                "joined_running_batch": self.joined,  # requests that joined a batch already running
+                "rows_per_step": {str(k): v for k, v in sorted(self.rows_per_step.items())},
+                "max_rows_per_step": max(self.rows_per_step) if self.rows_per_step else 0,
                 "requests_completed": self.completed,
                 "requests_rejected": self.rejected,
                 "request_errors": self.errors,
@@ -108,29 +124,67 @@ class BatchScheduler:
             self._running = n
             return batch
 
-    def _loop(self):
-        while True:
-            batch = self._take()
-            if batch is None:
-                return
-            live = [c for c in batch if not c.cancelled]
-            with self._cv:  # counted before running, so stats read after a response include its batch
-                if live:
-                    self.batch_sizes[len(live)] += 1
-            for c in batch:
-                if c.cancelled:
-                    c.finish_reason = "cancelled"
-                    if c.on_done:
-                        c.on_done(c)
-            try:
-                if live:
-                    self.generator.run(live)
-            except Exception:  # noqa: BLE001 - the generator reported it to the requests; keep serving
-                log.exception("generation failed for a batch of %d", len(live))
-                with self._cv:
-                    self.errors += len(live)
-            finally:
-                with self._cv:
-                    self.generated_tokens += sum(c.completion_tokens for c in live)
-                    self._running = 0
+    def _drop_cancelled(self, batch):
+        live = []
+        for c in batch:
+            if c.cancelled:
+                c.finish_reason = "cancelled"
+                if c.on_done:
+                    c.on_done(c)
+            else:
+                live.append(c)
+        return live
 
+    def _admit(self, session) -> list[Completion]:
+        """Queued requests that fit the running batch, oldest first."""
+        out, dropped = [], []
+        with self._cv:
+            free = session.free
+            while self._queue and len(out) < free:
+                c = self._queue[0]
+                if c.cancelled:
+                    dropped.append(self._queue.popleft())
+                    continue
+                if not session.can_join(c):
+                    break
+                out.append(self._queue.popleft())
+            self._running += len(out)
+        self._drop_cancelled(dropped)
+        return out
+
+    def _loop(self):
+        session = None
+        while True:
+            try:
+                if session is None:
+                    batch = self._take()
+                    if batch is None:
+                        return
+                    live = self._drop_cancelled(batch)
+                    if not live:
+                        continue
+                    with self._cv:  # counted before running, so stats read after a response include it
+                        self.batch_sizes[len(live)] += 1
+                    slots = self.max_batch if self.continuous else len(live)
+                    reserve = self.reserve_new_tokens if self.continuous else 0
+                    session = self.generator.session(live, slots=slots, reserve_new_tokens=reserve)
+                elif self.continuous:
+                    joiners = self._admit(session)
+                    if joiners:
+                        with self._cv:
+                            self.joined += len(joiners)
+                        session.join(joiners)
+                n_rows = len(session.rows)
+                session.step()
+                with self._cv:
+                    self.rows_per_step[n_rows] += 1
+                if not session.running:
+                    session = None
+                with self._cv:
+                    self._running = len(session.rows) if session is not None else 0
+            except Exception:  # noqa: BLE001 - the session reported it to its requests; keep serving
+                log.exception("generation failed")
+                with self._cv:
+                    self.errors += 1
+                    self._running = 0
+                session = None

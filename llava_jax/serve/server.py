@@ -225,12 +225,15 @@ class App:
     """Everything the request handlers share: generator, scheduler, limits, API key."""
 
     def __init__(self, generator: ChatGenerator, *, limits: Limits | None = None, api_key: str | None = None,
-                 max_batch: int = 8, window_s: float = 0.01, max_pending: int = 32, model_name: str | None = None):
+                 max_batch: int = 8, window_s: float = 0.01, max_pending: int = 32, model_name: str | None = None,
+                 continuous: bool = True, reserve_new_tokens: int | None = None):
         self.generator = generator
         self.limits = limits or Limits()
         self.api_key = api_key or None
         self.model_name = model_name or generator.name
-        self.scheduler = BatchScheduler(generator, max_batch=max_batch, window_s=window_s, max_pending=max_pending)
+        reserve = self.limits.max_tokens if reserve_new_tokens is None else reserve_new_tokens
+        self.scheduler = BatchScheduler(generator, max_batch=max_batch, window_s=window_s, max_pending=max_pending,
+                                        continuous=continuous, reserve_new_tokens=reserve)
         self.created = int(time.time())
         lim = self.limits.max_prompt_tokens
         self.max_prompt_tokens = generator.context_length - 1 if lim is None else min(lim, generator.context_length - 1)
