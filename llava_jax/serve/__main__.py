@@ -61,8 +61,9 @@ def main(argv=None):
                    help="continuous: requests join a running batch between decode chunks; windowed: batches run "
                         "to completion")
     p.add_argument("--session-tokens", type=int, default=None,
-                   help="new tokens a running batch's cache holds past its first prompts (default: --max-tokens); "
-                        "more lets requests keep joining longer, at the cost of cache memory")
+                   help="new tokens a running batch's cache holds past its first prompts (default: twice the largest "
+                        "max_tokens of the requests that start it); more lets requests keep joining longer, at the "
+                        "cost of cache memory and attention work")
     p.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
     p.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request gives none")
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="default: the context length - 1")

@@ -8,8 +8,11 @@ One worker thread owns the engine. When it is idle and a request arrives, it wai
     longer than the batch's current position, or its max_tokens would overrun the batch's
     cache - nobody else jumps ahead; the batch drains and a new one starts with it);
   * windowed: the batch runs to completion; requests that arrived meanwhile form the next one.
-The batch's cache holds `reserve_new_tokens` (at least) new tokens past its first prompts, which
-bounds how long it can keep admitting requests. At most `max_pending` requests may be queued or
+A continuous batch starts with rows for twice its first requests (up to `max_batch`): every row
+costs attention over the whole cache at each step, used or not, so a lone request does not pay
+for `max_batch` rows. Its cache holds `reserve_new_tokens` new tokens past its first prompts
+(default: twice the largest max_tokens among them), which bounds how long it can keep admitting
+requests. At most `max_pending` requests may be queued or
 running; `submit` raises `QueueFull` beyond that (HTTP 429).
 """
 from __future__ import annotations
@@ -29,7 +32,7 @@ class QueueFull(RuntimeError):
 
 class BatchScheduler:
     def __init__(self, generator: ChatGenerator, *, max_batch: int = 8, window_s: float = 0.01,
-                 max_pending: int = 32, continuous: bool = True, reserve_new_tokens: int = 256):
+                 max_pending: int = 32, continuous: bool = True, reserve_new_tokens: int | None = None):
         if max_batch < 1 or max_pending < 1:
             raise ValueError("max_batch and max_pending must be >= 1")
         self.generator = generator
@@ -37,7 +40,7 @@ class BatchScheduler:
         self.window_s = float(window_s)
         self.max_pending = int(max_pending)
         self.continuous = bool(continuous)
-        self.reserve_new_tokens = int(reserve_new_tokens)
+        self.reserve_new_tokens = reserve_new_tokens
         self.rows_per_step: collections.Counter = collections.Counter()
         self.joined = 0
         self._queue: collections.deque[Completion] = collections.deque()
@@ -139,7 +142,7 @@ class BatchScheduler:
         """Queued requests that fit the running batch, oldest first."""
         out, dropped = [], []
         with self._cv:
-            free = session.free
+            free = min(session.free, self.max_batch - len(session.rows))
             while self._queue and len(out) < free:
                 c = self._queue[0]
                 if c.cancelled:
@@ -165,8 +168,12 @@ class BatchScheduler:
                         continue
                     with self._cv:  # counted before running, so stats read after a response include it
                         self.batch_sizes[len(live)] += 1
-                    slots = self.max_batch if self.continuous else len(live)
-                    reserve = self.reserve_new_tokens if self.continuous else 0
+                    slots, reserve = len(live), 0
+                    if self.continuous:
+                        slots = min(self.max_batch, 2 * len(live))
+                        reserve = self.reserve_new_tokens
+                        if reserve is None:
+                            reserve = 2 * max(c.params.max_new_tokens for c in live)
                     session = self.generator.session(live, slots=slots, reserve_new_tokens=reserve)
                 elif self.continuous:
                     joiners = self._admit(session)

@@ -231,9 +231,8 @@ class App:
         self.limits = limits or Limits()
         self.api_key = api_key or None
         self.model_name = model_name or generator.name
-        reserve = self.limits.max_tokens if reserve_new_tokens is None else reserve_new_tokens
         self.scheduler = BatchScheduler(generator, max_batch=max_batch, window_s=window_s, max_pending=max_pending,
-                                        continuous=continuous, reserve_new_tokens=reserve)
+                                        continuous=continuous, reserve_new_tokens=reserve_new_tokens)
         self.created = int(time.time())
         lim = self.limits.max_prompt_tokens
         self.max_prompt_tokens = generator.context_length - 1 if lim is None else min(lim, generator.context_length - 1)

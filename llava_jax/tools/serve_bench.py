@@ -28,7 +28,7 @@ def _post(url, body):
     return json.loads(urllib.request.urlopen(req, timeout=600).read())
 
 
-def run_level(url, model, images, concurrency, n_requests, max_tokens):
+def run_level(url, model, images, concurrency, n_requests, max_tokens: list[int]):
     lock = threading.Lock()
     state = {"next": 0, "tokens": 0, "lat": []}
 
@@ -40,7 +40,7 @@ def run_level(url, model, images, concurrency, n_requests, max_tokens):
                     return
                 state["next"] += 1
             img = images[i % len(images)]
-            body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "messages": [{"role": "user", "content": [
+            body = {"model": model, "max_tokens": max_tokens[i % len(max_tokens)], "temperature": 0, "messages": [{"role": "user", "content": [
                 {"type": "image_url", "image_url": {"url": img}}, {"type": "text", "text": QUESTIONS[i % len(QUESTIONS)]}]}]}
             t = time.perf_counter()
             r = _post(url, body)
@@ -67,7 +67,8 @@ def main(argv=None):
     ap.add_argument("--images", required=True, help="a folder of images (PNG/JPEG) to ask about")
     ap.add_argument("--concurrency", default="1,4,8")
     ap.add_argument("--requests", type=int, default=32, help="timed requests per level")
-    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--max-tokens", default="16", help="max_tokens per request; a list (4,64) is cycled")
+    ap.add_argument("--batching", choices=("continuous", "windowed"), default="continuous")
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--window-ms", type=float, default=10)
     ap.add_argument("--quantize", default=None)
@@ -80,21 +81,24 @@ def main(argv=None):
     files = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))[:64]
     images = [f"data:image/{f.suffix[1:].lower()};base64," + base64.b64encode(f.read_bytes()).decode() for f in files]
     gen = ChatGenerator.from_pretrained(args.model, quantize=args.quantize)
+    max_tokens = [int(x) for x in args.max_tokens.split(",")]
     srv = make_server(gen, "127.0.0.1", 0, max_batch=args.max_batch, window_s=args.window_ms / 1000,
-                      max_pending=1024)
+                      max_pending=1024, continuous=args.batching == "continuous")
     serve_in_thread(srv)
     host, port = srv.server_address[:2]
     url = f"http://{host}:{port}/v1/chat/completions"
     rows = []
     try:
         for c in [int(x) for x in args.concurrency.split(",")]:
-            run_level(url, gen.name, images, c, max(c, 2 * c), args.max_tokens)  # compile this level's shapes
+            run_level(url, gen.name, images, c, 4 * c, max_tokens)  # compile this level's shapes
             before = dict(srv.app.scheduler.batch_sizes)
             traces = sum(gen.engine.traces.values())
-            r = run_level(url, gen.name, images, c, args.requests, args.max_tokens)
+            r = run_level(url, gen.name, images, c, args.requests, max_tokens)
             after = srv.app.scheduler.batch_sizes
             r["batch_sizes"] = {k: after[k] - before.get(k, 0) for k in sorted(after) if after[k] - before.get(k, 0)}
             r["compilations_while_timed"] = sum(gen.engine.traces.values()) - traces
+            st = srv.app.scheduler.stats()
+            r["joined_running_batch"] = st["joined_running_batch"]
             rows.append(r)
             print(f"concurrency {c}: {r['requests_per_s']:.2f} req/s, {r['tokens_per_s']:.1f} tok/s, latency mean "
                   f"{r['latency_mean_s']:.3f}s p95 {r['latency_p95_s']:.3f}s, batches {r['batch_sizes']}, "
@@ -102,6 +106,7 @@ def main(argv=None):
     finally:
         srv.shutdown()
         srv.server_close()
+    print(f"\nbatching: {args.batching}, max_tokens {args.max_tokens}, max batch {args.max_batch}")
     print("\n| concurrency | requests/s | generated tokens/s | latency mean / p95 | engine batch sizes (size: count) |")
     print("|---|---|---|---|---|")
     for r in rows:
