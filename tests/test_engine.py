@@ -168,6 +168,19 @@ def test_sharded_engine_on_mesh(pair, tmp_path):
     assert eng.mesh is not None
     ref = Engine(model).generate(*args, params=SamplingParams(max_new_tokens=9))
     assert eng.generate(*args, params=SamplingParams(max_new_tokens=9)) == ref
+    # continuous batching on the mesh: request 2 joins a running batch of requests 0 and 1
+    for r in reqs:
+        r.params = SamplingParams(max_new_tokens=9)
+    batch = eng.open(reqs[:2], slots=4, reserve_new_tokens=16)
+    got = {0: [], 1: [], 2: []}
+    first = True
+    while batch.running:
+        for slot, (toks, _) in batch.step().items():
+            got[slot] += toks
+        if first:
+            assert batch.join([reqs[2]]) == [2]
+            first = False
+    assert [got[i] for i in range(3)] == ref
 
 
 def test_continuous_batching_joins_equal_solo_runs(pair):

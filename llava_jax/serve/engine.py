@@ -12,6 +12,13 @@ One compiled prefill per (batch, prompt, images, new-token) bucket; one compiled
 exits early once every row is done; the host gets each chunk's tokens (streaming), checks stop
 strings and cancellations, and launches the next chunk. The KV cache is donated to each chunk.
 
+Continuous batching (`DecodeBatch`): between chunks, new requests can take free rows of a
+running batch. They are prefilled on their own and their keys/values are written into the
+shared cache so that their prompt ends exactly at the batch's write index; from then on every
+row writes at the same index, so the batch keeps its single compiled decode chunk (one more
+compiled `join` per joiner bucket). RoPE positions are per row, so a joiner's positions count
+from its own first token, and its row's old slots are emptied (segment 0).
+
 Sampling follows transformers' order: temperature, then top-k, then top-p; temperature 0 is
 greedy (argmax over fp32 logits). Each row's random stream depends only on its own seed and
 token index, so a seeded request samples the same tokens whatever batch it shares.
