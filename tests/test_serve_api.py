@@ -264,6 +264,8 @@ BAD = {
         _img_part("data:image/png;base64," + base64.b64encode(png_bytes(rand_image(5))[:2000]).decode())]}]), 400),
     "huge_image_pixels": (_body(messages=[{"role": "user", "content": [
         _img_part("data:image/png;base64," + _png_b64(2000, 1000))]}]), 413),
+    "image_extreme_aspect": (_body(messages=[{"role": "user", "content": [
+        _img_part("data:image/png;base64," + _png_b64(1, 3000))]}]), 400),
     "image_too_many_bytes": (_body(messages=[{"role": "user", "content": [
         _img_part("data:image/png;base64," + "A" * 500_000)]}]), 413),
     "remote_image_url": (_body(messages=[{"role": "user", "content": [_img_part("http://example.com/cat.png")]}]), 400),

@@ -45,9 +45,11 @@ class RequestError(ValueError):
 
 # ---------------------------------------------------------------------------- images
 def decode_image(data: bytes, *, max_bytes: int = 20 * 2**20, max_pixels: int = 40_000_000,
-                 param: str | None = None) -> Image.Image:
+                 max_side: int = 8192, max_aspect: float = 20.0, param: str | None = None) -> Image.Image:
     """Encoded image bytes -> RGB PIL image, refusing oversized or non-image input with a
-    RequestError before any large allocation (the header gives the size)."""
+    RequestError before any large allocation (the header gives the size). The side and aspect
+    limits bound the preprocessing: "pad" builds a max-side square canvas, "crop" resizes the
+    short side up to the model's size and the long side in proportion."""
     if len(data) > max_bytes:
         raise RequestError(f"image is {len(data)} bytes; the limit is {max_bytes}", param, "image_too_large", 413)
     if not data:
@@ -65,6 +67,12 @@ def decode_image(data: bytes, *, max_bytes: int = 20 * 2**20, max_pixels: int = 
                            "image_too_large", 413)
     if w < 1 or h < 1:
         raise RequestError(f"image has no pixels ({w}x{h})", param, "invalid_image")
+    if max(w, h) > max_side:
+        raise RequestError(f"image is {w}x{h}; the longest side may be at most {max_side}", param,
+                           "image_too_large", 413)
+    if max(w, h) / min(w, h) > max_aspect:
+        raise RequestError(f"image is {w}x{h}; the aspect ratio may be at most {max_aspect:g}:1", param,
+                           "invalid_image")
     try:
         img.load()
         return to_rgb(img)

@@ -81,6 +81,14 @@ class BatchScheduler:
             self._cv.notify_all()
         return completion
 
+    def full(self) -> bool:
+        """True (and counted as a rejection) when a new request would be refused."""
+        with self._cv:
+            if self._pending >= self.max_pending:
+                self.rejected += 1
+                return True
+            return False
+
     def stats(self) -> dict:
         with self._cv:
             sizes = dict(sorted(self.batch_sizes.items()))

@@ -45,6 +45,8 @@ class Limits:
     max_body_bytes: int = 48 * 2**20
     max_image_bytes: int = 16 * 2**20
     max_image_pixels: int = 36_000_000  # e.g. 6000 x 6000
+    max_image_side: int = 8192
+    max_image_aspect: float = 20.0
     max_images: int = 4
     max_messages: int = 256
     max_prompt_tokens: int | None = None  # None: the model's context length - 1
@@ -130,6 +132,7 @@ def parse_messages(raw, limits: Limits) -> list[dict]:
                         _bad(f"more than {limits.max_images} images in one request", pp, "too_many_images")
                     data = _data_url_bytes(url, f"{pp}.image_url", limits)
                     img = decode_image(data, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels,
+                                       max_side=limits.max_image_side, max_aspect=limits.max_image_aspect,
                                        param=f"{pp}.image_url")
                     parts.append({"type": "image", "image": img})
                 else:
@@ -234,6 +237,7 @@ class App:
         self.scheduler = BatchScheduler(generator, max_batch=max_batch, window_s=window_s, max_pending=max_pending,
                                         continuous=continuous, reserve_new_tokens=reserve_new_tokens)
         self.created = int(time.time())
+        self._preparing = threading.BoundedSemaphore(4)
         lim = self.limits.max_prompt_tokens
         self.max_prompt_tokens = generator.context_length - 1 if lim is None else min(lim, generator.context_length - 1)
 
@@ -244,8 +248,9 @@ class App:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "llava-jax"}
 
     def prepare(self, body) -> tuple[dict, Completion]:
-        req = parse_request(body, self.limits, [self.model_name])
-        enc = self.generator.encode(req["messages"])
+        with self._preparing:  # bounds the memory of images being decoded at once
+            req = parse_request(body, self.limits, [self.model_name])
+            enc = self.generator.encode(req["messages"])
         n = len(enc.ids)
         ctx = self.generator.context_length
         if n > self.max_prompt_tokens:
@@ -393,6 +398,9 @@ class Handler(BaseHTTPRequestHandler):
             return self._error(404, f"no route for POST {path}", code="not_found")
         if not self._authorized():
             return
+        if self.app.scheduler.full():  # before decoding anything
+            return self._error(429, "the server is busy (request queue full); retry later", code="too_many_requests",
+                               headers={"Retry-After": "1"})
         try:
             parsed = json.loads(body)
         except RecursionError:
