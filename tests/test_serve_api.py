@@ -8,7 +8,6 @@ import os
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 pytest.importorskip("torch")

@@ -109,15 +109,6 @@ def sample_rows(logits, n_gen, samp):
     return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda _: greedy, None)
 
 
-def sample_logits(logits, key, temperature, top_k: int, top_p: float):
-    """Single-setting sampling of logits [B, V] with one key (kept for callers of the old API)."""
-    b = logits.shape[0]
-    seeds = jax.random.randint(key, (b,), 0, 2**31 - 1, jnp.int32).astype(jnp.uint32)
-    samp = {"temperature": jnp.full((b,), temperature, jnp.float32), "top_k": jnp.full((b,), top_k, jnp.int32),
-            "top_p": jnp.full((b,), top_p, jnp.float32), "seed": seeds}
-    return sample_rows(logits.astype(jnp.float32), jnp.zeros((b,), jnp.int32), samp)
-
-
 # ---------------------------------------------------------------------------- engine
 @dataclasses.dataclass
 class StepOutput:
