@@ -85,7 +85,13 @@ def answer_questions(model, tokenizer, questions: Iterable[dict], image_folder=N
                     path = Path(image_folder or ".") / q["image"]
                     imgs[i, 0] = preprocess_image_uint8(load_image(path), image_mode, size)
                     mask[i, 0] = True
-            outs = engine.generate(prompts, imgs, mask, params, eos_ids=eos)
+            if len(todo) > batch_size and len(chunk) < batch_size:
+                # pad the last batch to the full size: the same compiled shapes serve every batch
+                pad = batch_size - len(chunk)
+                prompts += [prompts[0]] * pad
+                imgs = np.concatenate([imgs, np.repeat(imgs[:1], pad, 0)])
+                mask = np.concatenate([mask, np.repeat(mask[:1], pad, 0)])
+            outs = engine.generate(prompts, imgs, mask, params, eos_ids=eos)[:len(chunk)]
             for q, out_ids in zip(chunk, outs):
                 rec = {"question_id": q["question_id"], "prompt": q["text"] + prompt_suffix,
                        "text": tokenizer.decode(out_ids, skip_special_tokens=True).strip(),

@@ -271,9 +271,9 @@ def report(reviews: Sequence[Mapping], out_dir=None, *, title: str = "LLaVA-Benc
 def main(argv: Sequence[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m llava_jax.eval.llava_bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--questions", required=True, help="question JSONL (question_id, image, text, category)")
-    p.add_argument("--references", required=True, help="reference answers JSONL (question_id, text)")
-    p.add_argument("--answers", required=True, help="the model's answers JSONL (question_id, text)")
+    p.add_argument("--questions", default=None, help="question JSONL (question_id, image, text, category)")
+    p.add_argument("--references", default=None, help="reference answers JSONL (question_id, text)")
+    p.add_argument("--answers", default=None, help="the model's answers JSONL (question_id, text)")
     p.add_argument("--context", default=None,
                    help="context JSONL keyed by image: captions + instances, or caption/description")
     p.add_argument("--rules", default=None, help="a rule file in LLaVA's rule.json format (default: our prompt)")
@@ -292,6 +292,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--summary_only", action="store_true", help="only summarise an existing reviews.jsonl")
     p.add_argument("--no_progress", action="store_true")
     a = p.parse_args(argv)
+    if not a.summary_only and not (a.questions and a.references and a.answers):
+        p.error("--questions, --references and --answers are needed (unless --summary_only)")
 
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -156,7 +156,10 @@ def read_rows(path, what: str = "file") -> list[dict]:
             obj = json.loads(text)
         except json.JSONDecodeError:
             return read_jsonl(p, what)
-        lists = [v for v in obj.values() if isinstance(v, list)] if isinstance(obj, dict) else []
+        for key in ("annotations", "questions", "data"):
+            if isinstance(obj.get(key), list):
+                return obj[key]
+        lists = [v for v in obj.values() if isinstance(v, list)]
         if len(lists) == 1 and "question_id" not in obj:
             return lists[0]
         return [obj]
