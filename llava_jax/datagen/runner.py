@@ -141,11 +141,12 @@ def _write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def assemble(out: str | os.PathLike, order: Sequence[str] = ()) -> dict[str, int]:
+def assemble(out: str | os.PathLike, order: Sequence[str] = (), tasks: Sequence[str] = ()) -> dict[str, int]:
     """Rebuild ``<type>.json`` and ``llava_instruct.json`` from ``results.jsonl``.
 
     Rows are ordered by image (``order``: image ids in annotation order; ids not in it follow in
-    first-seen order), then type. Returns {file name: rows}."""
+    first-seen order), then type. ``tasks``: types whose file is written even when empty.
+    Returns {file name: rows}."""
     out = Path(out)
     latest: dict[str, dict] = {}
     for rec in JsonlLog(out / "results.jsonl").read():
@@ -167,8 +168,8 @@ def assemble(out: str | os.PathLike, order: Sequence[str] = ()) -> dict[str, int
     for task, rows in by_task.items():
         _write_json_atomic(out / f"{task}.json", rows)
         counts[f"{task}.json"] = len(rows)
-    for task in TASKS:  # a type whose rows all got rejected: an empty file, not a stale one
-        if task not in by_task and (out / f"{task}.json").exists():
+    for task in TASKS:  # a requested type without rows: an empty file (never a stale one)
+        if task not in by_task and (task in tasks or (out / f"{task}.json").exists()):
             _write_json_atomic(out / f"{task}.json", [])
             counts[f"{task}.json"] = 0
     _write_json_atomic(out / "llava_instruct.json", [row for _, _, row in items])
@@ -323,7 +324,7 @@ def generate(
         if interrupted:
             log("[datagen] interrupted; finished items are saved: rerun the same command to resume")
 
-    written = assemble(out, [a.id for a in annotations])
+    written = assemble(out, [a.id for a in annotations], tasks)
     summary = {
         "items": len(items),
         "already_done": len(items) - len(todo),
