@@ -2,7 +2,6 @@
 format (the 80 reference annotations render with every caption and box), reply parsing and
 validation, rows, the template backend, and the stage-1 builder with noun-phrase filtering."""
 import json
-import random
 from collections import Counter
 
 import pytest
@@ -11,7 +10,7 @@ from conftest import SHARED
 from llava_jax.datagen import offline
 from llava_jax.datagen.annotations import Annotation, Instance, load_coco, load_jsonl
 from llava_jax.datagen.parse import DETAIL_INSTRUCTIONS, Rejected, make_row, parse_reply, reply_to_row
-from llava_jax.datagen.prompts import (TASKS, builtin_prompt_dir, canonical_task, load_prompts, parse_context,
+from llava_jax.datagen.prompts import (TASKS, canonical_task, load_prompts, parse_context,
                                        render_context, write_builtin_prompts)
 from llava_jax.datagen.runner import SettingsMismatch, generate
 from llava_jax.datagen.backends import TemplateBackend

@@ -66,7 +66,7 @@ from array import array
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 __all__ = ["BRIEF_INSTRUCTIONS", "Pair", "read_pairs", "tfds_pairs", "noun_phrases", "np_filter",
            "make_rows", "build"]
