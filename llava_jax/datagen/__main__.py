@@ -57,7 +57,9 @@ def parser() -> argparse.ArgumentParser:
                     help="environment variable holding the API key (unset: no Authorization header)")
     be.add_argument("--temperature", type=float, default=0.7)
     be.add_argument("--top-p", type=float, default=None)
-    be.add_argument("--max-tokens", type=int, default=1024)
+    be.add_argument("--max-tokens", type=int, default=1024,
+                    help="reply token limit (0: not sent; models that want max_completion_tokens: "
+                         "--max-tokens 0 --extra-body '{\"max_completion_tokens\": 1024}')")
     be.add_argument("--extra-body", default=None, help="JSON object merged into every request body")
     be.add_argument("--concurrency", type=int, default=8, help="requests in flight")
     be.add_argument("--timeout", type=float, default=120.0, help="seconds per socket operation")

@@ -149,8 +149,9 @@ class OpenAIChatBackend:
                 "max_tokens": self.max_tokens, "top_p": self.top_p, "extra_body": self.extra_body}
 
     def body(self, req: Request) -> dict:
-        b = {"model": self.model, "messages": req.messages, "temperature": self.temperature,
-             "max_tokens": self.max_tokens}
+        b = {"model": self.model, "messages": req.messages, "temperature": self.temperature}
+        if self.max_tokens and self.max_tokens > 0:  # 0: leave the limit to the server
+            b["max_tokens"] = self.max_tokens
         if self.top_p is not None:
             b["top_p"] = self.top_p
         b.update(self.extra_body)
