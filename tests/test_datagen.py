@@ -394,3 +394,15 @@ def test_real_gpt4_outputs_pass_validation():
         reply = answer if t == "detail" else f"Question:\n{question}\n===\nAnswer:\n{answer}"
         (q, a), = parse_reply(t, reply)
         assert q.split() == ([] if t == "detail" else question.split()) and a.split() == answer.split()
+
+
+def test_jsonl_log_drops_a_cut_last_line(tmp_path):
+    from llava_jax.datagen.runner import JsonlLog
+
+    log = JsonlLog(tmp_path / "r.jsonl")
+    log.append({"key": "a"})
+    with open(tmp_path / "r.jsonl", "ab") as f:
+        f.write(b'{"key": "b", "row": {"id"')  # a writer killed mid-line
+    assert log.read() == [{"key": "a"}]
+    log.append({"key": "c"})
+    assert log.read() == [{"key": "a"}, {"key": "c"}]
