@@ -59,7 +59,8 @@ def world():
 
 
 def backend(server, **kw):
-    kw = {"timeout": 0.3, "max_retries": 4, "backoff": 0.01, "max_backoff": 0.05, **kw}
+    # 0.6 s: far above an answer's latency on a loaded 2-core box, far below the 2 s scripted hang
+    kw = {"timeout": 0.6, "max_retries": 4, "backoff": 0.01, "max_backoff": 0.05, **kw}
     return OpenAIChatBackend(server.base_url, "scripted-model", "sk-test", **kw)
 
 
@@ -73,7 +74,7 @@ def test_chaos_server_everything_recovers_nothing_duplicated(world, tmp_path):
     buckets = Counter(bucket(h) for h in hashes.values())
     assert all(buckets[b] > 0 for b in SCRIPTS), buckets  # every failure mode is exercised
     always_bad = {f"{i}_{t}" for (i, t), h in hashes.items() if bucket(h) == 9}
-    with ScriptedServer(world["reply"], chaos, hang=1.0) as server:
+    with ScriptedServer(world["reply"], chaos, hang=2.0) as server:
         s = run(world, server, tmp_path / "out")
         assert s["failed"] == 0 and s["not_started"] == 0
         assert s["rejected"] == len(always_bad) and s["rejected_by_reason"] == {"malformed": len(always_bad)}
@@ -155,7 +156,7 @@ def test_backoff_delays_and_retry_after():
 
 def cli(out, base_url, *extra):
     return [sys.executable, "-m", "llava_jax.datagen", "--annotations", str(REF), "--out", str(out),
-            "--base-url", base_url, "--model", "scripted-model", "--timeout", "0.5", "--backoff", "0.01",
+            "--base-url", base_url, "--model", "scripted-model", "--timeout", "10", "--backoff", "0.01",
             "--max-backoff", "0.05", "--no-progress", *extra]
 
 
