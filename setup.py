@@ -10,6 +10,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["llava_jax", "llava_jax.*"]),
     include_package_data=True,
+    package_data={"llava_jax.datagen": ["prompts/*/*.txt"]},  # the built-in generation prompts
     install_requires=[
         "jax>=0.10",
         "flax>=0.12",
