@@ -10,7 +10,10 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["llava_jax", "llava_jax.*"]),
     include_package_data=True,
-    package_data={"llava_jax.serve": ["web/*.html"]},
+    package_data={
+        "llava_jax.datagen": ["prompts/*/*.txt"],  # the built-in generation prompts
+        "llava_jax.serve": ["web/*.html"],  # the web chat page
+    },
     install_requires=[
         "jax>=0.10",
         "flax>=0.12",

@@ -1,0 +1,188 @@
+"""End to end on the shapes world: a tiny model answers the held-out questions through the
+answer CLI (a llava-hf directory), a scripted judge on 127.0.0.1 reviews them through the
+LLaVA-Bench CLI (with retries: an HTTP 500, a reply without scores, one that never has them),
+and the summary equals the one computed by hand from the answers and the world's own scorer."""
+import json
+from pathlib import Path
+
+import pytest
+
+from judge_server import ScriptedJudge, section, user_content
+from llava_jax.data import synthetic
+from llava_jax.eval import answer as answer_cli
+from llava_jax.eval import llava_bench
+from llava_jax.eval.report import read_jsonl
+
+REF_SCORE, RIGHT, WRONG = 10, 9, 2
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """Shapes-world eval set in LLaVA-Bench form + a tiny random model saved as llava-hf."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    import llava_jax
+    from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
+    from llava_jax.data.tokenize import add_llava_special_tokens, load_tokenizer
+    from llava_jax.data.tokenizer_build import build_llama_tokenizer
+    from llava_jax.demo import SYSTEM
+    from llava_jax.models.llava import LlavaModel
+
+    root = tmp_path_factory.mktemp("shapes_bench")
+    synthetic.generate(root / "data", num_train=0, num_eval=5, seed=3, image_size=16)
+    questions = read_jsonl(root / "data" / "eval.jsonl")
+    anns = read_jsonl(root / "data" / "eval_annotations.jsonl")
+    texts = [SYSTEM + " USER: ASSISTANT:"] * 20 + [q["text"] + " " + q["answer"] for q in questions]
+    texts += [c for a in anns for c in a["captions"]]
+    build_llama_tokenizer(texts, root / "tok", vocab_size=320)
+    tok = load_tokenizer(root / "tok")
+    ids = add_llava_special_tokens(tok)
+    cfg = LlavaConfig(
+        vision=VisionConfig(hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, image_size=16,
+                            patch_size=8),
+        text=TextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                        num_kv_heads=2, head_dim=8, max_position_embeddings=512),
+        image_token_id=ids.image_token_id, vision_feature_layer=-1)
+    # random params from numpy: an eager/jitted init compiles one random op per shape (~20 s on CPU)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: LlavaModel(cfg, rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(0)
+    state = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.3, s.shape).astype(s.dtype)), abstract)
+    llava_jax.save_pretrained(nnx.merge(graphdef, state), root / "hf", tokenizer=tok)
+    # LLaVA-Bench files: questions as they are, the canonical answers as the references, the
+    # captions + boxes of each image as the context (the same format as caps_boxes_coco2014_val_80)
+    refs = [{"question_id": q["question_id"], "text": q["answer"], "answer_id": f"ref{q['question_id']}"}
+            for q in questions]
+    (root / "refs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in refs))
+    return root, questions, anns
+
+
+def scripted_reply(questions, anns):
+    """A judge that knows the truth: reference REF_SCORE; model RIGHT if the world's scorer
+    accepts its answer, else WRONG; reply formats vary with the question id. Question 1 gets an
+    HTTP 500 first, question 2 a reply without scores first, question 4 never gives scores."""
+    truth = {}
+    for q in questions:
+        ctx = llava_bench.context_text(next(a for a in anns if a["image"] == q["image"]))
+        truth[(ctx, q["text"])] = q
+    state = {"500": False}
+
+    def reply(body):
+        c = user_content(body)
+        q = truth[(section(c, "Context"), section(c, "Question"))]
+        qid, retry = q["question_id"], len(body["messages"]) > 2
+        if qid == 1 and not state["500"]:
+            state["500"] = True
+            return 500, "try again"
+        if qid == 4 or (qid == 2 and not retry):
+            return "Both assistants answered the question."
+        model = RIGHT if synthetic.score_answer(q["category"], section(c, "Assistant 2"), q["answer"]) else WRONG
+        fmt = ["{a} {b}\nreasons", "{a}, {b}", "Assistant 1: {a}\nAssistant 2: {b}", "**{a} {b}**\n"][qid % 4]
+        return fmt.format(a=REF_SCORE, b=model)
+
+    return reply
+
+
+def test_shapes_world_answers_judged_into_a_summary(bench, tmp_path):
+    root, questions, anns = bench
+    answers_path = tmp_path / "answers.jsonl"
+    args = ["--model", str(root / "hf"), "--questions", str(root / "data" / "eval.jsonl"),
+            "--image_folder", str(root / "data" / "images"), "--out", str(answers_path),
+            "--max_new_tokens", "6", "--batch_size", "8", "--model_id", "tiny-shapes"]
+    answers = answer_cli.main(args)
+    assert [a["question_id"] for a in answers] == [q["question_id"] for q in questions]
+    assert all(a["model_id"] == "tiny-shapes" and a["answer_id"] and a["prompt"] for a in answers)
+    # resumable: a rerun asks nothing again (same answer ids, no new lines)
+    assert [a["answer_id"] for a in answer_cli.main(args)] == [a["answer_id"] for a in answers]
+    assert len(read_jsonl(answers_path)) == len(questions)
+
+    out = tmp_path / "judged"
+    with ScriptedJudge(scripted_reply(questions, anns)) as judge:
+        obj = llava_bench.main(["--questions", str(root / "data" / "eval.jsonl"),
+                                "--references", str(root / "refs.jsonl"), "--answers", str(answers_path),
+                                "--context", str(root / "data" / "eval_annotations.jsonl"),
+                                "--judge_url", judge.url, "--judge_model", "scripted", "--out_dir", str(out),
+                                "--workers", "3", "--no_progress"])
+    n = len(questions)
+    assert len(judge.requests) == n + 1 + 1 + 1  # + the 500, + one re-ask for q2, + one for q4
+    reviews = read_jsonl(out / "reviews.jsonl")
+    assert [r["question_id"] for r in reviews] == [q["question_id"] for q in questions]
+    by_id = {r["question_id"]: r for r in reviews}
+    assert by_id[2]["attempts"] == 2 and not by_id[2]["failed"]
+    assert by_id[4]["failed"] and by_id[4]["score"] is None and by_id[4]["attempts"] == 2
+    assert all(r["rule"] == "llava_jax" and r["model_id"] == "tiny-shapes" for r in reviews)
+
+    # the summary, by hand: per category, model mean from the world's own scorer
+    expected: dict[str, list[int]] = {}
+    for q, a in zip(questions, answers):
+        if q["question_id"] != 4:
+            ok = synthetic.score_answer(q["category"], a["text"], q["answer"])
+            expected.setdefault(q["category"], []).append(RIGHT if ok else WRONG)
+    rows = {r["category"]: r for r in obj["rows"]}
+    assert set(rows) == set(expected) | {"overall"}
+    for cat, scores in expected.items():
+        mean = sum(scores) / len(scores)
+        assert rows[cat]["n"] == len(scores)
+        assert rows[cat]["model"] == pytest.approx(mean * 10)
+        assert rows[cat]["reference"] == pytest.approx(REF_SCORE * 10)
+        assert rows[cat]["relative"] == pytest.approx(mean / REF_SCORE * 100)
+    flat = [s for v in expected.values() for s in v]
+    assert rows["overall"]["n"] == n - 1 and rows["overall"]["failed"] == 1
+    assert rows["overall"]["relative"] == pytest.approx(sum(flat) / len(flat) / REF_SCORE * 100)
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["failures"][0]["question_id"] == 4 and saved["judge_model"] == "scripted"
+    assert saved["model_id"] == "tiny-shapes"
+    assert "| overall |" in (out / "summary.md").read_text() and (out / "summary.png").stat().st_size > 0
+
+    # a rerun judges only the failed question again; --summary_only just re-reads the reviews
+    with ScriptedJudge(lambda body: f"{REF_SCORE} {WRONG}") as judge:
+        llava_bench.main(["--questions", str(root / "data" / "eval.jsonl"), "--references", str(root / "refs.jsonl"),
+                          "--answers", str(answers_path), "--context", str(root / "data" / "eval_annotations.jsonl"),
+                          "--judge_url", judge.url, "--out_dir", str(out), "--no_progress"])
+        assert len(judge.requests) == 1
+    again = llava_bench.main(["--out_dir", str(out), "--summary_only"])
+    assert {r["category"]: r for r in again["rows"]}["overall"]["failed"] == 0
+
+
+@pytest.mark.slow
+def test_briefly_trained_demo_model_from_its_workdir(tmp_path):
+    """The demo trainer (tiny config, a few steps) -> answers straight from its workdir via
+    --config/--workdir -> the scripted judge -> a summary."""
+    import os
+    import subprocess
+    import sys
+
+    from llava_jax.data.tokenizer_build import build_llama_tokenizer
+    from llava_jax.demo import SYSTEM, corpus
+
+    repo = Path(__file__).resolve().parents[1]
+    data = tmp_path / "data"
+    synthetic.generate(data, num_train=48, num_eval=4, seed=0, image_size=16)
+    build_llama_tokenizer(corpus(data) + [SYSTEM], tmp_path / "tok", vocab_size=400)
+    w = tmp_path / "stage2"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    p = subprocess.run([sys.executable, "-m", "llava_jax.train", f"--config={repo}/configs/demo.py:tiny_stage2",
+                        f"--workdir={w}", f"--config.tokenizer_path={tmp_path / 'tok'}",
+                        f"--config.data.sources={data / 'stage2.json'}", f"--config.data.image_folder={data / 'images'}",
+                        "--config.train.num_steps=8", "--config.train.ckpt_every=8"],
+                       capture_output=True, text=True, timeout=600, env=env, cwd=repo)
+    assert p.returncode == 0, p.stderr[-3000:]
+    questions = read_jsonl(data / "eval.jsonl")
+    anns = read_jsonl(data / "eval_annotations.jsonl")
+    answers = answer_cli.main(["--config", f"{repo}/configs/demo.py:tiny_stage2", "--config_override",
+                               f"tokenizer_path={tmp_path / 'tok'}", "--workdir", str(w),
+                               "--questions", str(data / "eval.jsonl"), "--image_folder", str(data / "images"),
+                               "--out", str(tmp_path / "answers.jsonl"), "--max_new_tokens", "8"])
+    assert len(answers) == len(questions) and answers[0]["model_id"] == "stage2"
+    refs = tmp_path / "refs.jsonl"
+    refs.write_text("".join(json.dumps({"question_id": q["question_id"], "text": q["answer"]}) + "\n"
+                            for q in questions))
+    with ScriptedJudge(scripted_reply(questions, anns)) as judge:
+        obj = llava_bench.main(["--questions", str(data / "eval.jsonl"), "--references", str(refs),
+                                "--answers", str(tmp_path / "answers.jsonl"),
+                                "--context", str(data / "eval_annotations.jsonl"), "--judge_url", judge.url,
+                                "--out_dir", str(tmp_path / "judged"), "--no_progress"])
+    overall = obj["rows"][-1]
+    assert overall["category"] == "overall" and overall["n"] + overall["failed"] == len(questions)
