@@ -1,8 +1,7 @@
 """Batching of concurrent requests: continuous (default) or windowed.
 
 One worker thread owns the engine. When it is idle and a request arrives, it waits up to
-`window_s` for more (or until `max_batch` are queued) and starts them as one running batch of
-`max_batch` rows.
+`window_s` for more (or until `max_batch` are queued) and starts them as one running batch.
   * continuous: between decode chunks, queued requests join free rows of the running batch
     (first come, first served: when the oldest waiting request does not fit - its prompt is
     longer than the batch's current position, or its max_tokens would overrun the batch's
@@ -12,8 +11,8 @@ A continuous batch starts with rows for twice its first requests (up to `max_bat
 costs attention over the whole cache at each step, used or not, so a lone request does not pay
 for `max_batch` rows. Its cache holds `reserve_new_tokens` new tokens past its first prompts
 (default: twice the largest max_tokens among them), which bounds how long it can keep admitting
-requests. At most `max_pending` requests may be queued or
-running; `submit` raises `QueueFull` beyond that (HTTP 429).
+requests. At most `max_pending` requests may be queued or running; `submit` raises `QueueFull`
+beyond that (HTTP 429).
 """
 from __future__ import annotations
 
@@ -21,6 +20,7 @@ import collections
 import logging
 import threading
 import time
+
 from llava_jax.serve.generator import ChatGenerator, Completion
 
 log = logging.getLogger(__name__)
