@@ -10,7 +10,10 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["llava_jax", "llava_jax.*"]),
     include_package_data=True,
-    package_data={"llava_jax.datagen": ["prompts/*/*.txt"]},  # the built-in generation prompts
+    package_data={
+        "llava_jax.datagen": ["prompts/*/*.txt"],  # the built-in generation prompts
+        "llava_jax.serve": ["web/*.html"],  # the web chat page
+    },
     install_requires=[
         "jax>=0.10",
         "flax>=0.12",
@@ -30,6 +33,9 @@ setup(
     extras_require={
         # torch is the numerical reference in tests only. On the project's CI machines
         # `torch==2.13.0` resolves to a local CPU wheel; see README.
-        "test": ["pytest>=8", "pytest-xdist>=3", "torch==2.13.0", "tokenizers>=0.20"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "torch==2.13.0", "tokenizers>=0.20", "openai>=1.0",
+                 "hypothesis>=6.100"],
+        # the web-page test drives the system chromium (apt-get install chromium) through playwright
+        "browser": ["playwright>=1.40"],
     },
 )

@@ -33,6 +33,15 @@ def make_param(rngs: nnx.Rngs | None, shape, axes, init: str = "normal", dtype=j
     return nnx.Param(value, axes=tuple(axes))
 
 
+def dequantize(q, scale, dtype):
+    """Weight-only quantized kernel -> `dtype`: `q` (int8/int4) times `scale`, whose dims are 1
+    (per-channel over that axis), equal to q's, or q's divided by a group size (grouped)."""
+    for axis, (n, m) in enumerate(zip(q.shape, scale.shape)):
+        if m not in (1, n):
+            scale = jnp.repeat(scale, n // m, axis=axis)
+    return q.astype(dtype) * scale.astype(dtype)
+
+
 # ---------------------------------------------------------------- remat
 REMAT_POLICIES: dict[str, Any] = {
     "none": None,  # no rematerialisation: save every activation

@@ -15,6 +15,7 @@ from llava_jax.config import TextConfig
 from llava_jax.models.layers import (
     apply_rope,
     attention_mask,
+    dequantize,
     dot_product_attention,
     make_param,
     maybe_remat,
@@ -127,7 +128,11 @@ class LlamaLayers(nnx.Module):
 
         def layer(x, xs):
             p, kv = xs
-            c = lambda name: p[name].astype(dtype)  # noqa: E731
+
+            def c(name):  # a kernel in the compute dtype (dequantized when stored as int8/int4)
+                scale = p.get(name + "_scale")
+                return p[name].astype(dtype) if scale is None else dequantize(p[name], scale, dtype)
+
             y = rms_norm(x, p["attn_norm"], eps)
             q = jnp.einsum("bld,dhk->blhk", y, c("q_kernel")) + bias(p, "q_bias")
             k = jnp.einsum("bld,dhk->blhk", y, c("k_kernel")) + bias(p, "k_bias")

@@ -1,0 +1,106 @@
+"""`python -m llava_jax.serve --model DIR`: the OpenAI-compatible API and the web chat page.
+
+    python -m llava_jax.serve --model /models/llava-1.5-7b-hf --port 8000
+    # then open http://127.0.0.1:8000/ or point an OpenAI client at http://127.0.0.1:8000/v1
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def add_model_args(p: argparse.ArgumentParser):
+    p.add_argument("--model", required=True, help="llava-hf style directory (weights, config.json, tokenizer)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory, if not inside --model")
+    p.add_argument("--template", default=None,
+                   help="prompt template: chat_template (the tokenizer's own), vicuna_v1, llava_hf, llama_2, "
+                        "chatml, plain; default: chat_template when the tokenizer has one, else vicuna_v1")
+    p.add_argument("--image-mode", choices=("pad", "crop"), default=None,
+                   help="image preprocessing (default: config.json image_aspect_ratio, else pad)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="compute dtype (auto: float32 on CPU, bfloat16 on accelerators)")
+    p.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
+                   help="weight-only quantization of the LLM's linear layers")
+    p.add_argument("--mesh", default=None,
+                   help="shard the model over all devices: data,fsdp,tensor sizes, e.g. 1,1,-1 (tensor parallel)")
+    p.add_argument("--decode-chunk", type=int, default=8, help="decode steps per compiled chunk (streaming granularity)")
+
+
+def load_generator(args):
+    import jax.numpy as jnp
+
+    from llava_jax.serve.generator import ChatGenerator
+
+    mesh = None
+    if args.mesh:
+        from llava_jax.train.mesh import make_mesh
+
+        mesh = make_mesh(tuple(int(x) for x in args.mesh.split(",")))
+    dtype = None if args.dtype == "auto" else {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    return ChatGenerator.from_pretrained(
+        args.model, tokenizer_path=args.tokenizer, template=args.template, image_mode=args.image_mode, dtype=dtype,
+        quantize=None if args.quantize == "none" else args.quantize, mesh=mesh, chunk_size=args.decode_chunk,
+        name=getattr(args, "served_model_name", None))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m llava_jax.serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("LLAVA_JAX_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $LLAVA_JAX_API_KEY; none = open)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients use (default: the directory name)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests per engine batch")
+    p.add_argument("--batch-window-ms", type=float, default=10.0, help="how long an idle server waits to fill a batch")
+    p.add_argument("--max-pending", type=int, default=32, help="queued + running requests before answering 429")
+    p.add_argument("--batching", choices=("continuous", "windowed"), default="continuous",
+                   help="continuous: requests join a running batch between decode chunks; windowed: batches run "
+                        "to completion")
+    p.add_argument("--session-tokens", type=int, default=None,
+                   help="new tokens a running batch's cache holds past its first prompts (default: twice the largest "
+                        "max_tokens of the requests that start it); more lets requests keep joining longer, at the "
+                        "cost of cache memory and attention work")
+    p.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
+    p.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request gives none")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="default: the context length - 1")
+    p.add_argument("--max-image-bytes", type=int, default=16 * 2**20)
+    p.add_argument("--max-image-pixels", type=int, default=36_000_000)
+    p.add_argument("--max-images", type=int, default=4, help="images per request")
+    p.add_argument("--warmup", action="store_true", help="compile the batch-1 text path before serving")
+    p.add_argument("--log-level", default="INFO")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from llava_jax.serve.server import Limits, make_server
+
+    gen = load_generator(args)
+    if args.warmup:
+        from llava_jax.serve.engine import SamplingParams
+
+        gen.chat([{"role": "user", "content": "Hello"}], SamplingParams(max_new_tokens=2))
+    limits = Limits(max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
+                    max_images=args.max_images, max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
+                    default_max_tokens=args.default_max_tokens)
+    srv = make_server(gen, args.host, args.port, limits=limits, api_key=args.api_key, max_batch=args.max_batch,
+                      window_s=args.batch_window_ms / 1000, max_pending=args.max_pending,
+                      model_name=args.served_model_name, continuous=args.batching == "continuous",
+                      reserve_new_tokens=args.session_tokens)
+    host, port = srv.server_address[:2]
+    print(f"llava-jax serving {srv.app.model_name!r} (template {gen.template}, image mode {gen.image_mode}) on "
+          f"http://{host}:{port}/  (API: http://{host}:{port}/v1, key {'required' if args.api_key else 'not required'})",
+          flush=True)
+    try:
+        srv.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        srv.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""A tiny chat checkpoint built offline for the serving tests: a random transformers LLaVA whose
+vocabulary is the offline LLaMA-style test tokenizer (+ <image>, <pad>), saved with that
+tokenizer (optionally carrying a llava-hf style chat template) in one directory."""
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+
+from tokenizer_util import make_llama_tokenizer
+
+# The chat template llava-hf ships with llava-1.5-*-hf (chat_template.json): "USER: <image>\nq ASSISTANT:".
+LLAVA_HF_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
+    "{% endif %}{# Render all images first #}{% for content in message['content'] | selectattr('type', "
+    "'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != "
+    "'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | "
+    "selectattr('type', 'equalto', 'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration %}"
+    "{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+IMAGE_SIZE = 28
+PATCH = 14
+
+
+def make_chat_checkpoint(out_dir, *, chat_template: bool = False, seed: int = 0, max_positions: int = 512):
+    """Save a tiny random LLaVA + tokenizer under `out_dir`; returns (dir, hf_model, tokenizer)."""
+    import torch
+    from transformers import AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    out_dir = os.fspath(out_dir)
+    tok = AutoTokenizer.from_pretrained(make_llama_tokenizer(os.path.join(out_dir, "_tok"), llava_tokens=True))
+    from llava_jax.data.tokenize import add_llava_special_tokens
+
+    ids = add_llava_special_tokens(tok)
+    if chat_template:
+        tok.chat_template = LLAVA_HF_CHAT_TEMPLATE
+    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                          image_size=IMAGE_SIZE, patch_size=PATCH)
+    tc = LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                     bos_token_id=1, eos_token_id=2, pad_token_id=ids.pad_token_id)
+    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_index=ids.image_token_id,
+                      vision_feature_layer=-2, pad_token_id=ids.pad_token_id)
+    torch.manual_seed(seed)
+    hf = LlavaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        # a stronger LM head so greedy choices are not near-ties (fp32 vs torch rounding)
+        hf.lm_head.weight.mul_(4.0)
+    hf.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir, hf, tok
+
+
+def hf_processor(tok):
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    ip = CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    return LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=PATCH, vision_feature_select_strategy="default",
+                          num_additional_image_tokens=1)
+
+
+def rand_image(seed: int, w: int = 40, h: int = 33):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def png_bytes(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
