@@ -83,7 +83,8 @@ def test_isolated_workers_and_a_failure_is_reported(tmp_path):
     rows = _rows(p.stdout)
     assert any("attention=nope" in r[1] and r[2] == "failed" and "unknown attention impl" in r[7] for r in rows)
     assert any(r[1] == "transformers eager" and _num(r[2]) > 0 for r in rows)
-    assert any("attention=xla" not in r[1] and r[1].startswith("llava-jax") for r in rows) is False
+    assert {r[1] for r in rows} == {"llava-jax (defaults)", "llava-jax (attention=nope)", "transformers eager"}
+    assert any(r[1] == "llava-jax (defaults)" and _num(r[2]) > 0 for r in rows)
 
 
 def test_peak_table_and_variants():
@@ -95,3 +96,20 @@ def test_peak_table_and_variants():
     assert bench.variant_label(v[1]) == "remat=dots"
     with pytest.raises(ValueError, match="unknown variant key"):
         bench.parse_variants("atention=xla")
+
+
+def test_xla_flag_sets_are_known_to_this_jaxlib():
+    """XLA aborts on an unknown flag or enum value at start-up; every named set must parse."""
+    import os
+
+    flags = " ".join(dict.fromkeys(" ".join(bench.XLA_FLAG_SETS.values()).split()))
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+    p = subprocess.run([sys.executable, "-c", "import jax.numpy as jnp; print(int((jnp.ones(2) + 1).sum()))"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout.strip() == "4", p.stderr[-2000:]
+    bad = subprocess.run([sys.executable, "-c", "import jax.numpy as jnp; jnp.ones(2).block_until_ready()"],
+                         env={**env, "XLA_FLAGS": "--xla_gpu_enable_command_buffer=FUSION,BOGUS"},
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0  # the check above can fail
+    with pytest.raises(ValueError, match="unknown xla flag set"):
+        bench.parse_variants("xla=fast")

@@ -1,5 +1,8 @@
 """Performance levers (issue 9) equal the reference path on CPU: attention implementations,
 chunked cross-entropy, bf16 frozen params. Each lever is off by default."""
+import dataclasses
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -171,3 +174,45 @@ def test_cast_frozen_keeps_norms_and_position_embeddings():
     assert dt["vision/layers/ln1_scale"] == jnp.float32 and dt["vision/pos_embed"] == jnp.float32
     assert dt["llm/final_norm"] == jnp.float32
     assert dt["vision/layers/q_kernel"] == jnp.bfloat16 and dt["llm/embed"] == jnp.bfloat16
+
+
+def _lower_train_grad_for_cuda(geo_cfg, batch):
+    """StableHLO of the stage-2 loss gradient lowered for CUDA (no GPU needed, nothing compiled)."""
+    model = nnx.eval_shape(lambda: LlavaModel(geo_cfg, rngs=nnx.Rngs(0)))
+    g, tr, fr = split_model(model, [r"projector/.*", r"llm/.*"])
+    fn = jax.jit(jax.grad(lambda tr, fr, bt: batch_loss(tr, fr, g, bt)[0]))
+    return fn.trace(tr, fr, batch).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.fixture
+def fake_cudnn(monkeypatch):
+    """Let jax lower its cuDNN attention for an H100 on a machine without CUDA (private API:
+    skipped if jax moved it)."""
+    fa = pytest.importorskip("jax._src.cudnn.fused_attention_stablehlo")
+    for name in ("check_cudnn_version", "check_compute_capability", "is_cuda_compute_capability_equal"):
+        if not hasattr(fa, name):
+            pytest.skip(f"jax moved {name}")
+    monkeypatch.setattr(fa, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(fa, "check_compute_capability", lambda cap: True)
+    monkeypatch.setattr(fa, "is_cuda_compute_capability_equal", lambda cap: cap == "9.0")
+
+
+@pytest.mark.parametrize("impl", ["cudnn", "cudnn_padded", "pallas"])
+def test_fused_attention_lowers_for_cuda(impl, fake_cudnn, monkeypatch):
+    """The GPU kernels themselves cannot run here; their lowering for CUDA can: the train step's
+    gradient holds the cuDNN flash-attention forward+backward custom calls (the frozen vision tower
+    forward only), or the Pallas Triton kernels."""
+    from llava_jax.models import layers
+
+    monkeypatch.setattr(layers, "PALLAS_INTERPRET", False)
+    cfg = tiny_model_config().with_runtime(dtype=jnp.bfloat16, attention_impl=impl, remat_policy="dots",
+                                           loss_chunk=8)
+    cfg = cfg.replace(text=dataclasses.replace(cfg.text, head_dim=8))  # cuDNN: head_dim % 8 == 0
+    txt = _lower_train_grad_for_cuda(cfg, jax.tree.map(jnp.asarray, _packed_batch(cfg)))
+    calls = set(re.findall(r"custom_call @([\w.$-]+)", txt))
+    if impl == "pallas":
+        assert "__gpu$xla.gpu.triton" in calls and "mha_forward" in txt and "mha_backward" in txt
+    else:
+        llm = "__cudnn$fmhaScaleBiasSoftmax" if impl == "cudnn" else "__cudnn$fmhaSoftmax"
+        assert {llm, llm + "Backward", "__cudnn$fmhaSoftmax"} <= calls, calls  # vision: unmasked forward
+        assert {c for c in calls if c.endswith("Backward")} == {llm + "Backward"}  # no vision backward

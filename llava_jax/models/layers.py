@@ -137,6 +137,9 @@ def attention_mask(q_index, k_index, q_segment, k_segment, causal: bool):
 # The fused impls apply to self-attention without a KV cache (training, the vision tower); cached
 # decoding always takes the `xla` path with its mask.
 ATTENTION_IMPLS = ("xla", "dpa", "cudnn", "dpa_padded", "cudnn_padded", "pallas")
+# Pallas interpret mode: None = interpret unless the default backend is a GPU (tests set False to
+# lower the real Triton kernel for CUDA on a CPU-only machine).
+PALLAS_INTERPRET: bool | None = None
 
 
 def dot_product_attention(q, k, v, mask, impl: str = "xla", *, segment_ids=None, causal: bool = False):
@@ -203,5 +206,6 @@ def _attention_pallas(q, k, v, segment_ids, causal: bool):
     sizes = pallas_attention.BlockSizes(block_q=blk, block_k=blk, block_q_dkv=small, block_kv_dkv=small,
                                         block_q_dq=small, block_kv_dq=small)
     out = pallas_attention.mha(q, k, v, seg, sm_scale=1.0 / math.sqrt(d), causal=causal, block_sizes=sizes,
-                               interpret=jax.default_backend() != "gpu")
+                               interpret=jax.default_backend() != "gpu" if PALLAS_INTERPRET is None
+                               else PALLAS_INTERPRET)
     return out[:, :l]

@@ -26,22 +26,26 @@ process by default (`--isolate`). torch.compile is skipped on CPU by default (`-
 the tiny preset then reports eager transformers, and says so.
 
 llava-jax options are swept with `--variants`: semicolon-separated sets of comma-separated
-key=value (keys: attention, remat, loss_chunk, frozen_bf16, param_dtype), e.g.
+key=value (keys: attention, remat, loss_chunk, frozen_bf16, param_dtype, xla = a named XLA_FLAGS
+set from XLA_FLAG_SETS), e.g.
 `--variants="attention=cudnn_padded,remat=dots;attention=xla,remat=dots"`; each set is one row.
-`--profile_dir` writes a jax.profiler trace (TensorBoard/Perfetto) of a few timed steps of each
-llava-jax run and a torch.profiler chrome trace of each transformers run.
+`--profile_dir` writes a jax.profiler trace (xplane.pb for TensorBoard/XProf, trace.json.gz for
+Perfetto) of 2 timed steps of each llava-jax run and a torch.profiler Chrome trace (.json.gz) of one
+step of each transformers run, flat in that folder; for a decode run, one whole generate.
 Results: printed table, appended to `--markdown` (device, versions, date, exact command) and, as
 JSON lines, to `--json`; `--from_json` re-renders saved results (e.g. runs split over commands).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import inspect
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -129,8 +133,19 @@ PRESETS: dict[str, dict[str, Any]] = {
                  variants="attention=dpa_padded,remat=dots,loss_chunk=16,frozen_bf16=1"),
 }
 
-VARIANT_KEYS = {"attention": str, "remat": str, "loss_chunk": int, "frozen_bf16": int, "param_dtype": str}
-DEFAULT_VARIANT = {"attention": "xla", "remat": "none", "loss_chunk": 0, "frozen_bf16": 0, "param_dtype": "float32"}
+VARIANT_KEYS = {"attention": str, "remat": str, "loss_chunk": int, "frozen_bf16": int, "param_dtype": str, "xla": str}
+DEFAULT_VARIANT = {"attention": "xla", "remat": "none", "loss_chunk": 0, "frozen_bf16": 0, "param_dtype": "float32",
+                   "xla": "default"}
+# Named XLA_FLAGS sets for the `xla=` variant key (isolated runs only: XLA reads its flags at
+# start-up). Every name here is accepted by jaxlib 0.10.2 (tests/test_bench.py checks).
+XLA_FLAG_SETS = {
+    "default": "",
+    "cublas": "--xla_gpu_enable_triton_gemm=false",  # every GEMM through cuBLAS(Lt), none through Triton
+    "lhs": "--xla_gpu_enable_latency_hiding_scheduler=true",
+    "cublas_lhs": "--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_latency_hiding_scheduler=true",
+    "graphs": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL,WHILE,CONDITIONAL "
+              "--xla_gpu_graph_min_graph_size=1",  # CUDA graphs for more of the step (decode)
+}
 
 
 def parse_variants(text: str) -> list[dict[str, Any]]:
@@ -143,6 +158,8 @@ def parse_variants(text: str) -> list[dict[str, Any]]:
             if k not in VARIANT_KEYS:
                 raise ValueError(f"unknown variant key {k!r} in {part!r}; known: {', '.join(VARIANT_KEYS)}")
             v[k] = VARIANT_KEYS[k](val.strip())
+        if v["xla"] not in XLA_FLAG_SETS:
+            raise ValueError(f"unknown xla flag set {v['xla']!r}; known: {', '.join(XLA_FLAG_SETS)}")
         out.append(v)
     return out or [dict(DEFAULT_VARIANT)]
 
@@ -203,6 +220,28 @@ def _jax_peak_bytes(compiled=None) -> tuple[float | None, str]:
     return None, "n/a"
 
 
+@contextlib.contextmanager
+def _jax_trace(profile_dir: str, label: str):
+    """jax.profiler trace, its files then moved flat into `profile_dir` as `<label>.<name>` (the
+    profiler nests them 3 folders down; flat names are easier to fetch from a remote machine)."""
+    import shutil
+
+    import jax
+
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", label)
+    tmp = Path(profile_dir) / f".{safe}.tmp"
+    with jax.profiler.trace(str(tmp)):
+        yield
+    for f in sorted(tmp.rglob("*")):
+        if f.is_file():
+            shutil.move(str(f), str(Path(profile_dir) / f"{safe}.{f.name}"))
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _Attrs(dict):
+    __getattr__ = dict.__getitem__
+
+
 def _random_model(cfg):
     """Random weights initialised on the device under jit. The rbg PRNG: threefry's init graph
     for a few hundred params takes minutes to compile on a small CPU."""
@@ -223,7 +262,6 @@ def jax_train(geo: Geometry, stage: int, variant: dict, opts: dict) -> dict:
     import numpy as np
 
     from llava_jax.config import RuntimeOptions
-    from llava_jax.train.defaults import base_config
     from llava_jax.train.state import cast_frozen, make_optimizer, make_train_step, split_model
 
     rt = RuntimeOptions(dtype=jnp.bfloat16, param_dtype=getattr(jnp, variant["param_dtype"]),
@@ -237,8 +275,10 @@ def jax_train(geo: Geometry, stage: int, variant: dict, opts: dict) -> dict:
     del model
     if variant["frozen_bf16"]:
         frozen = cast_frozen(frozen, jnp.bfloat16)
-    ocfg = base_config().optim
-    ocfg.lr, ocfg.warmup_steps, ocfg.weight_decay, ocfg.grad_clip = 2e-5, 1, 0.0, opts["grad_clip"]
+    # The trainer's optimizer (AdamW + warmup-cosine + global-norm clipping); the fields of
+    # train.defaults' `optim` group, without ml_collections (absent from the GPU image).
+    ocfg = _Attrs(lr=2e-5, schedule="cosine", warmup_ratio=0.0, warmup_steps=1, weight_decay=0.0, b1=0.9,
+                  b2=0.999, eps=1e-8, grad_clip=opts["grad_clip"])
     total = geo.warmup + geo.steps
     tx, schedule = make_optimizer(ocfg, total, trainable)
     opt_state = jax.jit(tx.init)(trainable)
@@ -273,8 +313,8 @@ def jax_train(geo: Geometry, stage: int, variant: dict, opts: dict) -> dict:
 
     sec = timed(geo.steps, geo.warmup)
     if opts.get("profile_dir"):
-        with jax.profiler.trace(str(Path(opts["profile_dir"]) / f"jax_stage{stage}_{variant_label(variant)}")):
-            timed(min(3, geo.steps), total)
+        with _jax_trace(opts["profile_dir"], f"jax_stage{stage}_{variant_label(variant)}"):
+            timed(min(2, geo.steps), total)
     peak, src = _jax_peak_bytes(compiled)
     loss = float(metrics["loss"])
     if not np.isfinite(loss):
@@ -316,7 +356,7 @@ def jax_decode(geo: Geometry, batch: int, variant: dict, opts: dict) -> dict:
     t1 = statistics.median(gen(1) for _ in range(geo.decode_repeats))
     tn = statistics.median(gen(geo.new_tokens) for _ in range(geo.decode_repeats))
     if opts.get("profile_dir"):
-        with jax.profiler.trace(str(Path(opts["profile_dir"]) / f"jax_decode_b{batch}_{variant_label(variant)}")):
+        with _jax_trace(opts["profile_dir"], f"jax_decode_b{batch}_{variant_label(variant)}"):
             gen(geo.new_tokens)
     peak, src = _jax_peak_bytes()
     return {**_jax_env(), "prefill_s": t1, "total_s": tn,
@@ -396,8 +436,7 @@ def torch_train(geo: Geometry, stage: int, compiled: bool, opts: dict) -> dict:
     _torch_sync(torch, dev)
     sec = time.perf_counter() - t
     if opts.get("profile_dir"):
-        _torch_profile(torch, lambda: [step() for _ in range(min(3, geo.steps))], dev,
-                       Path(opts["profile_dir"]) / f"torch_stage{stage}.json")
+        _torch_profile(torch, step, dev, Path(opts["profile_dir"]) / f"torch_stage{stage}.json.gz")
     peak, src = _torch_peak(torch, dev)
     return {**env, "sec_per_step": sec / geo.steps, "peak_bytes": peak, "peak_source": src, "compile_s": compile_s,
             "loss_first": loss0, "loss_last": loss.item()}
@@ -434,7 +473,8 @@ def torch_decode(geo: Geometry, batch: int, compiled: bool, opts: dict) -> dict:
     t1 = statistics.median(gen(1) for _ in range(geo.decode_repeats))
     tn = statistics.median(gen(geo.new_tokens) for _ in range(geo.decode_repeats))
     if opts.get("profile_dir"):
-        _torch_profile(torch, lambda: gen(geo.new_tokens), dev, Path(opts["profile_dir"]) / f"torch_decode_b{batch}.json")
+        _torch_profile(torch, lambda: gen(geo.new_tokens), dev,
+                       Path(opts["profile_dir"]) / f"torch_decode_b{batch}.json.gz")
     peak, src = _torch_peak(torch, dev)
     return {**env, "prefill_s": t1, "total_s": tn, "sec_per_step": max(tn - t1, 0.0) / (geo.new_tokens - 1),
             "peak_bytes": peak, "peak_source": src, "compile_s": compile_s}
@@ -448,7 +488,7 @@ def _torch_profile(torch, fn, dev, path: Path):
     with profile(activities=acts) as prof:
         fn()
         _torch_sync(torch, dev)
-    prof.export_chrome_trace(str(path))
+    prof.export_chrome_trace(str(path))  # gzipped by torch for a .gz name
 
 
 # ============================================================================ one job
@@ -472,13 +512,18 @@ def run_job(spec: dict) -> dict:
         res = {"ok": False, "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}",
                "traceback": traceback.format_exc()[-4000:]}
     res["wall_s"] = time.perf_counter() - t
+    res["versions"] = versions()
+    res["host"] = f"{platform.node()} ({os.cpu_count()} CPUs)"
+    res["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return {**spec, **res}
 
 
 def run_isolated(spec: dict, timeout: int, xla_flags: str) -> dict:
     env = dict(os.environ)
-    if spec["framework"] == "jax" and xla_flags:
-        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + xla_flags).strip()
+    if spec["framework"] == "jax":
+        flags = " ".join(f for f in (env.get("XLA_FLAGS", ""), xla_flags, XLA_FLAG_SETS[spec["variant"]["xla"]]) if f)
+        if flags:
+            env["XLA_FLAGS"] = flags
     cmd = [sys.executable, "-m", "llava_jax.tools.bench", "--worker", json.dumps(spec)]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -516,6 +561,9 @@ def derive(r: dict, geo: Geometry, peak_override: float | None) -> dict:
 
 
 def side_label(r: dict) -> str:
+    if r["framework"] == "jax" and r["work"] == "decode":  # only the XLA flags reach decoding
+        x = r["variant"]["xla"]
+        return "llava-jax (Engine" + ("" if x == "default" else f", xla={x}") + ")"
     if r["framework"] == "jax":
         return f"llava-jax ({variant_label(r['variant'])})"
     return "transformers " + ("compiled" if r["compiled"] else "eager")
@@ -573,44 +621,52 @@ def render_table(results: list[dict], geo: Geometry, peak_override: float | None
 
 
 def versions() -> dict[str, str]:
+    """Package versions from metadata; torch's CUDA/cuDNN only where torch is already imported
+    (a JAX worker must not load a second cuDNN)."""
     import importlib.metadata as md
 
     out = {}
-    for p in ("jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda13-plugin", "flax", "optax", "torch", "transformers"):
+    for p in ("jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda12-pjrt", "jax-cuda13-plugin", "jax-cuda13-pjrt",
+              "nvidia-cudnn-cu12", "nvidia-cudnn-cu13", "flax", "optax", "torch", "transformers"):
         try:
             out[p] = md.version(p)
         except md.PackageNotFoundError:
             pass
-    try:
-        import torch
-
-        if torch.version.cuda:
-            out["torch CUDA"] = torch.version.cuda
-            out["torch cuDNN"] = str(torch.backends.cudnn.version())
-    except ImportError:
-        pass
+    torch = sys.modules.get("torch")
+    if torch is not None and getattr(torch.version, "cuda", None):
+        out["torch CUDA"] = torch.version.cuda
+        out["torch cuDNN"] = str(torch.backends.cudnn.version())
     out["python"] = platform.python_version()
     return out
 
 
-def markdown_block(results: list[dict], geo: Geometry, args, command: str, table: str) -> str:
+def markdown_block(results: list[dict], preset: str, table: str) -> str:
+    """Device, versions, host, date and exact command(s), all as recorded by the runs themselves
+    (so results saved on a GPU machine render the same anywhere with --from_json)."""
     devices = sorted({r["device"] for r in results if r.get("ok") and r.get("device")})
-    vers = ", ".join(f"{k} {v}" for k, v in versions().items())
+    vers = {}
+    for r in results:
+        vers.update(r.get("versions", {}))
+    hosts = sorted({r["host"] for r in results if r.get("host")})
+    commands = list(dict.fromkeys(r["command"] for r in results if r.get("command")))
+    dates = sorted(r["date"] for r in results if r.get("date"))
+    date = dates[0] if dates else datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    if len(dates) > 1 and dates[-1] != dates[0]:
+        date += f" to {dates[-1]}"
     notes = []
-    if any(r["framework"] == "torch" and not r.get("compiled", True) for r in results) and \
-            not any(r["framework"] == "torch" and r.get("compiled") for r in results):
-        notes.append("transformers ran eager only (torch.compile skipped" +
-                     (" on CPU)" if args.torch_compile == "auto" else ")"))
+    torch_runs = [r for r in results if r["framework"] == "torch"]
+    if torch_runs and not any(r.get("compiled") for r in torch_runs):
+        notes.append("transformers ran eager only (torch.compile skipped"
+                     + (" on CPU)" if all(r.get("platform") == "cpu" for r in torch_runs if r.get("ok")) else ")"))
     if any(r.get("peak_source") == "xla-estimate" for r in results):
         notes.append("~ peak memory = XLA's estimate for the compiled step (no device counters on CPU)")
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return "\n".join([
-        f"### {args.preset} preset — {', '.join(devices) or 'no device'} — {date}",
+        f"### {preset} preset — {', '.join(devices) or 'no device'} — {date}",
         "",
-        f"`{command}`",
+        *[f"`{c}`" + ("  " if i < len(commands) - 1 else "") for i, c in enumerate(commands)],
         "",
-        f"Versions: {vers}. Host: {platform.node()} ({os.cpu_count()} CPUs).",
-        *( [""] + [f"Note: {n}." for n in notes] if notes else []),
+        f"Versions: {', '.join(f'{k} {v}' for k, v in vers.items())}. Host: {', '.join(hosts)}.",
+        *([""] + [f"Note: {n}." for n in notes] if notes else []),
         "",
         table,
         "",
@@ -640,10 +696,10 @@ def build_jobs(args, geo: Geometry) -> list[dict]:
     for w in works:
         if "jax" in args.frameworks:
             variants = parse_variants(args.variants)
-            if w["work"] == "decode":  # only the attention impl reaches decoding: one run per impl
-                seen = {}
+            if w["work"] == "decode":  # cached decoding uses bf16 weights and the xla attention
+                seen = {}  # path whatever the variant: one run per XLA flag set
                 for v in variants:
-                    seen.setdefault(v["attention"], v)
+                    seen.setdefault(v["xla"], {**DEFAULT_VARIANT, "xla": v["xla"]})
                 variants = list(seen.values())
             for v in variants:
                 jobs.append({"framework": "jax", **w, "variant": v, "geometry": gd, "opts": opts})
@@ -716,14 +772,21 @@ def main(argv=None) -> int:
         return 0
     geo = geometry_from_args(args)
     command = "python -m llava_jax.tools.bench " + " ".join(argv)
+    preset = args.preset
     if args.from_json:
         results = [json.loads(x) for x in Path(args.from_json).read_text().splitlines() if x.strip()]
         geo = Geometry(**{**results[0]["geometry"], "decode_batches": tuple(results[0]["geometry"]["decode_batches"])})
+        preset = results[0].get("preset", preset)
     else:
         jobs = build_jobs(args, geo)
+        for j in jobs:
+            j.update(command=command, preset=args.preset)
         isolate = {"auto": _cuda_available(), "yes": True, "no": False}[args.isolate]
-        if args.xla_flags and not isolate:
-            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
+        if not isolate:
+            if args.xla_flags:
+                os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
+            if any(j["framework"] == "jax" and j["variant"]["xla"] != "default" for j in jobs):
+                raise SystemExit("xla= flag sets need --isolate=yes (XLA reads its flags at start-up)")
         results = []
         for i, job in enumerate(jobs):
             what = f"{job['framework']} {job['work']}{job.get('stage', '')}" + \
@@ -741,7 +804,7 @@ def main(argv=None) -> int:
                 with open(args.json, "a") as f:
                     f.write(json.dumps({k: v for k, v in r.items() if k != "traceback"}) + "\n")
     table = render_table(results, geo, args.peak_tflops)
-    block = markdown_block(results, geo, args, command, table)
+    block = markdown_block(results, preset, table)
     print(block)
     if args.markdown:
         with open(args.markdown, "a") as f:
