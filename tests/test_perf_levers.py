@@ -112,16 +112,18 @@ def reference():
 
 
 # CI runs two combinations covering every lever's wiring through the model; the full matrix is slow.
-@pytest.mark.parametrize("impl,chunk", [
-    ("pallas", 0), ("dpa", 5),
-    pytest.param("dpa", 0, marks=pytest.mark.slow), pytest.param("xla", 4, marks=pytest.mark.slow),
-    pytest.param("xla", 16, marks=pytest.mark.slow), pytest.param("pallas", 5, marks=pytest.mark.slow),
+@pytest.mark.parametrize("impl,chunk,remat", [
+    ("pallas", 0, "none"), ("dpa", 5, "dots_attn"),
+    pytest.param("dpa", 0, "none", marks=pytest.mark.slow), pytest.param("xla", 4, "none", marks=pytest.mark.slow),
+    pytest.param("xla", 16, "dots", marks=pytest.mark.slow),
+    pytest.param("pallas", 5, "dots_attn", marks=pytest.mark.slow),
 ])
-def test_model_loss_and_grads_equal_with_levers(reference, impl, chunk):
+def test_model_loss_and_grads_equal_with_levers(reference, impl, chunk, remat):
     """Whole train loss (vision tower + packed LLM rows) and every gradient, fp32, with another
-    attention impl and/or the vocab loss chunked (5 does not divide 16: padded tail)."""
+    attention impl and/or the vocab loss chunked (5 does not divide 16: padded tail) and/or a
+    remat policy."""
     cfg, batch, ref = reference
-    out = _loss_and_grads(cfg.with_runtime(attention_impl=impl, loss_chunk=chunk), batch)
+    out = _loss_and_grads(cfg.with_runtime(attention_impl=impl, loss_chunk=chunk, remat_policy=remat), batch)
     _assert_same(out, ref, rtol=1e-4, atol=1e-6)
 
 
@@ -216,3 +218,20 @@ def test_fused_attention_lowers_for_cuda(impl, fake_cudnn, monkeypatch):
         llm = "__cudnn$fmhaScaleBiasSoftmax" if impl == "cudnn" else "__cudnn$fmhaSoftmax"
         assert {llm, llm + "Backward", "__cudnn$fmhaSoftmax"} <= calls, calls  # vision: unmasked forward
         assert {c for c in calls if c.endswith("Backward")} == {llm + "Backward"}  # no vision backward
+
+
+@pytest.mark.parametrize("impl", ["cudnn_padded", "pallas"])
+def test_dots_attn_remat_runs_the_attention_forward_once(impl, fake_cudnn, monkeypatch):
+    """Under `dots` the backward reruns the fused attention forward (vision fwd + LLM fwd + LLM
+    fwd again = 3 kernels in the lowered step); `dots_attn` saves its outputs and residuals (2)."""
+    from llava_jax.models import layers
+
+    monkeypatch.setattr(layers, "PALLAS_INTERPRET", False)
+    counts = {}
+    for remat in ("dots", "dots_attn"):
+        cfg = tiny_model_config().with_runtime(dtype=jnp.bfloat16, attention_impl=impl, remat_policy=remat)
+        cfg = cfg.replace(text=dataclasses.replace(cfg.text, head_dim=8))
+        txt = _lower_train_grad_for_cuda(cfg, jax.tree.map(jnp.asarray, _packed_batch(cfg)))
+        calls = re.findall(r"custom_call @([\w.$-]+)", txt)
+        counts[remat] = calls.count("__cudnn$fmhaSoftmax") if impl != "pallas" else txt.count('"mha_forward"')
+    assert counts == {"dots": 3, "dots_attn": 2}

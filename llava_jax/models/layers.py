@@ -34,10 +34,23 @@ def make_param(rngs: nnx.Rngs | None, shape, axes, init: str = "normal", dtype=j
 
 
 # ---------------------------------------------------------------- remat
+# Primitives of the fused attention kernels: cuDNN's forward (`dot_product_attention_fwd[_wrapper]`)
+# and the Pallas kernel's custom_vjp (the only custom_vjp in these models).
+_ATTENTION_KERNEL_PRIMS = ("dot_product_attention_fwd", "custom_vjp_call", "pallas_call")
+
+
+def _dots_and_attention_saveable(prim, *_, **__):
+    """Save matmul outputs and the fused attention kernels' outputs and residuals: under plain
+    `dots` the backward pass runs the cuDNN / Pallas attention forward a second time to get them
+    back (tests/test_perf_levers.py counts the kernels in the CUDA lowering)."""
+    return prim.name == "dot_general" or prim.name.startswith(_ATTENTION_KERNEL_PRIMS)
+
+
 REMAT_POLICIES: dict[str, Any] = {
     "none": None,  # no rematerialisation: save every activation
     "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole layer in backward
     "dots": jax.checkpoint_policies.checkpoint_dots,  # save matmul outputs
+    "dots_attn": _dots_and_attention_saveable,  # matmul outputs + fused attention (no 2nd attention fwd)
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "save_qkv_out": jax.checkpoint_policies.save_only_these_names("qkv", "attn_out", "mlp_out"),
 }

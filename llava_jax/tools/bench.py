@@ -124,13 +124,13 @@ class Geometry:
 PRESETS: dict[str, dict[str, Any]] = {
     # The geometry: CLIP ViT-L/14-336 + a 1.1B LLaMA (TinyLlama shape) + mlp2x_gelu.
     "h100": dict(geometry=Geometry(),
-                 variants="attention=cudnn_padded,remat=dots,loss_chunk=1024,frozen_bf16=1"),
+                 variants="attention=cudnn_padded,remat=dots_attn,loss_chunk=1024,frozen_bf16=1"),
     # Runs on CPU in seconds; the variant mirrors the GPU default with CPU-runnable kernels.
     "tiny": dict(geometry=Geometry(v_hidden=32, v_inter=64, v_layers=2, v_heads=2, image_size=28, patch_size=14,
                                    vocab=256, hidden=64, inter=128, layers=2, heads=4, kv_heads=2,
                                    image_token_id=255, seq_len=64, train_batch=2, prompt_text=8, new_tokens=16,
                                    decode_batches=(1, 2), warmup=1, steps=3, decode_repeats=3),
-                 variants="attention=dpa_padded,remat=dots,loss_chunk=16,frozen_bf16=1"),
+                 variants="attention=dpa_padded,remat=dots_attn,loss_chunk=16,frozen_bf16=1"),
 }
 
 VARIANT_KEYS = {"attention": str, "remat": str, "loss_chunk": int, "frozen_bf16": int, "param_dtype": str, "xla": str}
