@@ -602,9 +602,12 @@ def render_table(results: list[dict], geo: Geometry, peak_override: float | None
         for i, r in enumerate(g):
             work = work_label(r, geo) if i == 0 else ""
             if not r["ok"]:
-                lines.append(f"| {work} | {side_label(r)} | failed | | | | | {r.get('error', '')[:160]} |")
+                err = r.get("error", "")[:160].replace("|", "\\|")
+                lines.append(f"| {work} | {side_label(r)} | failed | | | | | {err} |")
                 continue
             ratio = (r["tokens_per_s"] / base["tokens_per_s"]) if base and base["tokens_per_s"] else None
+            ratio_s = _fmt(ratio, ".2f")
+            ratio_s += "x" if ratio_s != "–" else ""
             mem = r.get("peak_bytes")
             mem_s = "–" if mem is None else ("~" if r.get("peak_source") == "xla-estimate" else "") + \
                 (f"{mem / 1e9:.2f} GB" if mem >= 1e8 else f"{mem / 1e6:.2f} MB")
@@ -615,7 +618,7 @@ def render_table(results: list[dict], geo: Geometry, peak_override: float | None
                 notes.append(f"loss {r['loss_first']:.3f}→{r['loss_last']:.3f}")
             notes.append(f"warm-up/compile {r['compile_s']:.0f} s")
             lines.append(f"| {work} | {side_label(r)} | {_fmt(r['tokens_per_s'], ',.0f')} | "
-                         f"{_fmt(r['sec_per_step'] * 1e3, '.2f')} | {_pct(r['mfu'])} | {mem_s} | {_fmt(ratio, '.2f')}{'x' if ratio is not None else ''} | "
+                         f"{_fmt(r['sec_per_step'] * 1e3, '.2f')} | {_pct(r['mfu'])} | {mem_s} | {ratio_s} | "
                          f"{'; '.join(notes)} |")
     return "\n".join(lines)
 
