@@ -217,7 +217,11 @@ class RuntimeOptions:
     dtype: Any = jnp.float32  # compute dtype (bf16 for training)
     param_dtype: Any = jnp.float32  # master params
     remat_policy: str = "none"  # see llava_jax.models.layers.REMAT_POLICIES
-    attention_impl: str = "xla"  # xla | cudnn (jax.nn.dot_product_attention)
+    # xla | dpa | cudnn | dpa_padded | cudnn_padded | pallas: see llava_jax.models.layers
+    attention_impl: str = "xla"
+    # Training loss over the vocabulary in chunks of this many sequence positions (0 = off: the
+    # full [B, L, V] logits); equal loss and gradients, see llava_jax.models.llava.chunked_loss_fn.
+    loss_chunk: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

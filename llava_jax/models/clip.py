@@ -146,9 +146,6 @@ class VisionLayers(nnx.Module):
     def __call__(self, x, n_layers: int, dtype, remat_policy: str, attention_impl: str, collect: bool = False):
         eps = self.cfg.layer_norm_eps
         stacked = {k: getattr(self, k).value[:n_layers] for k in self._NAMES}
-        n, t, _ = x.shape
-        full = jnp.ones((n, t), jnp.int32)
-        mask = full[:, :, None] == full[:, None, :]
 
         def layer(x, p):
             c = lambda name: p[name].astype(dtype)  # noqa: E731
@@ -156,7 +153,7 @@ class VisionLayers(nnx.Module):
             q = jnp.einsum("btd,dhk->bthk", y, c("q_kernel")) + c("q_bias")
             k = jnp.einsum("btd,dhk->bthk", y, c("k_kernel")) + c("k_bias")
             v = jnp.einsum("btd,dhk->bthk", y, c("v_kernel")) + c("v_bias")
-            a = dot_product_attention(q, k, v, mask, attention_impl)
+            a = dot_product_attention(q, k, v, None, attention_impl)  # every patch sees every patch
             x = x + jnp.einsum("bthk,hkd->btd", a, c("o_kernel")) + c("o_bias")
             y = layer_norm(x, p["ln2_scale"], p["ln2_bias"], eps)
             y = quick_gelu(jnp.einsum("btd,df->btf", y, c("fc1_kernel")) + c("fc1_bias"))

@@ -43,10 +43,23 @@ def dequantize(q, scale, dtype):
 
 
 # ---------------------------------------------------------------- remat
+# Primitives of the fused attention kernels: cuDNN's forward (`dot_product_attention_fwd[_wrapper]`)
+# and the Pallas kernel's custom_vjp (the only custom_vjp in these models).
+_ATTENTION_KERNEL_PRIMS = ("dot_product_attention_fwd", "custom_vjp_call", "pallas_call")
+
+
+def _dots_and_attention_saveable(prim, *_, **__):
+    """Save matmul outputs and the fused attention kernels' outputs and residuals: under plain
+    `dots` the backward pass runs the cuDNN / Pallas attention forward a second time to get them
+    back (tests/test_perf_levers.py counts the kernels in the CUDA lowering)."""
+    return prim.name == "dot_general" or prim.name.startswith(_ATTENTION_KERNEL_PRIMS)
+
+
 REMAT_POLICIES: dict[str, Any] = {
     "none": None,  # no rematerialisation: save every activation
     "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole layer in backward
     "dots": jax.checkpoint_policies.checkpoint_dots,  # save matmul outputs
+    "dots_attn": _dots_and_attention_saveable,  # matmul outputs + fused attention (no 2nd attention fwd)
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "save_qkv_out": jax.checkpoint_policies.save_only_these_names("qkv", "attn_out", "mlp_out"),
 }
@@ -131,23 +144,90 @@ def attention_mask(q_index, k_index, q_segment, k_segment, causal: bool):
     return mask
 
 
-def dot_product_attention(q, k, v, mask, impl: str = "xla"):
-    """q [B, Lq, H, D], k/v [B, Lk, KV, D] (GQA: H = KV * G), mask [B, Lq, Lk] bool.
+# Implementations (RuntimeOptions.attention_impl). All take the same inputs and give the same
+# outputs at every position a valid token reads (tests/test_attention_impls.py):
+#   xla           einsum + materialised [B, Lq, Lk] mask, fp32 scores/softmax (the reference);
+#   dpa, cudnn    jax.nn.dot_product_attention(implementation=None | "cudnn"): is_causal plus the
+#                 same-segment mask passed as `mask` (cuDNN turns it into an additive bias), so
+#                 packed rows are exact; `dpa` is the XLA fallback of the very same call (CPU tests);
+#   dpa_padded,   the same call with is_causal and per-row `query_seq_lengths`/`key_value_seq_lengths`
+#   cudnn_padded  and no mask: cuDNN's fastest path, but only for rows holding ONE right-padded
+#                 segment each (unpacked data, the benchmark); packed rows would attend across samples;
+#   pallas        the Pallas flash-attention kernel (jax.experimental.pallas.ops.gpu.attention, Triton)
+#                 that takes segment ids natively: packed rows exact, no mask in memory. Runs in
+#                 interpret mode off GPU (slow; for tests). GQA by repeating K/V heads.
+# The fused impls apply to self-attention without a KV cache (training, the vision tower); cached
+# decoding always takes the `xla` path with its mask.
+ATTENTION_IMPLS = ("xla", "dpa", "cudnn", "dpa_padded", "cudnn_padded", "pallas")
+# Pallas interpret mode: None = interpret unless the default backend is a GPU (tests set False to
+# lower the real Triton kernel for CUDA on a CPU-only machine).
+PALLAS_INTERPRET: bool | None = None
 
-    Scores and softmax in fp32; output in q's dtype.
+
+def dot_product_attention(q, k, v, mask, impl: str = "xla", *, segment_ids=None, causal: bool = False):
+    """q [B, Lq, H, D], k/v [B, Lk, KV, D] (GQA: H = KV * G); output [B, Lq, H, D] in q's dtype.
+
+    `mask` [B, Lq, Lk] bool (None = every key visible) is what the `xla` path applies. Callers of
+    self-attention without a cache may also pass `segment_ids` [B, L] (0 = padding) and `causal`:
+    their mask must then equal `attention_mask(i, i, seg, seg, causal)`; the fused impls use the
+    segment ids instead of the mask. Without segment ids, a given mask means cached decoding and
+    takes the `xla` path; `mask=None` (the vision tower) runs every impl unmasked.
     """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention impl {impl!r}; known: {', '.join(ATTENTION_IMPLS)}")
+    if impl == "xla" or (segment_ids is None and mask is not None):  # reference / cached decoding
+        return _attention_xla(q, k, v, mask)
+    if impl == "pallas":
+        return _attention_pallas(q, k, v, segment_ids, causal)
+    backend, _, variant = impl.partition("_")
+    implementation = "cudnn" if backend == "cudnn" else None
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if segment_ids is None:  # no mask at all (the vision tower)
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
+    if variant == "padded":
+        n = (segment_ids != 0).sum(-1).astype(jnp.int32)
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal, query_seq_lengths=n,
+                                            key_value_seq_lengths=n, implementation=implementation)
+    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
+    return jax.nn.dot_product_attention(q, k, v, mask=same[:, None], scale=scale, is_causal=causal,
+                                        implementation=implementation)
+
+
+def _attention_xla(q, k, v, mask):
+    """Scores and softmax in fp32; output in q's dtype."""
     b, lq, h, d = q.shape
     kvh = k.shape[2]
-    if impl == "cudnn":
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
-        return out
-    if impl != "xla":
-        raise ValueError(f"unknown attention impl {impl!r}; use 'xla' or 'cudnn'")
     g = h // kvh
     qg = q.reshape(b, lq, kvh, g, d)
     scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32)
     scores = scores * (1.0 / math.sqrt(d))
-    scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
+    if mask is not None:
+        scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
     return out.reshape(b, lq, h, d)
+
+
+def _attention_pallas(q, k, v, segment_ids, causal: bool):
+    """Pallas flash attention with segment ids. The sequence is padded to the kernel's block
+    multiple with segment 0 (real queries never see those keys; their own outputs are dropped)."""
+    from jax.experimental.pallas.ops.gpu import attention as pallas_attention
+
+    b, l, h, d = q.shape
+    g = h // k.shape[2]
+    if g > 1:  # the kernel is multi-head only: share each K/V head with its G query heads
+        k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+    seg = jnp.ones((b, l), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+    lp = -(-l // 128) * 128 if l > 128 else max(16, 1 << (l - 1).bit_length())
+    if lp != l:
+        pad = ((0, 0), (0, lp - l), (0, 0), (0, 0))
+        q, k, v = jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad)
+        seg = jnp.pad(seg, ((0, 0), (0, lp - l)))
+    blk = min(128, lp)
+    small = min(32, lp)
+    sizes = pallas_attention.BlockSizes(block_q=blk, block_k=blk, block_q_dkv=small, block_kv_dkv=small,
+                                        block_q_dq=small, block_kv_dq=small)
+    out = pallas_attention.mha(q, k, v, seg, sm_scale=1.0 / math.sqrt(d), causal=causal, block_sizes=sizes,
+                               interpret=jax.default_backend() != "gpu" if PALLAS_INTERPRET is None
+                               else PALLAS_INTERPRET)
+    return out[:, :l]

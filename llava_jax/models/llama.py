@@ -59,7 +59,7 @@ class LlamaDecoder(nnx.Module):
             slots = jnp.arange(l)
             mask = attention_mask(slots, slots, segment_ids, segment_ids, causal=True)
             h, _ = self.layers(embeds.astype(self.dtype), cos, sin, mask, None, None,
-                               self.dtype, self.remat_policy, self.attention_impl)
+                               self.dtype, self.remat_policy, self.attention_impl, segment_ids=segment_ids)
             new_cache = None
         else:
             index = cache["index"]
@@ -118,7 +118,10 @@ class LlamaLayers(nnx.Module):
             names += ["gate_bias", "up_bias", "down_bias"]
         self._names = tuple(names)
 
-    def __call__(self, x, cos, sin, mask, kv_cache, cache_index, dtype, remat_policy, attention_impl):
+    def __call__(self, x, cos, sin, mask, kv_cache, cache_index, dtype, remat_policy, attention_impl,
+                 segment_ids=None):
+        """`mask` is the causal same-segment mask; `segment_ids` (no cache only) lets a fused
+        attention impl use the segments instead (layers.dot_product_attention)."""
         cfg = self.cfg
         eps = cfg.rms_norm_eps
         stacked = {k: getattr(self, k).value for k in self._names}
@@ -144,7 +147,7 @@ class LlamaLayers(nnx.Module):
                 a = dot_product_attention(q, k_all.astype(dtype), v_all.astype(dtype), mask, attention_impl)
                 new_kv = (k_all, v_all)
             else:
-                a = dot_product_attention(q, k, v, mask, attention_impl)
+                a = dot_product_attention(q, k, v, mask, attention_impl, segment_ids=segment_ids, causal=True)
                 new_kv = None
             x = x + jnp.einsum("blhk,hkd->bld", a, c("o_kernel")) + bias(p, "o_bias")
             y = rms_norm(x, p["mlp_norm"], eps)

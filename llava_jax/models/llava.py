@@ -128,3 +128,39 @@ def causal_lm_loss(logits, labels):
     """Mean loss over supervised tokens with HF's shift (logit t predicts label t+1)."""
     s, n = loss_fn_from_logits(logits[:, :-1], labels[:, 1:])
     return s / jnp.maximum(n, 1)
+
+
+def chunked_loss_fn(hidden, targets, logits_fn, chunk: int, weights=None):
+    """`loss_fn_from_logits(logits_fn(hidden), targets, weights)` without the full [B, L, V] logits.
+
+    The sequence is cut into chunks of `chunk` positions; a `lax.scan` computes each chunk's logits,
+    log-sum-exp and target logit, and keeps only the two sums. The chunk body is rematerialised
+    (`jax.checkpoint`), so the backward pass recomputes one chunk's logits at a time as well: peak
+    logits memory is [B, chunk, V] instead of [B, L, V] (bf16) plus its fp32 copy and softmax.
+    Same ops per chunk as the unchunked path (logits in the compute dtype, loss in fp32), so the
+    loss and gradients are equal up to float summation order. The batch dim stays leading inside
+    each chunk, so data-parallel sharding is untouched. L is padded with ignored targets to a
+    multiple of `chunk`.
+    """
+    b, l, d = hidden.shape
+    n = -(-l // chunk)
+    pad = n * chunk - l
+    if weights is None:
+        weights = jnp.ones_like(targets)
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE_INDEX)
+        weights = jnp.pad(weights, ((0, 0), (0, pad)))
+    split = lambda x: jnp.swapaxes(x.reshape((b, n, chunk) + x.shape[2:]), 0, 1)  # noqa: E731
+
+    @jax.checkpoint
+    def one(h, t, w):
+        return loss_fn_from_logits(logits_fn(h), t, w)
+
+    def body(carry, xs):
+        s, c = one(*xs)
+        return (carry[0] + s, carry[1] + c), None
+
+    init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+    (s, c), _ = jax.lax.scan(body, init, (split(hidden), split(targets), split(weights)))
+    return s, c

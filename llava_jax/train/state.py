@@ -22,7 +22,7 @@ import optax
 from flax import nnx
 
 from llava_jax.config import projector_depth
-from llava_jax.models.llava import LlavaModel, loss_fn_from_logits
+from llava_jax.models.llava import LlavaModel, chunked_loss_fn, loss_fn_from_logits
 
 # Params never decayed: norms and biases (as HF Trainer excludes LayerNorm weights and biases).
 NO_DECAY_PATTERNS = (r".*norm.*", r".*_scale$", r".*_bias$", r".*bias$")
@@ -52,6 +52,25 @@ def split_model(model: LlavaModel, trainable_patterns: Sequence[str]):
     if not jax.tree.leaves(trainable):
         raise ValueError(f"no param matches the trainable patterns {list(trainable_patterns)}")
     return graphdef, trainable, frozen
+
+
+# Frozen params kept in fp32 by `cast_frozen`: the ones used in fp32 (LayerNorm scale/bias) or
+# transformed before the cast (position embeddings are interpolated for other image sizes).
+FP32_FROZEN_PATTERNS = (r".*(pre_ln|post_ln|ln\d)_(scale|bias)", r".*pos_embed", r".*norm.*")
+
+
+def cast_frozen(frozen, dtype, keep_patterns: Sequence[str] = FP32_FROZEN_PATTERNS):
+    """Frozen params stored in the compute `dtype` (bf16): every use casts them to it anyway
+    (matmul kernels, biases, embeddings, RMSNorm weights), so results are unchanged while frozen
+    memory halves and the per-step fp32->bf16 casts of e.g. the CLIP tower (stage 1 and 2) and the
+    LLM (stage 1) disappear. Params matching `keep_patterns` stay as they are."""
+    compiled = [re.compile(p) for p in keep_patterns]
+
+    def cast(path, x):
+        keep = any(c.fullmatch(path_str(path)) for c in compiled) or not jnp.issubdtype(x.dtype, jnp.floating)
+        return x if keep else x.astype(dtype)
+
+    return jax.tree_util.tree_map_with_path(cast, frozen)
 
 
 def count_params(state) -> int:
@@ -96,9 +115,12 @@ def batch_loss(trainable, frozen, graphdef, batch):
 
     `batch["targets"]` is already shifted (target of token t at position t, -100 = ignore)."""
     model = nnx.merge(graphdef, trainable, jax.lax.stop_gradient(frozen))
-    logits = model(batch["input_ids"], images=batch.get("images"), image_mask=batch.get("image_mask"),
-                   positions=batch["positions"], segment_ids=batch["segment_ids"])
-    return loss_fn_from_logits(logits, batch["targets"])
+    chunk = model.config.runtime.loss_chunk
+    out = model(batch["input_ids"], images=batch.get("images"), image_mask=batch.get("image_mask"),
+                positions=batch["positions"], segment_ids=batch["segment_ids"], return_hidden=bool(chunk))
+    if chunk:  # logits over the vocabulary a chunk of positions at a time (no [B, L, V] buffer)
+        return chunked_loss_fn(out, batch["targets"], model.llm.logits, chunk)
+    return loss_fn_from_logits(out, batch["targets"])
 
 
 def make_train_step(graphdef, tx, schedule, grad_accum: int = 1):

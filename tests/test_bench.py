@@ -1,0 +1,115 @@
+"""`python -m llava_jax.tools.bench --preset=tiny` runs end to end on CPU: both frameworks, every
+work item, plausible numbers, a markdown block with the command and versions."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+from llava_jax.tools import bench  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args, tmp_path, timeout=900):
+    p = subprocess.run([sys.executable, "-m", "llava_jax.tools.bench", *args], cwd=ROOT, capture_output=True,
+                       text=True, timeout=timeout)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout
+
+
+def _rows(table: str):
+    rows, work = [], None
+    for line in table.splitlines():
+        if not line.startswith("| ") or line.startswith("| work") or line.startswith("|---"):
+            continue
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        work = cells[0] or work
+        rows.append([work] + cells[1:])
+    return rows
+
+
+def _num(cell: str) -> float:
+    return float(re.sub(r"[^0-9.]", "", cell))
+
+
+# CI runs one training stage and one decode batch (~1 CPU-minute); the whole preset is slow.
+@pytest.mark.parametrize("args,works", [
+    (["--tasks=stage2,decode", "--decode_batches=2"], {"stage 2 train", "decode B=2"}),
+    pytest.param([], {"stage 1 train", "stage 2 train", "decode B=1", "decode B=2"}, marks=pytest.mark.slow),
+])
+def test_tiny_preset_end_to_end(tmp_path, args, works):
+    md, js = tmp_path / "BENCH.md", tmp_path / "r.jsonl"
+    md.write_text("# existing\n")
+    out = _run(["--preset=tiny", f"--markdown={md}", f"--json={js}", "--peak_tflops=1", *args], tmp_path)
+    rows = _rows(out)
+    assert {r[0].split(" (")[0] for r in rows} == works
+    works = {r[0] for r in rows}
+    for w in works:
+        sides = {r[1].split(" (")[0]: r for r in rows if r[0] == w}
+        assert set(sides) == {"llava-jax", "transformers eager"}, (w, sides)
+        for side, r in sides.items():
+            tok_s, ms, mfu, mem, ratio = _num(r[2]), _num(r[3]), r[4], r[5], r[6]
+            assert tok_s > 0 and ms > 0, r
+            assert ratio.endswith("x") and _num(ratio) > 0, r
+            if side == "transformers eager":
+                assert ratio == "1.00x"
+            if w.startswith("stage"):
+                assert mfu.endswith("%") and _num(mfu) > 0, r  # --peak_tflops=1 gives an MFU on CPU
+                assert "loss" in r[7]
+            if side == "llava-jax" and w.startswith("stage"):
+                assert mem.startswith("~") and _num(mem) > 0, r  # XLA's estimate on CPU
+    assert "torch.compile skipped on CPU" in out
+    text = md.read_text()
+    assert text.startswith("# existing\n") and "`python -m llava_jax.tools.bench --preset=tiny" in text
+    assert "jax 0." in text and "transformers 5." in text and "torch 2." in text
+    results = [json.loads(x) for x in js.read_text().splitlines()]
+    assert len(results) == 2 * len(works) and all(r["ok"] for r in results)
+    # Saved results render again without running anything.
+    again = _run([f"--from_json={js}", "--preset=tiny", "--peak_tflops=1"], tmp_path, timeout=120)
+    assert _rows(again) == rows
+
+
+@pytest.mark.slow
+def test_isolated_workers_and_a_failure_is_reported(tmp_path):
+    """One subprocess per measurement (the GPU mode); a bad variant fails alone, exit code 1."""
+    p = subprocess.run([sys.executable, "-m", "llava_jax.tools.bench", "--preset=tiny", "--isolate=yes",
+                        "--tasks=stage1", "--variants=attention=xla;attention=nope"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 1
+    rows = _rows(p.stdout)
+    assert any("attention=nope" in r[1] and r[2] == "failed" and "unknown attention impl" in r[7] for r in rows)
+    assert any(r[1] == "transformers eager" and _num(r[2]) > 0 for r in rows)
+    assert {r[1] for r in rows} == {"llava-jax (defaults)", "llava-jax (attention=nope)", "transformers eager"}
+    assert any(r[1] == "llava-jax (defaults)" and _num(r[2]) > 0 for r in rows)
+
+
+def test_peak_table_and_variants():
+    assert bench.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert bench.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert bench.peak_tflops("cpu") is None
+    v = bench.parse_variants("attention=cudnn_padded,loss_chunk=512;remat=dots")
+    assert v[0]["attention"] == "cudnn_padded" and v[0]["loss_chunk"] == 512 and v[1]["remat"] == "dots"
+    assert bench.variant_label(v[1]) == "remat=dots"
+    with pytest.raises(ValueError, match="unknown variant key"):
+        bench.parse_variants("atention=xla")
+
+
+def test_xla_flag_sets_are_known_to_this_jaxlib():
+    """XLA aborts on an unknown flag or enum value at start-up; every named set must parse."""
+    import os
+
+    flags = " ".join(dict.fromkeys(" ".join(bench.XLA_FLAG_SETS.values()).split()))
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+    p = subprocess.run([sys.executable, "-c", "import jax.numpy as jnp; print(int((jnp.ones(2) + 1).sum()))"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout.strip() == "4", p.stderr[-2000:]
+    bad = subprocess.run([sys.executable, "-c", "import jax.numpy as jnp; jnp.ones(2).block_until_ready()"],
+                         env={**env, "XLA_FLAGS": "--xla_gpu_enable_command_buffer=FUSION,BOGUS"},
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0  # the check above can fail
+    with pytest.raises(ValueError, match="unknown xla flag set"):
+        bench.parse_variants("xla=fast")

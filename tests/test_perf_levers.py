@@ -1,0 +1,237 @@
+"""Performance levers (issue 9) equal the reference path on CPU: attention implementations,
+chunked cross-entropy, bf16 frozen params. Each lever is off by default."""
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from llava_jax.models.layers import attention_mask, dot_product_attention
+from llava_jax.models.llava import LlavaModel, chunked_loss_fn, loss_fn_from_logits
+from llava_jax.train.state import batch_loss, cast_frozen, split_model
+from train_util import synthetic_batch, tiny_model_config
+
+# Packed rows: two samples then padding; one sample filling the row; one sample then padding.
+SEGMENTS = np.array([[1] * 7 + [2] * 6 + [0] * 3, [1] * 16, [1] * 11 + [0] * 5], np.int32)
+UNPACKED = np.array([[1] * 13 + [0] * 3, [1] * 16, [1] * 11 + [0] * 5], np.int32)
+
+
+def _qkv(b=3, l=16, h=4, kv=2, d=8, seed=0):
+    ks = jax.random.split(jax.random.key(seed), 4)
+    return (jax.random.normal(ks[0], (b, l, h, d)), jax.random.normal(ks[1], (b, l, kv, d)),
+            jax.random.normal(ks[2], (b, l, kv, d)), jax.random.normal(ks[3], (b, l, h, d)))
+
+
+def _attn_and_grads(impl, seg, q, k, v, r):
+    seg = jnp.asarray(seg)
+    slots = jnp.arange(seg.shape[1])
+    mask = attention_mask(slots, slots, seg, seg, causal=True)
+    valid = (seg != 0)[:, :, None, None]
+
+    def f(q, k, v):
+        out = dot_product_attention(q, k, v, mask, impl, segment_ids=seg, causal=True)
+        return jnp.sum(jnp.where(valid, out * r, 0.0)), out
+
+    (_, out), grads = jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    return np.where(valid, out, 0.0), grads
+
+
+@pytest.mark.parametrize("impl,seg", [("dpa", SEGMENTS), ("pallas", SEGMENTS), ("dpa_padded", UNPACKED),
+                                      ("dpa", UNPACKED)])
+def test_attention_impl_equals_xla(impl, seg):
+    """Outputs at valid positions and gradients w.r.t. q, k, v (GQA, packed segments, padding)."""
+    q, k, v, r = _qkv()
+    ref_out, ref_grads = _attn_and_grads("xla", seg, q, k, v, r)
+    out, grads = _attn_and_grads(impl, seg, q, k, v, r)
+    np.testing.assert_allclose(out, ref_out, atol=2e-5)
+    for g, rg in zip(grads, ref_grads):
+        np.testing.assert_allclose(g, rg, atol=2e-5)
+
+
+def test_padded_impl_is_wrong_for_packed_rows():
+    """`*_padded` declares one segment per row: on packed rows it differs (documented limit)."""
+    q, k, v, r = _qkv()
+    ref_out, _ = _attn_and_grads("xla", SEGMENTS, q, k, v, r)
+    out, _ = _attn_and_grads("dpa_padded", SEGMENTS, q, k, v, r)
+    assert np.abs(out - ref_out).max() > 1e-2
+
+
+def test_unmasked_attention_equals_xla():
+    """The vision tower's call (no mask, no segments), on a length the Pallas kernel must pad."""
+    q, k, v, _ = _qkv(l=13, h=2, kv=2)
+    ref = dot_product_attention(q, k, v, None, "xla")
+    for impl in ("dpa", "pallas"):
+        np.testing.assert_allclose(dot_product_attention(q, k, v, None, impl), ref, atol=2e-5)
+
+
+def test_unknown_impl_names_the_choices():
+    q, k, v, _ = _qkv()
+    with pytest.raises(ValueError, match="known: xla, dpa, cudnn"):
+        dot_product_attention(q, k, v, None, "flash")
+
+
+def _packed_batch(cfg):
+    """Rows of two samples each (segments 1, 2; positions restart), images in the first."""
+    b = synthetic_batch(cfg, batch=4, length=16, seed=3)
+    seg = b["segment_ids"].copy()
+    pos = b["positions"].copy()
+    seg[:, 9:][seg[:, 9:] != 0] = 2
+    pos[:, 9:] = np.arange(7)[None]
+    b["targets"][:, 8] = -100  # no target across the sample boundary
+    b["segment_ids"], b["positions"] = seg, pos
+    return b
+
+
+def _loss_and_grads(cfg, batch, trainable_patterns=(r"projector/.*", r"llm/.*"), frozen_dtype=None, seed=0):
+    model = LlavaModel(cfg, rngs=nnx.Rngs(seed))
+    graphdef, trainable, frozen = split_model(model, list(trainable_patterns))
+    if frozen_dtype is not None:
+        frozen = cast_frozen(frozen, frozen_dtype)
+    jb = jax.tree.map(jnp.asarray, batch)
+    (s, n), g = jax.jit(jax.value_and_grad(batch_loss, has_aux=True), static_argnums=2)(trainable, frozen, graphdef, jb)
+    return float(s), int(n), {"/".join(map(str, p)): np.asarray(v.value) for p, v in nnx.to_flat_state(g)}
+
+
+def _assert_same(a, b, rtol, atol):
+    assert a[1] == b[1]
+    np.testing.assert_allclose(a[0], b[0], rtol=rtol)
+    assert a[2].keys() == b[2].keys()
+    for key in a[2]:
+        np.testing.assert_allclose(a[2][key], b[2][key], rtol=rtol, atol=atol, err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """fp32 stage-2 loss and every gradient with the default levers (xla attention, full logits)."""
+    cfg = tiny_model_config()
+    batch = _packed_batch(cfg)
+    return cfg, batch, _loss_and_grads(cfg, batch)
+
+
+# CI runs two combinations covering every lever's wiring through the model; the full matrix is slow.
+@pytest.mark.parametrize("impl,chunk,remat", [
+    ("pallas", 0, "none"), ("dpa", 5, "dots_attn"),
+    pytest.param("dpa", 0, "none", marks=pytest.mark.slow), pytest.param("xla", 4, "none", marks=pytest.mark.slow),
+    pytest.param("xla", 16, "dots", marks=pytest.mark.slow),
+    pytest.param("pallas", 5, "dots_attn", marks=pytest.mark.slow),
+])
+def test_model_loss_and_grads_equal_with_levers(reference, impl, chunk, remat):
+    """Whole train loss (vision tower + packed LLM rows) and every gradient, fp32, with another
+    attention impl and/or the vocab loss chunked (5 does not divide 16: padded tail) and/or a
+    remat policy."""
+    cfg, batch, ref = reference
+    out = _loss_and_grads(cfg.with_runtime(attention_impl=impl, loss_chunk=chunk, remat_policy=remat), batch)
+    _assert_same(out, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_chunked_loss_never_builds_full_logits():
+    """No [B, L, V] array anywhere in the forward+backward jaxpr; the unchunked one has them."""
+    b, l, d, v, chunk = 2, 12, 8, 40, 4
+    h = jax.random.normal(jax.random.key(0), (b, l, d))
+    w = jax.random.normal(jax.random.key(1), (d, v))
+    t = jax.random.randint(jax.random.key(2), (b, l), 0, v)
+
+    def shapes(fn):
+        jaxpr = jax.make_jaxpr(jax.grad(lambda h, w: fn(h, w)[0], argnums=(0, 1)))(h, w)
+        out = set()
+
+        def walk(jp):
+            for eqn in jp.eqns:
+                out.update(tuple(x.aval.shape) for x in eqn.outvars)
+                for sub in jax.core.subjaxprs(eqn) if hasattr(jax.core, "subjaxprs") else ():
+                    walk(sub)
+                for p in eqn.params.values():
+                    inner = getattr(p, "jaxpr", None)
+                    if inner is not None:
+                        walk(getattr(inner, "jaxpr", inner))
+        walk(jaxpr.jaxpr)
+        return out
+
+    full = shapes(lambda h, w: loss_fn_from_logits(h @ w, t))
+    chunked = shapes(lambda h, w: chunked_loss_fn(h, t, lambda x: x @ w, chunk))
+    assert (b, l, v) in full
+    assert (b, l, v) not in chunked and (b, chunk, v) in chunked
+    np.testing.assert_allclose(chunked_loss_fn(h, t, lambda x: x @ w, chunk)[0],
+                               loss_fn_from_logits(h @ w, t)[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("stage", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_bf16_frozen_params_change_nothing(stage):
+    """bf16 compute: frozen params stored in bf16 give the same loss and gradients as fp32 ones."""
+    cfg = tiny_model_config().with_runtime(dtype=jnp.bfloat16)
+    batch = _packed_batch(cfg)
+    pats = (r"projector/.*",) if stage == 1 else (r"projector/.*", r"llm/.*")
+    ref = _loss_and_grads(cfg, batch, pats)
+    out = _loss_and_grads(cfg, batch, pats, frozen_dtype=jnp.bfloat16)
+    _assert_same(out, ref, rtol=0, atol=0)
+
+
+def test_cast_frozen_keeps_norms_and_position_embeddings():
+    model = LlavaModel(tiny_model_config(), rngs=nnx.Rngs(0))
+    _, _, frozen = split_model(model, [r"projector/.*"])
+    dt = {"/".join(map(str, p)): v.value.dtype for p, v in nnx.to_flat_state(cast_frozen(frozen, jnp.bfloat16))}
+    assert dt["vision/layers/ln1_scale"] == jnp.float32 and dt["vision/pos_embed"] == jnp.float32
+    assert dt["llm/final_norm"] == jnp.float32
+    assert dt["vision/layers/q_kernel"] == jnp.bfloat16 and dt["llm/embed"] == jnp.bfloat16
+
+
+def _lower_train_grad_for_cuda(geo_cfg, batch):
+    """StableHLO of the stage-2 loss gradient lowered for CUDA (no GPU needed, nothing compiled)."""
+    model = nnx.eval_shape(lambda: LlavaModel(geo_cfg, rngs=nnx.Rngs(0)))
+    g, tr, fr = split_model(model, [r"projector/.*", r"llm/.*"])
+    fn = jax.jit(jax.grad(lambda tr, fr, bt: batch_loss(tr, fr, g, bt)[0]))
+    return fn.trace(tr, fr, batch).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.fixture
+def fake_cudnn(monkeypatch):
+    """Let jax lower its cuDNN attention for an H100 on a machine without CUDA (private API:
+    skipped if jax moved it)."""
+    fa = pytest.importorskip("jax._src.cudnn.fused_attention_stablehlo")
+    for name in ("check_cudnn_version", "check_compute_capability", "is_cuda_compute_capability_equal"):
+        if not hasattr(fa, name):
+            pytest.skip(f"jax moved {name}")
+    monkeypatch.setattr(fa, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(fa, "check_compute_capability", lambda cap: True)
+    monkeypatch.setattr(fa, "is_cuda_compute_capability_equal", lambda cap: cap == "9.0")
+
+
+@pytest.mark.parametrize("impl", ["cudnn", "cudnn_padded", "pallas"])
+def test_fused_attention_lowers_for_cuda(impl, fake_cudnn, monkeypatch):
+    """The GPU kernels themselves cannot run here; their lowering for CUDA can: the train step's
+    gradient holds the cuDNN flash-attention forward+backward custom calls (the frozen vision tower
+    forward only), or the Pallas Triton kernels."""
+    from llava_jax.models import layers
+
+    monkeypatch.setattr(layers, "PALLAS_INTERPRET", False)
+    cfg = tiny_model_config().with_runtime(dtype=jnp.bfloat16, attention_impl=impl, remat_policy="dots",
+                                           loss_chunk=8)
+    cfg = cfg.replace(text=dataclasses.replace(cfg.text, head_dim=8))  # cuDNN: head_dim % 8 == 0
+    txt = _lower_train_grad_for_cuda(cfg, jax.tree.map(jnp.asarray, _packed_batch(cfg)))
+    calls = set(re.findall(r"custom_call @([\w.$-]+)", txt))
+    if impl == "pallas":
+        assert "__gpu$xla.gpu.triton" in calls and "mha_forward" in txt and "mha_backward" in txt
+    else:
+        llm = "__cudnn$fmhaScaleBiasSoftmax" if impl == "cudnn" else "__cudnn$fmhaSoftmax"
+        assert {llm, llm + "Backward", "__cudnn$fmhaSoftmax"} <= calls, calls  # vision: unmasked forward
+        assert {c for c in calls if c.endswith("Backward")} == {llm + "Backward"}  # no vision backward
+
+
+@pytest.mark.parametrize("impl", ["cudnn_padded", "pallas"])
+def test_dots_attn_remat_runs_the_attention_forward_once(impl, fake_cudnn, monkeypatch):
+    """Under `dots` the backward reruns the fused attention forward (vision fwd + LLM fwd + LLM
+    fwd again = 3 kernels in the lowered step); `dots_attn` saves its outputs and residuals (2)."""
+    from llava_jax.models import layers
+
+    monkeypatch.setattr(layers, "PALLAS_INTERPRET", False)
+    counts = {}
+    for remat in ("dots", "dots_attn"):
+        cfg = tiny_model_config().with_runtime(dtype=jnp.bfloat16, attention_impl=impl, remat_policy=remat)
+        cfg = cfg.replace(text=dataclasses.replace(cfg.text, head_dim=8))
+        txt = _lower_train_grad_for_cuda(cfg, jax.tree.map(jnp.asarray, _packed_batch(cfg)))
+        calls = re.findall(r"custom_call @([\w.$-]+)", txt)
+        counts[remat] = calls.count("__cudnn$fmhaSoftmax") if impl != "pallas" else txt.count('"mha_forward"')
+    assert counts == {"dots": 3, "dots_attn": 2}
