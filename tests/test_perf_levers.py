@@ -235,3 +235,29 @@ def test_dots_attn_remat_runs_the_attention_forward_once(impl, fake_cudnn, monke
         calls = re.findall(r"custom_call @([\w.$-]+)", txt)
         counts[remat] = calls.count("__cudnn$fmhaSoftmax") if impl != "pallas" else txt.count('"mha_forward"')
     assert counts == {"dots": 3, "dots_attn": 2}
+
+
+def test_save_qkv_out_remat_saves_the_named_activations(capsys):
+    """`save_qkv_out` keeps q/k/v, the attention output and the MLP output of every scanned layer
+    for the backward pass (it used to name tags no layer set, so it saved nothing, like `full`)."""
+    from jax.ad_checkpoint import print_saved_residuals
+
+    saved = {}
+    for policy in ("save_qkv_out", "full"):
+        cfg = tiny_model_config().with_runtime(remat_policy=policy)
+        graphdef, state = nnx.split(LlavaModel(cfg, rngs=nnx.Rngs(0)).llm)
+        t, L = 8, cfg.text.num_layers
+        x = jnp.ones((1, t, cfg.text.hidden_size))
+
+        def f(state, x):
+            out = nnx.merge(graphdef, state)(x, jnp.arange(t)[None], jnp.ones((1, t), jnp.int32), return_hidden=True)
+            return (out[0] if isinstance(out, tuple) else out).sum()
+
+        print_saved_residuals(f, state, x)
+        # per-layer residuals come out of the scan stacked on a leading layers axis
+        saved[policy] = re.findall(rf"f32\[{L},1,{t},([\d,]+)\] output of scan", capsys.readouterr().out)
+    from collections import Counter
+
+    h, kv, d = cfg.text.num_heads, cfg.text.num_kv_heads, cfg.text.head_dim
+    extra = Counter(saved["save_qkv_out"]) - Counter(saved["full"])  # `full` keeps only each layer's input
+    assert extra[f"{h},{d}"] == 2 and extra[f"{kv},{d}"] == 2, saved  # q + attention output, k + v

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from llava_jax.config import VisionConfig
 from llava_jax.models.layers import (
@@ -153,11 +154,12 @@ class VisionLayers(nnx.Module):
             q = jnp.einsum("btd,dhk->bthk", y, c("q_kernel")) + c("q_bias")
             k = jnp.einsum("btd,dhk->bthk", y, c("k_kernel")) + c("k_bias")
             v = jnp.einsum("btd,dhk->bthk", y, c("v_kernel")) + c("v_bias")
-            a = dot_product_attention(q, k, v, None, attention_impl)  # every patch sees every patch
+            q, k, v = (checkpoint_name(t, "qkv") for t in (q, k, v))  # for the `save_qkv_out` policy
+            a = checkpoint_name(dot_product_attention(q, k, v, None, attention_impl), "attn_out")
             x = x + jnp.einsum("bthk,hkd->btd", a, c("o_kernel")) + c("o_bias")
             y = layer_norm(x, p["ln2_scale"], p["ln2_bias"], eps)
             y = quick_gelu(jnp.einsum("btd,df->btf", y, c("fc1_kernel")) + c("fc1_bias"))
-            x = x + jnp.einsum("btf,fd->btd", y, c("fc2_kernel")) + c("fc2_bias")
+            x = x + checkpoint_name(jnp.einsum("btf,fd->btd", y, c("fc2_kernel")), "mlp_out") + c("fc2_bias")
             return x, (x if collect else None)
 
         if n_layers == 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from llava_jax.config import TextConfig
 from llava_jax.models.layers import (
@@ -141,6 +142,8 @@ class LlamaLayers(nnx.Module):
             k = jnp.einsum("bld,dhk->blhk", y, c("k_kernel")) + bias(p, "k_bias")
             v = jnp.einsum("bld,dhk->blhk", y, c("v_kernel")) + bias(p, "v_bias")
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            # names for the `save_qkv_out` remat policy
+            q, k, v = (checkpoint_name(t, "qkv") for t in (q, k, v))
             if kv is not None:  # write the new keys/values into the cache, attend over all slots
                 k_all = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, cache_index, 0, 0))
                 v_all = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, cache_index, 0, 0))
@@ -149,11 +152,13 @@ class LlamaLayers(nnx.Module):
             else:
                 a = dot_product_attention(q, k, v, mask, attention_impl, segment_ids=segment_ids, causal=True)
                 new_kv = None
+            a = checkpoint_name(a, "attn_out")
             x = x + jnp.einsum("blhk,hkd->bld", a, c("o_kernel")) + bias(p, "o_bias")
             y = rms_norm(x, p["mlp_norm"], eps)
             gate = jnp.einsum("bld,df->blf", y, c("gate_kernel")) + bias(p, "gate_bias")
             up = jnp.einsum("bld,df->blf", y, c("up_kernel")) + bias(p, "up_bias")
-            x = x + jnp.einsum("blf,fd->bld", jax.nn.silu(gate) * up, c("down_kernel")) + bias(p, "down_bias")
+            mlp = checkpoint_name(jnp.einsum("blf,fd->bld", jax.nn.silu(gate) * up, c("down_kernel")), "mlp_out")
+            x = x + mlp + bias(p, "down_bias")
             return x, new_kv
 
         x, new_kv = jax.lax.scan(maybe_remat(layer, remat_policy), x, (stacked, kv_cache))
