@@ -49,7 +49,16 @@ def wide_set(tmp_path_factory) -> DataSet:
     return DataSet(root, manifest)
 
 
-@pytest.fixture(params=["default_set", "wide_set"])
+@pytest.fixture(scope="module")
+def grid_set(tmp_path_factory) -> DataSet:
+    """The demo's layout: a 3x3 grid of 16-px cells, one object per cell."""
+    root = tmp_path_factory.mktemp("shapes_grid")
+    manifest = syn.generate(root, num_train=150, num_eval=30, seed=5, image_size=48, grid=3,
+                            size_range=(0.6, 0.9))
+    return DataSet(root, manifest)
+
+
+@pytest.fixture(params=["default_set", "wide_set", "grid_set"])
 def dataset(request) -> DataSet:
     return request.getfixturevalue(request.param)
 
@@ -147,6 +156,22 @@ def test_boxes_match_rendered_pixels(dataset):
         img = np.asarray(Image.open(dataset.root / "images" / row["image"]).convert("RGB"))
         assert img.shape == (cfg["image_size"], cfg["image_size"], 3)
         _check_rendered(img, row["instances"], color_rgb, background)
+
+
+def test_grid_layout_puts_each_object_whole_in_its_own_cell(grid_set):
+    cell = 48 // 3
+    names = ["top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right"]
+    for ann in grid_set.annotations + grid_set.eval_annotations:
+        cells = []
+        for inst in ann["instances"]:
+            x0, y0, x1, y1 = (round(v * 48) for v in inst["bbox"])  # pixel edges
+            col, row = x0 // cell, y0 // cell
+            assert (x1 - 1) // cell == col and (y1 - 1) // cell == row, (ann["id"], inst)
+            cells.append(row * 3 + col)
+            assert syn.position_of(inst["bbox"]) == names[row * 3 + col]
+        assert len(set(cells)) == len(cells), ann["id"]
+    with pytest.raises(ValueError, match="grid"):
+        syn.ShapesWorld(image_size=48, grid=2, max_objects=5)
 
 
 @pytest.mark.parametrize("size", [32, 128, 336])

@@ -172,8 +172,7 @@ def test_stage2_from_stage1_workdir_and_export_loads_in_transformers(world, tmp_
     with torch.no_grad():
         ref = model(input_ids=torch.tensor(ids), pixel_values=torch.tensor(px)).logits.numpy()
     assert np.abs(np.asarray(ours(ids, pixel_values=px)) - ref).max() < 1e-4
-    # stage 2 trained on top of stage 1: its vision tower (frozen in the recipe, trained in this
-    # demo config) and the stage-1 params differ from a fresh init
+    # stage 2 on top of stage 1, exported with its tokenizer
     from llava_jax.convert.safetensors_io import SafetensorsFile
 
     assert (hf / "tokenizer_config.json").exists()

@@ -285,6 +285,8 @@ class ShapesWorld:
         position_margin: float = 0.03,
         short_answer_prob: float = 0.5,
         describe_prob: float = 0.1,
+        grid: int = 0,
+        reading_order: bool = False,
     ):
         unknown = [s for s in shapes if s not in ALL_SHAPES]
         if unknown:
@@ -311,6 +313,11 @@ class ShapesWorld:
         lo, hi = size_range
         if not 0 < lo <= hi < 1:
             raise ValueError(f"size_range must satisfy 0 < lo <= hi < 1, got {size_range}")
+        if grid and (grid < 2 or max_objects > grid * grid or image_size // grid < 8):
+            raise ValueError(f"grid={grid} needs grid >= 2, max_objects <= grid**2 and cells of >= 8 px "
+                             f"(image_size {image_size}, max_objects {max_objects})")
+        self.grid = int(grid)
+        self.reading_order = bool(reading_order)
         self.seed = int(seed)
         self.image_size = int(image_size)
         self.shapes = tuple(shapes)
@@ -332,7 +339,8 @@ class ShapesWorld:
             "min_objects": self.min_objects, "max_objects": self.max_objects,
             "size_range": list(self.size_range), "background": self.background,
             "position_margin": self.position_margin, "short_answer_prob": self.short_answer_prob,
-            "describe_prob": self.describe_prob,
+            "describe_prob": self.describe_prob, "grid": self.grid,
+            "reading_order": self.reading_order,
         }
 
     def rng(self, split: str, index: int, purpose: str, attempt: int = 0) -> random.Random:
@@ -344,6 +352,8 @@ class ShapesWorld:
         rng = self.rng(split, index, "scene", attempt)
         W = self.image_size
         n = rng.randint(self.min_objects, self.max_objects)
+        if self.grid:
+            return self._sample_grid_scene(rng, index, split, n)
         smin = max(6, round(self.size_range[0] * W))
         smax = max(smin, round(self.size_range[1] * W))
         pad, gap, m = max(1, W // 32), 1, self.position_margin
@@ -380,6 +390,24 @@ class ShapesWorld:
             return self.sample_scene(index, split, attempt + 1)
         return Scene(f"{split}_{index:06d}", tuple(objs), W)
 
+    def _sample_grid_scene(self, rng: random.Random, index: int, split: str, n: int) -> Scene:
+        """Grid layout: the image is `grid` x `grid` cells and each object sits inside its own
+        cell (size from size_range relative to the cell, small jitter). With a ViT whose patch is
+        one cell, every object is whole inside one patch: the layout the offline demo uses so
+        that a tower trained from scratch in minutes can see shapes (see configs/demo.py)."""
+        W, g = self.image_size, self.grid
+        cell = W // g
+        lo = max(5, round(self.size_range[0] * cell))
+        hi = max(lo, min(cell - 2, round(self.size_range[1] * cell)))
+        objs = []
+        for k in rng.sample(range(g * g), n):
+            r, c = divmod(k, g)
+            s = rng.randint(lo, hi)
+            x0 = c * cell + rng.randint(1, cell - 1 - s)
+            y0 = r * cell + rng.randint(1, cell - 1 - s)
+            objs.append(Obj(rng.choice(self.shapes), rng.choice(self.colors), (x0, y0, x0 + s - 1, y0 + s - 1), W))
+        return Scene(f"{split}_{index:06d}", tuple(objs), W)
+
     # -- rendering -----------------------------------------------------------------------------
     def render(self, scene: Scene) -> Image.Image:
         img = Image.new("RGB", (scene.image_size, scene.image_size), self.background_rgb)
@@ -395,6 +423,9 @@ class ShapesWorld:
         bg = self.background
 
         def shuffled() -> list[Obj]:
+            if self.reading_order:  # top to bottom, then left to right, by the thirds of the image
+                third = lambda v: min(2, int(3 * v))  # noqa: E731
+                return sorted(objs, key=lambda o: (third((o.bbox[1] + o.bbox[3]) / 2), o.bbox[0]))
             o = objs[:]
             rng.shuffle(o)
             return o
@@ -402,7 +433,7 @@ class ShapesWorld:
         def groups() -> str:
             return _join(_group_phrases(shuffled()))
 
-        lr = sorted(objs, key=lambda o: (o.box[0] + o.box[2], o.box[1]))
+        lr = shuffled() if self.reading_order else sorted(objs, key=lambda o: (o.box[0] + o.box[2], o.box[1]))
         count = f"{_number_word(n)} {'shape' if n == 1 else 'shapes'}"
         there = "There is" if n == 1 else "There are"
         templates = [

@@ -23,6 +23,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.projector_path = ""  # a stage-1 projector file (mm_projector.bin / safetensors)
     # A previous stage's workdir: its trained params (e.g. the stage-1 projector) are loaded
     # on top of the model above. Only params matching init_from_workdir_patterns are taken.
+    # Several workdirs: comma-separated, applied in order (the demo: "tower,stage1").
     c.model.init_from_workdir = ""
     c.model.init_from_workdir_patterns = (r".*",)
     c.model.projector_type = "mlp2x_gelu"
