@@ -5,10 +5,14 @@
         --config.tokenizer_path=DIR/tokenizer \
         --config.data.sources=DIR/data/stage1.json --config.data.image_folder=DIR/data/images
 
-Unlike the real recipe (frozen pretrained CLIP and Vicuna), nothing pretrained exists offline,
-so stage 1 trains the whole model (vision tower, projector, LLM) on captions, and stage 2 trains
-it all again on conversations (the recipe freezes the tower in stage 2; a from-scratch tower
-needs the extra training). `tiny` is the test config.
+Unlike the real recipe (pretrained CLIP and Vicuna), nothing pretrained exists offline:
+  * the demo first pretrains its tiny vision tower on the shapes world's box labels
+    (`llava_jax/train/tower_pretrain.py`, a stand-in for CLIP; then frozen in both stages);
+  * stage 1 trains the projector AND the LLM (the recipe trains only the projector): a
+    from-scratch LLM has to learn the language somewhere; stage 2 trains projector + LLM as in
+    the recipe.
+The world is drawn on a 3x3 grid of 16-px cells, one object per cell and one cell per ViT patch
+(`demo.world_settings`). `tiny_*` are the test configs.
 """
 from llava_jax.train.defaults import base_config
 
@@ -26,7 +30,7 @@ def get_config(arg: str = "stage1"):
     c.model.projector_type = "mlp2x_gelu"
     c.model.vision_feature_layer = -1  # a 2-layer tower: use its last layer
     c.model.scratch.vision.update(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                                  image_size=32, patch_size=8)
+                                  image_size=48, patch_size=16)
     c.model.scratch.text.update(hidden_size=128, intermediate_size=256, num_layers=3, num_heads=4,
                                 num_kv_heads=2, head_dim=32, max_position_embeddings=512)
     c.data.image_mode = "pad"
@@ -40,20 +44,17 @@ def get_config(arg: str = "stage1"):
     c.train.log_every = 25
     c.train.ckpt_every = 200
     c.train.keep = 2
+    c.trainable = (r"projector/.*", r"llm/.*",)  # the pretrained tower is frozen (see above)
     if stage == 1:
-        c.trainable = (r"vision/.*", r"projector/.*", r"llm/.*",)
         c.data.template = "plain"
         c.data.max_length = 128
         c.data.num_epochs = 4
         c.optim.lr = 2e-3
     else:
-        # The tower is trained here too: a from-scratch 2-layer ViT has not learned to see after
-        # stage 1's captions alone (the pretrained CLIP of the real recipe has).
-        c.trainable = (r"vision/.*", r"projector/.*", r"llm/.*",)
         c.data.template = "vicuna_v1"
         c.data.max_length = 256
         c.data.num_epochs = 4
-        c.optim.lr = 5e-4
+        c.optim.lr = 1e-3
     if tiny:
         c.model.scratch.vision.update(hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
                                       image_size=16, patch_size=8)

@@ -1,13 +1,18 @@
 """The offline end-to-end demo: `python -m llava_jax.demo [--out DIR]`.
 
-1. generates the synthetic shapes world (images, captions + boxes, stage-1/2 rows, held-out Q&A);
+1. generates the synthetic shapes world (images, captions + boxes, stage-1/2 rows, held-out Q&A),
+   drawn on a grid with one object per ViT patch (`world_settings`);
 2. trains a small tokenizer on its text (no pretrained Vicuna tokenizer offline);
-3. stage 1 with the real trainer (`configs/demo.py:stage1`): captions, `plain` template;
-4. stage 2 (`configs/demo.py:stage2`): conversations, `vicuna_v1`, vision tower frozen, starting
-   from the stage-1 workdir exactly like the `mm_projector.bin` flow;
-5. answers the held-out questions with the KV-cache engine and prints accuracy per question type
+3. stage 0, the stand-in for a pretrained CLIP: trains the tiny vision tower alone to name the
+   colour and shape in each patch and where the patch is (`llava_jax/train/tower_pretrain.py`),
+   then freezes it;
+4. stage 1 with the real trainer (`configs/demo.py:stage1`): captions, `plain` template,
+   projector + LLM trained (the recipe trains only the projector; this LLM starts from scratch);
+5. stage 2 (`configs/demo.py:stage2`): conversations, `vicuna_v1`, projector + LLM, starting from
+   the tower and stage-1 workdirs exactly like the `mm_projector.bin` flow;
+6. answers the held-out questions with the KV-cache engine and prints accuracy per question type
    against the chance rate; then answers a few questions about brand-new images.
-No downloads. Nothing pretrained exists offline, so stage 1 trains the tower and the LLM too.
+No downloads.
 """
 from __future__ import annotations
 
@@ -22,8 +27,9 @@ from absl import app, flags, logging
 FLAGS = flags.DEFINE_string("out", "/tmp/llava_jax_demo", "where data, checkpoints and results go")
 _NUM_TRAIN = flags.DEFINE_integer("num_train", 3000, "training images")
 _NUM_EVAL = flags.DEFINE_integer("num_eval", 100, "held-out images (3 questions each)")
-_EPOCHS1 = flags.DEFINE_integer("stage1_epochs", 6, "stage-1 epochs")
-_EPOCHS2 = flags.DEFINE_integer("stage2_epochs", 10, "stage-2 epochs")
+_EPOCHS1 = flags.DEFINE_integer("stage1_epochs", 12, "stage-1 epochs")
+_EPOCHS2 = flags.DEFINE_integer("stage2_epochs", 15, "stage-2 epochs")
+_TOWER_STEPS = flags.DEFINE_integer("tower_steps", 300, "vision-tower pretraining steps (the stand-in for CLIP)")
 _SEED = flags.DEFINE_integer("seed", 0, "world seed")
 _MAX_OBJECTS = flags.DEFINE_integer("max_objects", 4, "shapes per image: 1..max_objects")
 _FRESH = flags.DEFINE_bool("fresh", True, "delete --out first (False: resume the stages where they stopped)")
@@ -38,6 +44,14 @@ def load_demo_config(arg: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.get_config(arg)
+
+
+def world_settings(config) -> dict:
+    """The shapes world drawn for the demo model: one object per grid cell, one cell per ViT
+    patch, so each image token sees at most one whole shape (see configs/demo.py for why)."""
+    v = config.model.scratch.vision
+    return {"image_size": v.image_size, "grid": v.image_size // v.patch_size, "size_range": (0.6, 0.9),
+            "reading_order": True, "short_answer_prob": 1.0}
 
 
 def corpus(data_dir: Path):
@@ -69,28 +83,51 @@ def run(out: Path) -> dict:
     from llava_jax.eval.answer import answer_questions
     from llava_jax.train.trainer import apply_workdir_params, build_model, load_run_tokenizer, train
     from llava_jax.train import mesh as mesh_lib
+    from llava_jax.train.checkpoint import Checkpointer
+    from llava_jax.train.tower_pretrain import pretrain_tower
+
+    import jax
 
     t0 = time.perf_counter()
     times = {}
     data_dir = out / "data"
     c1 = load_demo_config("stage1")
     size = c1.model.scratch.vision.image_size
+    world = world_settings(c1)
     if not (data_dir / "manifest.json").exists():
         synthetic.generate(data_dir, num_train=_NUM_TRAIN.value, num_eval=_NUM_EVAL.value, seed=_SEED.value,
-                           image_size=size, max_objects=_MAX_OBJECTS.value)
+                           max_objects=_MAX_OBJECTS.value, **world)
     if not (out / "tokenizer" / "tokenizer_config.json").exists():
         build_llama_tokenizer(corpus(data_dir), out / "tokenizer", vocab_size=512)
     times["data"] = time.perf_counter() - t0
     print(f"[demo] shapes world + tokenizer ready in {times['data']:.1f}s under {data_dir}", flush=True)
 
+    # ------------------------------------------------------------------ stage 0: the tower
     t = time.perf_counter()
-    s1 = train(stage_config("stage1", out, data_dir, "stage1.json", _EPOCHS1.value), str(out / "stage1"))
+    tower_dir = out / "tower"
+    tower = None
+    c0 = stage_config("stage1", out, data_dir, "stage1.json", _EPOCHS1.value)
+    if Checkpointer(tower_dir, async_save=False).latest_step() is None:
+        tokenizer, ids = load_run_tokenizer(c0)
+        mesh1 = mesh_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+        tower = pretrain_tower(build_model(c0, mesh1, ids, vocab_size=len(tokenizer)), data_dir, tower_dir,
+                               steps=_TOWER_STEPS.value, image_mode=c0.data.image_mode, seed=_SEED.value)
+        print(f"[demo] vision tower pretrained (stand-in for CLIP): {tower['steps']} steps, held-out objects: "
+              f"colour {tower['object_color_acc']:.1%}, shape {tower['object_shape_acc']:.1%}, "
+              f"patch position {tower['patch_position_acc']:.1%}, "
+              f"{tower['seconds']:.0f}s", flush=True)
+    times["tower"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    s1 = train(stage_config("stage1", out, data_dir, "stage1.json", _EPOCHS1.value, init_from=tower_dir),
+               str(out / "stage1"))
     times["stage1"] = time.perf_counter() - t
     print(f"[demo] stage 1: {s1['step']} steps, final loss {s1.get('loss', float('nan')):.3f}, "
           f"{times['stage1']:.0f}s", flush=True)
 
     t = time.perf_counter()
-    c2 = stage_config("stage2", out, data_dir, "stage2.json", _EPOCHS2.value, init_from=out / "stage1")
+    c2 = stage_config("stage2", out, data_dir, "stage2.json", _EPOCHS2.value,
+                      init_from=f"{tower_dir},{out / 'stage1'}")
     s2 = train(c2, str(out / "stage2"))
     times["stage2"] = time.perf_counter() - t
     print(f"[demo] stage 2: {s2['step']} steps, final loss {s2.get('loss', float('nan')):.3f}, "
@@ -99,7 +136,7 @@ def run(out: Path) -> dict:
     # ------------------------------------------------------------------ evaluation
     t = time.perf_counter()
     tokenizer, ids = load_run_tokenizer(c2)
-    mesh = mesh_lib.make_mesh((1, 1, 1), devices=__import__("jax").devices()[:1])
+    mesh = mesh_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     model = build_model(c2, mesh, ids, vocab_size=len(tokenizer))  # stage-1 params
     model = apply_workdir_params(model, str(out / "stage2"), [r".*"])  # + stage-2 trained params
     questions = [json.loads(x) for x in (data_dir / "eval.jsonl").read_text().splitlines() if x.strip()]
@@ -127,15 +164,15 @@ def run(out: Path) -> dict:
     # ------------------------------------------------------------------ new images
     print("\n[demo] questions about brand-new images (not in the training or eval sets)")
     new_dir = out / "new_images"
-    synthetic.generate(new_dir, num_train=0, num_eval=3, seed=_SEED.value + 1000, image_size=size,
-                       max_objects=_MAX_OBJECTS.value)
+    synthetic.generate(new_dir, num_train=0, num_eval=3, seed=_SEED.value + 1000,
+                       max_objects=_MAX_OBJECTS.value, **world)
     new_q = [json.loads(x) for x in (new_dir / "eval.jsonl").read_text().splitlines() if x.strip()][:6]
     new_a = answer_questions(model, tokenizer, new_q, new_dir / "images", template=c2.data.template,
                              image_mode=c2.data.image_mode, max_new_tokens=16)
     for q, a in zip(new_q, new_a):
         print(f"  {q['image']}: Q: {q['text']}\n      A: {a['text']}   (truth: {q['answer']})")
     times["total"] = time.perf_counter() - t0
-    summary = {"accuracy": rows, "times_s": times, "stage1": s1, "stage2": s2}
+    summary = {"accuracy": rows, "times_s": times, "tower": tower, "stage1": s1, "stage2": s2}
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"\n[demo] done in {times['total'] / 60:.1f} min; results in {out}/demo_summary.json", flush=True)
     return summary
