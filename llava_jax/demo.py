@@ -29,7 +29,7 @@ _NUM_TRAIN = flags.DEFINE_integer("num_train", 3000, "training images")
 _NUM_EVAL = flags.DEFINE_integer("num_eval", 100, "held-out images (3 questions each)")
 _EPOCHS1 = flags.DEFINE_integer("stage1_epochs", 12, "stage-1 epochs")
 _EPOCHS2 = flags.DEFINE_integer("stage2_epochs", 15, "stage-2 epochs")
-_TOWER_STEPS = flags.DEFINE_integer("tower_steps", 300, "vision-tower pretraining steps (the stand-in for CLIP)")
+_TOWER_STEPS = flags.DEFINE_integer("tower_steps", 800, "vision-tower pretraining steps (the stand-in for CLIP)")
 _SEED = flags.DEFINE_integer("seed", 0, "world seed")
 _MAX_OBJECTS = flags.DEFINE_integer("max_objects", 4, "shapes per image: 1..max_objects")
 _FRESH = flags.DEFINE_bool("fresh", True, "delete --out first (False: resume the stages where they stopped)")
@@ -77,11 +77,32 @@ def stage_config(arg, out: Path, data_dir: Path, rows: str, epochs: int, init_fr
     return c
 
 
+def trained_stage_config(out: Path, epochs: int = 1):
+    """The stage-2 config of a demo directory: on top of the tower and stage-1 workdirs."""
+    return stage_config("stage2", out, out / "data", "stage2.json", epochs,
+                        init_from=f"{out / 'tower'},{out / 'stage1'}")
+
+
+def load_trained_model(out: Path, c2=None):
+    """(model, tokenizer) of a finished demo directory: tower + stage-1 + stage-2 params."""
+    import jax
+
+    from llava_jax.train import mesh as mesh_lib
+    from llava_jax.train.trainer import apply_workdir_params, build_model, load_run_tokenizer
+
+    c2 = c2 or trained_stage_config(out)
+    tokenizer, ids = load_run_tokenizer(c2)
+    mesh = mesh_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    model = build_model(c2, mesh, ids, vocab_size=len(tokenizer))  # tower + stage-1 params
+    model = apply_workdir_params(model, str(out / "stage2"), [r".*"])  # + stage-2 trained params
+    return model, tokenizer
+
+
 def run(out: Path) -> dict:
     from llava_jax.data import synthetic
     from llava_jax.data.tokenizer_build import build_llama_tokenizer
     from llava_jax.eval.answer import answer_questions
-    from llava_jax.train.trainer import apply_workdir_params, build_model, load_run_tokenizer, train
+    from llava_jax.train.trainer import build_model, load_run_tokenizer, train
     from llava_jax.train import mesh as mesh_lib
     from llava_jax.train.checkpoint import Checkpointer
     from llava_jax.train.tower_pretrain import pretrain_tower
@@ -92,7 +113,6 @@ def run(out: Path) -> dict:
     times = {}
     data_dir = out / "data"
     c1 = load_demo_config("stage1")
-    size = c1.model.scratch.vision.image_size
     world = world_settings(c1)
     if not (data_dir / "manifest.json").exists():
         synthetic.generate(data_dir, num_train=_NUM_TRAIN.value, num_eval=_NUM_EVAL.value, seed=_SEED.value,
@@ -126,8 +146,7 @@ def run(out: Path) -> dict:
           f"{times['stage1']:.0f}s", flush=True)
 
     t = time.perf_counter()
-    c2 = stage_config("stage2", out, data_dir, "stage2.json", _EPOCHS2.value,
-                      init_from=f"{tower_dir},{out / 'stage1'}")
+    c2 = trained_stage_config(out, _EPOCHS2.value)
     s2 = train(c2, str(out / "stage2"))
     times["stage2"] = time.perf_counter() - t
     print(f"[demo] stage 2: {s2['step']} steps, final loss {s2.get('loss', float('nan')):.3f}, "
@@ -135,10 +154,7 @@ def run(out: Path) -> dict:
 
     # ------------------------------------------------------------------ evaluation
     t = time.perf_counter()
-    tokenizer, ids = load_run_tokenizer(c2)
-    mesh = mesh_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    model = build_model(c2, mesh, ids, vocab_size=len(tokenizer))  # stage-1 params
-    model = apply_workdir_params(model, str(out / "stage2"), [r".*"])  # + stage-2 trained params
+    model, tokenizer = load_trained_model(out, c2)
     questions = [json.loads(x) for x in (data_dir / "eval.jsonl").read_text().splitlines() if x.strip()]
     answers = answer_questions(model, tokenizer, questions, data_dir / "images", template=c2.data.template,
                                image_mode=c2.data.image_mode, max_new_tokens=16, batch_size=32)

@@ -21,18 +21,11 @@ import numpy as np
 
 
 def load_demo(out: Path):
-    import jax
-
-    from llava_jax.demo import stage_config
-    from llava_jax.train import mesh as mesh_lib
-    from llava_jax.train.trainer import apply_workdir_params, build_model, load_run_tokenizer
+    from llava_jax.demo import load_trained_model, trained_stage_config
 
     data_dir = out / "data"
-    c2 = stage_config("stage2", out, data_dir, "stage2.json", 1, init_from=out / "stage1")
-    tokenizer, ids = load_run_tokenizer(c2)
-    mesh = mesh_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    model = build_model(c2, mesh, ids, vocab_size=len(tokenizer))
-    model = apply_workdir_params(model, str(out / "stage2"), [r".*"])
+    c2 = trained_stage_config(out)
+    model, tokenizer = load_trained_model(out, c2)
     questions = [json.loads(x) for x in (data_dir / "eval.jsonl").read_text().splitlines() if x.strip()]
     return model, tokenizer, questions, data_dir / "images", c2.data.template, c2.data.image_mode
 
