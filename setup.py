@@ -37,5 +37,9 @@ setup(
                  "hypothesis>=6.100"],
         # the web-page test drives the system chromium (apt-get install chromium) through playwright
         "browser": ["playwright>=1.40"],
+        # gs:// workdirs: etils.epath goes through gcsfs; Orbax also asks google-cloud-storage
+        "gcs": ["gcsfs", "google-cloud-storage"],
+        # ahead-of-time compiles for TPU topologies on any machine (llava_jax.tools.aot)
+        "tpu": ["jax[tpu]"],
     },
 )
