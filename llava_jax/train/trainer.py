@@ -29,6 +29,7 @@ from llava_jax.train.state import (
     count_params,
     make_optimizer,
     make_train_step,
+    opt_state_shardings,
     param_count_by_subtree,
     split_model,
     step_flops,
@@ -239,7 +240,7 @@ def train(config, workdir: str) -> dict:
         num_steps = estimate_num_steps(sources, tokenizer, pcfg, config.data.num_epochs, config.train.global_batch)
         logging.info("num_steps estimated at %d for %d epochs", num_steps, config.data.num_epochs)
     tx, schedule = make_optimizer(config.optim, num_steps, trainable)
-    opt_state = _on_mesh(jax.jit(tx.init)(trainable), mesh)  # moments inherit the params' shardings
+    opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, trainable, mesh))(trainable)
 
     # ---------------------------------------------------------------- restore
     ckpt = Checkpointer(workdir, keep=config.train.keep, async_save=config.train.async_checkpoint)
@@ -257,7 +258,8 @@ def train(config, workdir: str) -> dict:
     fr_sh = jax.tree.map(lambda x: x.sharding, frozen)
     os_sh = jax.tree.map(lambda x: x.sharding, opt_state)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())  # metrics: readable on every host
-    step_fn = jax.jit(make_train_step(graphdef, tx, schedule, grad_accum),
+    train_step = make_train_step(graphdef, tx, schedule, grad_accum)
+    step_fn = jax.jit(mesh_lib.with_batch_sharded_activations(train_step, mesh),
                       in_shardings=(tr_sh, os_sh, fr_sh, None, None),
                       out_shardings=(tr_sh, os_sh, replicated), donate_argnums=(0, 1))
 
@@ -356,18 +358,6 @@ def train(config, workdir: str) -> dict:
         (workdir_p / "train_summary.json").write_text(json.dumps(summary, indent=2))
         logging.info("training %s at step %d", status, step)
     return summary
-
-
-def _on_mesh(tree, mesh):
-    """Leaves that ended up on a single device (scalar counters) are replicated over the mesh."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    def fix(x):
-        if len(x.sharding.device_set) == mesh.size:
-            return x
-        return jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
-
-    return jax.tree.map(fix, tree)
 
 
 def _global_array(x, mesh, num_shards: int = 1):
