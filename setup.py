@@ -39,7 +39,5 @@ setup(
         "browser": ["playwright>=1.40"],
         # gs:// workdirs: etils.epath goes through gcsfs; Orbax also asks google-cloud-storage
         "gcs": ["gcsfs", "google-cloud-storage"],
-        # ahead-of-time compiles for TPU topologies on any machine (llava_jax.tools.aot)
-        "tpu": ["jax[tpu]"],
     },
 )
