@@ -27,6 +27,7 @@
 #   --workdir URI       [WORKDIR]      gs://BUCKET/RUN: checkpoints, metrics, TensorBoard (train)
 #   --worker N          [TPU_WORKER]   worker for `logs` (default 0)
 #   --jax-version V     [JAX_VERSION]  jax to install (default: the local one)
+#   --python PY         [PYTHON]       python on the workers (default python3.11, apt-installed if absent)
 #   --dry-run           [DRY_RUN=1]    print the commands instead of running them
 set -euo pipefail
 
@@ -51,6 +52,7 @@ TPU_WORKER="${TPU_WORKER:-0}"
 CONFIG="${CONFIG:-}"
 WORKDIR="${WORKDIR:-}"
 JAX_VERSION="${JAX_VERSION:-}"
+PYTHON="${PYTHON:-python3.11}"
 COMMAND=""
 POSITIONAL=()
 EXTRA=()
@@ -68,6 +70,7 @@ while [[ $# -gt 0 ]]; do
     --workdir) WORKDIR="$2"; shift 2 ;;
     --worker) TPU_WORKER="$2"; shift 2 ;;
     --jax-version) JAX_VERSION="$2"; shift 2 ;;
+    --python) PYTHON="$2"; shift 2 ;;
     --dry-run) DRY_RUN=1; shift ;;
     -h|--help) usage 0 ;;
     --) shift; EXTRA=("$@"); break ;;
@@ -139,8 +142,11 @@ cmd_install() {
   local tarball="${TMPDIR:-/tmp}/llava-jax-src.tgz"
   run tar --exclude=.git --exclude='*.pyc' --exclude=__pycache__ -czf "$tarball" -C "$REPO" .
   run "${TPU[@]}" scp "$tarball" "$TPU_NAME:llava-jax-src.tgz" --zone "$TPU_ZONE" --worker=all
-  on_all_workers "set -e; rm -rf ~/llava-jax && mkdir -p ~/llava-jax && tar -xzf ~/llava-jax-src.tgz -C ~/llava-jax \
-&& python3 -m venv ~/llava-venv && ~/llava-venv/bin/pip install -q -U pip \
+  # TPU VM images are Ubuntu 22.04 (python 3.10); llava-jax needs >= 3.11
+  on_all_workers "set -e; command -v $PYTHON >/dev/null || { sudo apt-get update -qq \
+&& sudo apt-get install -y -qq $PYTHON $PYTHON-venv; } \
+&& rm -rf ~/llava-jax && mkdir -p ~/llava-jax && tar -xzf ~/llava-jax-src.tgz -C ~/llava-jax \
+&& $PYTHON -m venv ~/llava-venv && ~/llava-venv/bin/pip install -q -U pip \
 && ~/llava-venv/bin/pip install -q '$jax_req' -e ~/llava-jax'[gcs]' \
 && ~/llava-venv/bin/python -c 'import jax; print(jax.process_index(), jax.device_count(), jax.devices()[0].device_kind)'"
 }

@@ -16,20 +16,19 @@ HAVE_LIBTPU = importlib.util.find_spec("libtpu") is not None
 
 
 @pytest.mark.parametrize("name, desc, chips, hbm", [
-    ("v5p-64", "v5p:2x4x4", 32, 95.0),
-    ("v5p-32", "v5p:2x2x4", 16, 95.0),
-    ("v5e-256", "v5e:16x16", 256, 16.0),
-    ("v5litepod-64", "v5e:8x8", 64, 16.0),
-    ("v6e-64", "v6e:8x8", 64, 32.0),
-    ("v4-32", "v4:2x2x4", 16, 32.0),
-    ("v5p:2x2x2", "v5p:2x2x2", 8, 95.0),
+    ("v5p-64", "v5p:2x4x4", 32, 95.74),
+    ("v5p-32", "v5p:2x2x4", 16, 95.74),
+    ("v5e-256", "v5e:16x16", 256, 15.75),
+    ("v5litepod-64", "v5e:8x8", 64, 15.75),
+    ("v6e-64", "v6e:8x8", 64, 31.25),
+    ("v5p:2x2x2", "v5p:2x2x2", 8, 95.74),
 ])
 def test_topology_names(name, desc, chips, hbm):
     t = parse_topology(name)
     assert (t.desc_name, t.chips, t.hbm_gib) == (desc, chips, hbm)
 
 
-@pytest.mark.parametrize("name", ["v5p-63", "v5e-48", "h100-8", "v5p"])
+@pytest.mark.parametrize("name", ["v5p-63", "v5e-48", "h100-8", "v5p", "v4-32"])
 def test_bad_topology_names(name):
     with pytest.raises(UsageError):
         parse_topology(name)

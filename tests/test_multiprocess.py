@@ -51,7 +51,7 @@ def start_all(world, workdir, logdir, tag):
     return procs
 
 
-def wait_all(procs, logdir, tag, timeout=300):
+def wait_all(procs, logdir, tag, timeout=900):
     t0 = time.time()
     for rank, p in enumerate(procs):
         try:
@@ -69,12 +69,12 @@ def test_two_processes_kill_resume_match_single_process(world, tmp_path):
     # reference: one process, the same 4-device mesh
     ref = tmp_path / "ref"
     p = subprocess.run(cmd(world, ref, "tiny_stage1", *ARGS), env=proc_env(NPROC * LOCAL_DEVICES), cwd=REPO,
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
 
     w = tmp_path / "mp"
     procs = start_all(world, w, tmp_path, "first")
-    alive = wait_for_steps(procs[0], w, 4)
+    alive = wait_for_steps(procs[0], w, 4, timeout=900)  # generous: CI boxes are busy
     for q in procs:
         q.send_signal(signal.SIGKILL)
         q.wait()

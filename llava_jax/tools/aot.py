@@ -30,7 +30,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (path:arg)", lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", None, "v5p-64, v5e-256, v6e-64, v4-32, ... or platform:shape (v5p:2x4x4)")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "v5p-64, v5e-256, v6e-64, ... or generation:chip grid (v5p:2x4x4)")
 _HBM = flags.DEFINE_float("hbm_gib", 0.0, "per-chip HBM capacity in GiB (0: the generation's)")
 _TOP = flags.DEFINE_integer("top", 8, "how many of the largest arrays to list")
 _VOCAB = flags.DEFINE_integer("vocab_size", 32064, "LLM vocabulary for model.init=scratch or known-architecture configs")
@@ -39,13 +39,13 @@ flags.mark_flags_as_required(["config", "topology"])
 
 GIB = 1024**3
 
-# generation -> (get_topology_desc name prefix, chips per "-N" unit divisor, HBM GiB per chip, dims)
+# generation -> (get_topology_desc name prefix, "-N" units per chip, usable HBM GiB per chip, grid dims).
+# HBM is what XLA's TPU compiler allows a program (it reports it in its out-of-memory error).
 GENERATIONS = {
-    "v4": ("v4", 2, 32.0, 3),  # v4-N / v5p-N count TensorCores: N/2 chips
-    "v5p": ("v5p", 2, 95.0, 3),
-    "v5e": ("v5e", 1, 16.0, 2),  # v5e-N / v6e-N count chips
-    "v5litepod": ("v5e", 1, 16.0, 2),
-    "v6e": ("v6e", 1, 32.0, 2),
+    "v5p": ("v5p", 2, 95.74, 3),  # v5p-N counts TensorCores: N/2 chips (one JAX device each)
+    "v5e": ("v5e", 1, 15.75, 2),  # v5e-N / v6e-N count chips
+    "v5litepod": ("v5e", 1, 15.75, 2),
+    "v6e": ("v6e", 1, 31.25, 2),
 }
 SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
              512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
@@ -81,22 +81,23 @@ class Topology:
 
 def parse_topology(name: str, hbm_gib: float = 0.0) -> Topology:
     """`v5p-64` (Cloud TPU accelerator type) or `v5p:2x4x4` (generation:chip grid)."""
-    m = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", name)
+    m = re.fullmatch(r"(v5p|v5e|v5litepod|v6e)-(\d+)", name)
     if m:
         prefix, per, hbm, dims = GENERATIONS[m.group(1)]
         n = int(m.group(2))
         if n % per:
-            raise UsageError(f"{name}: {m.group(1)}-N counts TensorCores, N must be even")
+            raise UsageError(f"{name}: v5p-N counts TensorCores, N must be even")
         chips = n // per
         shape = (SHAPES_3D if dims == 3 else SHAPES_2D).get(chips)
         if shape is None:
             raise UsageError(f"{name}: unknown slice size; give the chip grid, e.g. {prefix}:2x4x4")
         return Topology(name, f"{prefix}:{shape}", chips, hbm_gib or hbm)
-    m = re.fullmatch(r"(v4|v5p|v5e|v6e):(\d+(?:x\d+)+)", name)
+    m = re.fullmatch(r"(v5p|v5e|v6e):(\d+(?:x\d+)+)", name)
     if m:
         chips = math.prod(int(x) for x in m.group(2).split("x"))
         return Topology(name, name, chips, hbm_gib or GENERATIONS[m.group(1)][2])
-    raise UsageError(f"unknown topology {name!r}; use e.g. v5p-64, v5e-256, v6e-64 or v5p:2x4x4")
+    raise UsageError(f"unknown topology {name!r}; use e.g. v5p-64, v5e-256, v6e-64 or v5p:2x4x4 "
+                     "(v5p, v5e, v6e)")
 
 
 def topology_devices(topo: Topology):
@@ -113,7 +114,10 @@ def topology_devices(topo: Topology):
         os.environ.setdefault(k, v)
     from jax.experimental import topologies
 
-    return topologies.get_topology_desc(platform="tpu", topology_name=topo.desc_name).devices
+    devices = topologies.get_topology_desc(platform="tpu", topology_name=topo.desc_name).devices
+    if len(devices) != topo.chips:
+        raise UsageError(f"{topo.name}: libtpu gives {len(devices)} devices for {topo.desc_name}, expected {topo.chips}")
+    return devices
 
 
 # ------------------------------------------------------------------ the model, abstractly
@@ -205,6 +209,10 @@ def compile_step(config, topo: Topology, vocab_size: int = 32064, devices=None, 
         "global_batch": gb, "grad_accum": grad_accum, "max_length": L, "remat": config.model.remat,
         "dtype": config.model.dtype, "param_dtype": config.model.param_dtype, "hbm_gib": topo.hbm_gib,
         "trainable": list(config.trainable),
+        # model FLOPs (6N + attention per token; every image slot filled, as the static-shape step computes)
+        "model_tflops_per_step": step_flops(cfg, {p.split("/")[0] for p in config.trainable}, gb * L, gb * M, L) / 1e12,
+        "params": {"trainable": _count(trainable), "frozen": _count(frozen)},
+        "largest": _largest([("params", trainable), ("frozen", frozen), ("opt_state", opt_state)], top),
     }
     try:
         compiled = lowered.compile()
@@ -224,17 +232,12 @@ def compile_step(config, topo: Topology, vocab_size: int = 32064, devices=None, 
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
     xla_flops = float(cost.get("flops", 0.0))
-    trains = {p.split("/")[0] for p in config.trainable}  # vision / projector / llm
-    model_flops = step_flops(cfg, trains, gb * L, gb * M, L)
     report.update(
         fits=total <= topo.hbm_gib * GIB,
         memory={"arguments": args, "outputs": outs, "aliased": alias, "temps": temps, "code": code, "total": total},
         hbm_used_frac=total / (topo.hbm_gib * GIB),
-        model_tflops_per_step=model_flops / 1e12,
         # XLA's cost analysis counts a loop body once (layers and accumulation are loops): reference only
         xla_cost_analysis_tflops=xla_flops / 1e12,
-        params={"trainable": _count(trainable), "frozen": _count(frozen)},
-        largest=_largest([("params", trainable), ("frozen", frozen), ("opt_state", opt_state)], top),
     )
     return report
 
@@ -272,16 +275,16 @@ def format_report(r: dict) -> str:
            f"  mesh {r['mesh']}, per-device batch {r['per_device_batch']} x {r['grad_accum']} accumulation = "
            f"global batch {r['global_batch']} rows of {r['max_length']}, remat {r['remat']}, "
            f"{r['dtype']} compute / {r['param_dtype']} params, compiled in {r['compile_s']:.0f}s"]
+    out.append(f"  params: {r['params']['trainable']:,} trainable, {r['params']['frozen']:,} frozen")
     if "error" in r:
         out.append(f"  DOES NOT FIT: XLA: {r['error']}")
-        return "\n".join(out)
-    m = r["memory"]
-    out += [f"  params: {r['params']['trainable']:,} trainable, {r['params']['frozen']:,} frozen",
-            "  per-device memory: arguments " + _gib(m["arguments"]) + ", outputs " + _gib(m["outputs"])
-            + " (aliased " + _gib(m["aliased"]) + "), temps " + _gib(m["temps"]) + ", code " + _gib(m["code"]),
-            f"  total {_gib(m['total'])} of {r['hbm_gib']:g} GiB ({r['hbm_used_frac']:.0%}): "
-            + ("FITS" if r["fits"] else "DOES NOT FIT"),
-            f"  FLOPs per step: model {r['model_tflops_per_step']:,.1f} TFLOP ({r['model_tflops_per_step'] / r['chips']:,.1f} "
+    else:
+        m = r["memory"]
+        out += ["  per-device memory: arguments " + _gib(m["arguments"]) + ", outputs " + _gib(m["outputs"])
+                + " (aliased " + _gib(m["aliased"]) + "), temps " + _gib(m["temps"]) + ", code " + _gib(m["code"]),
+                f"  total {_gib(m['total'])} of {r['hbm_gib']:g} GiB ({r['hbm_used_frac']:.0%}): "
+                + ("FITS" if r["fits"] else "DOES NOT FIT")]
+    out += [f"  FLOPs per step: model {r['model_tflops_per_step']:,.1f} TFLOP ({r['model_tflops_per_step'] / r['chips']:,.1f} "
             "per chip; 6N + attention per token, every image slot filled)",
             "  largest arrays (global shape, sharding, per device):"]
     for a in r["largest"]:
