@@ -98,3 +98,26 @@ def test_two_processes_kill_resume_match_single_process(world, tmp_path):
     import json
 
     assert json.loads((w / "train_summary.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_host_saves_everywhere_at_one_step(world, tmp_path):
+    """Preemption of ONE host (TPU maintenance, spot reclaim): JAX's preemption sync point makes
+    both processes save at the same step and exit cleanly."""
+    global ARGS
+    saved = ARGS
+    ARGS = ["--config.data.pack=False", "--config.train.num_steps=200", "--config.train.ckpt_every=1000"]
+    try:
+        w = tmp_path / "mp"
+        procs = start_all(world, w, tmp_path, "sig")
+        assert wait_for_steps(procs[0], w, 3, timeout=900)
+        procs[1].send_signal(signal.SIGTERM)
+        wait_all(procs, tmp_path, "sig")
+    finally:
+        ARGS = saved
+    import json
+
+    summary = json.loads((w / "train_summary.json").read_text())
+    assert summary["status"].startswith("preempted") and summary["step"] < 200
+    saved_steps = sorted(int(x.name) for x in (w / "checkpoints").iterdir() if x.name.isdigit())
+    assert saved_steps == [summary["step"]]
