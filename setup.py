@@ -37,5 +37,7 @@ setup(
                  "hypothesis>=6.100"],
         # the web-page test drives the system chromium (apt-get install chromium) through playwright
         "browser": ["playwright>=1.40"],
+        # gs:// workdirs: etils.epath goes through gcsfs; Orbax also asks google-cloud-storage
+        "gcs": ["gcsfs", "google-cloud-storage"],
     },
 )

@@ -762,8 +762,9 @@ class SkipLog:
                 ex.append(entry)
             if self.path is not None:
                 line = json.dumps({"time": round(time.time(), 3), **entry}, ensure_ascii=False)
-                with open(self.path, "a", encoding="utf-8") as f:
-                    f.write(line + "\n")
+                from llava_jax.fileio import append_text  # local or gs://
+
+                append_text(self.path, line + "\n")
 
     def record_error(self, record: dict) -> None:
         """``record`` taking the fields from an error record of a source."""

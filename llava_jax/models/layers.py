@@ -7,6 +7,8 @@ those to mesh axes; nothing here knows about meshes.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Any, Callable
 
@@ -66,11 +68,47 @@ REMAT_POLICIES: dict[str, Any] = {
 
 
 def maybe_remat(fn: Callable, policy_name: str) -> Callable:
+    """The per-layer body for `lax.scan`: rematerialised by `policy_name`, its carry (the
+    residual stream) pinned to the batch sharding when `batch_sharded_activations` is active."""
     if policy_name not in REMAT_POLICIES:
         raise ValueError(f"unknown remat policy {policy_name!r}; known: {sorted(REMAT_POLICIES)}")
+    fn = _carry_batch_sharded(fn)
     if policy_name == "none":
         return fn
     return jax.checkpoint(fn, policy=REMAT_POLICIES[policy_name], prevent_cse=False)
+
+
+# ---------------------------------------------------------------- activation sharding
+_BATCH_SHARDING: contextvars.ContextVar = contextvars.ContextVar("llava_jax_batch_sharding", default=None)
+
+
+@contextlib.contextmanager
+def batch_sharded_activations(sharding_for_ndim: Callable[[int], Any]):
+    """While a step is traced inside this context, every scanned layer pins its carry (the
+    residual stream, batch first) to `sharding_for_ndim(ndim)`. The trainer sets it so that
+    GSPMD keeps activations split over the batch axes and gathers each layer's FSDP-sharded
+    weights; left alone it may split activations along `embed` like the weights and run the whole
+    batch on every device. Outside the context (inference, most tests) nothing changes."""
+    token = _BATCH_SHARDING.set(sharding_for_ndim)
+    try:
+        yield
+    finally:
+        _BATCH_SHARDING.reset(token)
+
+
+def _carry_batch_sharded(fn: Callable) -> Callable:
+    get = _BATCH_SHARDING.get()
+    if get is None:
+        return fn
+
+    def pin(x):
+        return jax.lax.with_sharding_constraint(x, get(x.ndim))
+
+    def wrapped(carry, xs):
+        y, out = fn(pin(carry), xs)
+        return pin(y), out
+
+    return wrapped
 
 
 # ---------------------------------------------------------------- norms

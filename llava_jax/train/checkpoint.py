@@ -6,6 +6,11 @@ from where they were loaded (HF dirs, a stage-1 workdir, or the seeded init), so
 checkpoint of a 7B run is the projector plus its Adam moments, like the original
 `mm_projector.bin`. Restoring takes abstract arrays carrying the CURRENT mesh's shardings, so a
 run may resume on a different mesh shape.
+
+Multi-host: every process calls save/restore (Orbax writes each host's shards and syncs them);
+the workdir must be shared by all hosts (a `gs://` bucket or a shared file system). Each host
+reads its own input shard, so the input iterator states of all processes are gathered and
+stored together in the JSON part (written by process 0); on restore each process takes its own.
 """
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from llava_jax.fileio import as_path
 
 
 def _abstract(tree):
@@ -46,7 +53,7 @@ def _from_jsonable(x):
 
 class Checkpointer:
     def __init__(self, workdir, keep: int = 3, async_save: bool = True):
-        self.directory = Path(str(workdir)) / "checkpoints" if "://" not in str(workdir) else f"{workdir}/checkpoints"
+        self.directory = as_path(workdir) / "checkpoints"  # local or gs://
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
@@ -57,8 +64,11 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, trainable, opt_state, rng, data_state: Any = None, meta: dict | None = None):
+        data = _jsonable(data_state)
+        if jax.process_count() > 1:  # one state per process, in process order
+            data = {"per_process": _allgather_json(data), "process_count": jax.process_count()}
         extra = {"step": int(step), "rng": np.asarray(jax.random.key_data(rng)).tolist(),
-                 "data": _jsonable(data_state), "meta": meta or {}}
+                 "data": data, "meta": meta or {}}
         self.manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(trainable),
             opt_state=ocp.args.StandardSave(opt_state),
@@ -74,7 +84,8 @@ class Checkpointer:
         ))
         extra = r.extra
         rng = jax.random.wrap_key_data(np.asarray(extra["rng"], np.uint32))
-        return r.params, r.opt_state, int(extra["step"]), rng, _from_jsonable(extra["data"]), extra.get("meta", {})
+        data = _this_process_data(extra["data"], step, self.directory)
+        return r.params, r.opt_state, int(extra["step"]), rng, _from_jsonable(data), extra.get("meta", {})
 
     def restore_params(self, step: int, trainable_like):
         """Only the params (e.g. a stage-1 projector into a stage-2 run)."""
@@ -90,6 +101,30 @@ class Checkpointer:
 
     def close(self):
         self.manager.close()
+
+
+def _allgather_json(obj) -> list:
+    """Every process's `obj` (JSON-able), on every process, in process order."""
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    lengths = multihost_utils.process_allgather(np.asarray([raw.size], np.int64)).reshape(-1)
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[: raw.size] = raw
+    everyone = multihost_utils.process_allgather(padded).reshape(len(lengths), -1)
+    return [json.loads(bytes(row[:n]).decode()) for row, n in zip(everyone, lengths)]
+
+
+def _this_process_data(data, step, directory):
+    n, i = jax.process_count(), jax.process_index()
+    saved_n = data["process_count"] if isinstance(data, dict) and "per_process" in data else 1
+    if saved_n != n:
+        raise ValueError(
+            f"checkpoint {directory}/{step} holds the input-pipeline state of {saved_n} process(es), this run "
+            f"has {n}. Each process reads its own data shard, so the input order cannot be resumed on a "
+            "different process count: resume with the same number of hosts, or start a new workdir with "
+            "model.init_from_workdir pointing at this one.")
+    return data["per_process"][i] if n > 1 else data
 
 
 def write_json(path, obj):

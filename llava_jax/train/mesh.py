@@ -47,13 +47,22 @@ def resolve_mesh_shape(shape: dict[str, int] | Sequence[int], num_devices: int) 
 
 
 def make_mesh(shape: dict[str, int] | Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
-    devices = jax.devices() if devices is None else devices
+    """A (data, fsdp, tensor) mesh laid out along the physical topology (TPU ICI) where JAX
+    knows how; `devices` may be a subset, or a TPU topology's devices for AOT compiles."""
+    devices = list(jax.devices() if devices is None else devices)
     sizes = resolve_mesh_shape(shape, len(devices))
     # Auto axes: GSPMD propagates shardings from params and batches (no sharding-in-types).
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-    if len(devices) == jax.device_count():
+    try:
         return jax.make_mesh(sizes, MESH_AXES, devices=devices, axis_types=auto)
-    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=auto)
+    except (ValueError, NotImplementedError, AssertionError):
+        from jax.experimental import mesh_utils
+
+        try:  # shapes that cut a physical axis (e.g. 2 x 16 on a 4x4x2 slice)
+            grid = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+        except (ValueError, NotImplementedError, AssertionError):
+            grid = np.asarray(devices).reshape(sizes)
+        return Mesh(grid, MESH_AXES, axis_types=auto)
 
 
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
@@ -102,3 +111,41 @@ def batch_sharding(mesh: Mesh, ndim: int, rules=LOGICAL_RULES) -> NamedSharding:
 
 def data_parallel_size(mesh: Mesh, rules=LOGICAL_RULES) -> int:
     return math.prod(mesh.shape[a] for a in rules["batch"])
+
+
+def process_data_shard(mesh: Mesh, rules=LOGICAL_RULES) -> tuple[int, int]:
+    """(shard index, shard count) of the input data this process must read.
+
+    A process feeds the batch rows that its devices hold. Processes whose devices hold the
+    same rows (the batch is replicated over a mesh axis that spans hosts, e.g. `tensor`) must
+    read the same data; processes with different rows read disjoint shards. On the usual
+    layouts (batch over `data`/`fsdp` spanning hosts) this is (process_index, process_count).
+    """
+    n = data_parallel_size(mesh, rules)
+    index_map = batch_sharding(mesh, 1, rules).devices_indices_map((n,))
+    rows: dict[int, set[int]] = {}
+    for d, idx in index_map.items():
+        rows.setdefault(d.process_index, set()).update(range(*idx[0].indices(n)))
+    return shard_of(rows, jax.process_index(), n, dict(mesh.shape))
+
+
+def shard_of(rows_by_process: dict[int, set[int]], process: int, n: int, mesh_shape=None) -> tuple[int, int]:
+    """Group processes by the batch rows they hold: (index of `process`'s group, group count)."""
+    groups = sorted({frozenset(r) for r in rows_by_process.values()}, key=min)
+    if len({len(g) for g in groups}) != 1 or sum(map(len, groups)) != n:
+        raise ValueError(f"the mesh {mesh_shape} gives processes overlapping or uneven batch rows "
+                         f"({[sorted(g) for g in groups]}); order the mesh so that each host holds whole "
+                         "data-parallel groups (batch axes outermost)")
+    return groups.index(frozenset(rows_by_process[process])), len(groups)
+
+
+def with_batch_sharded_activations(fn, mesh: Mesh, rules=LOGICAL_RULES):
+    """`fn` traced with every model layer's activations pinned to the batch sharding (see
+    `llava_jax.models.layers.batch_sharded_activations`); wrap a train step with it before jit."""
+    from llava_jax.models.layers import batch_sharded_activations
+
+    def traced(*args, **kwargs):
+        with batch_sharded_activations(lambda ndim: batch_sharding(mesh, ndim, rules)):
+            return fn(*args, **kwargs)
+
+    return traced

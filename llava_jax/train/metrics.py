@@ -1,14 +1,21 @@
 """Training metrics: console (progress bar with ETA), TensorBoard (tensorboardX, no TensorFlow
-needed) and a JSONL file, written from process 0 only."""
+needed) and a JSONL file, written from process 0 only.
+
+The workdir may be a bucket (`gs://...`): metrics.jsonl is then kept in memory and the object
+rewritten at most every `remote_flush_secs` (and on close), since object stores cannot append;
+TensorBoard event files go through the same `etils.epath` file system (gcsfs), not
+tensorboardX's own google-cloud-storage writer."""
 from __future__ import annotations
 
+import io
 import json
 import sys
 import time
-from pathlib import Path
 
 import jax
 from absl import logging
+
+from llava_jax.fileio import as_path, is_remote
 
 # bf16 dense peak per device, for MFU.
 PEAK_TFLOPS = {
@@ -27,8 +34,8 @@ def peak_flops_per_device() -> float | None:
 
 
 class MetricsWriter:
-    def __init__(self, workdir: Path, enabled: bool = True, tensorboard: bool = True, progress_total: int = 0,
-                 progress_bar: bool = True, start: int = 0):
+    def __init__(self, workdir, enabled: bool = True, tensorboard: bool = True, progress_total: int = 0,
+                 progress_bar: bool = True, start: int = 0, remote_flush_secs: float = 30.0):
         self.enabled = enabled
         self.jsonl = None
         self.tb = None
@@ -38,12 +45,14 @@ class MetricsWriter:
         self.total = progress_total
         if not enabled:
             return
-        self.jsonl = open(Path(workdir) / "metrics.jsonl", "a")
+        self.jsonl = _JsonlFile(as_path(workdir) / "metrics.jsonl", remote_flush_secs)
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
 
-                self.tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+                if is_remote(workdir):
+                    _register_epath_event_writer(str(workdir).split("://")[0])
+                self.tb = SummaryWriter(str(as_path(workdir) / "tensorboard"))
             except ImportError:  # pragma: no cover
                 logging.warning("tensorboardX not installed: no TensorBoard logs")
         if progress_bar and sys.stderr.isatty():
@@ -60,7 +69,6 @@ class MetricsWriter:
             return
         record = {"step": step, "time": time.time(), **metrics}
         self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
         if self.tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):
@@ -88,3 +96,75 @@ class MetricsWriter:
             self.tb.close()
         if self.bar is not None:
             self.bar.close()
+
+
+class _JsonlFile:
+    """Append lines locally; on a bucket, keep the text and rewrite the object (throttled)."""
+
+    def __init__(self, path, flush_secs: float):
+        self.path = path
+        self.remote = is_remote(path)
+        self.flush_secs = flush_secs
+        self.last_flush = 0.0
+        if self.remote:
+            self.text = path.read_text() if path.exists() else ""
+            self.dirty = False
+        else:
+            self.f = open(path, "a")
+
+    def write(self, line: str):
+        if not self.remote:
+            self.f.write(line)
+            self.f.flush()
+            return
+        self.text += line
+        self.dirty = True
+        if time.monotonic() - self.last_flush >= self.flush_secs:
+            self.flush()
+
+    def flush(self):
+        if self.remote and self.dirty:
+            self.path.write_text(self.text)
+            self.dirty = False
+            self.last_flush = time.monotonic()
+
+    def close(self):
+        if self.remote:
+            self.flush()
+        else:
+            self.f.close()
+
+
+class _EpathEventFile:
+    """A tensorboardX record writer for bucket paths: buffers the event file and rewrites the
+    object on each flush (TensorBoard reads whole event files, so this is what it sees)."""
+
+    def __init__(self, path: str):
+        self.path = as_path(path)
+        self.buffer = io.BytesIO()
+        self.closed = False
+
+    def write(self, data: bytes):
+        self.buffer.write(data)
+
+    def flush(self):
+        self.path.write_bytes(self.buffer.getvalue())
+
+    def close(self):
+        if not self.closed:
+            self.flush()
+            self.closed = True
+
+
+class _EpathEventFactory:
+    def open(self, path):
+        return _EpathEventFile(path)
+
+    def directory_check(self, path):
+        as_path(path).mkdir(parents=True, exist_ok=True)
+
+
+def _register_epath_event_writer(scheme: str):
+    from tensorboardX import record_writer
+
+    record_writer.register_writer_factory(scheme, _EpathEventFactory())

@@ -109,6 +109,18 @@ def make_optimizer(optim_cfg, total_steps: int, trainable_state):
     return tx, schedule
 
 
+def opt_state_shardings(tx, trainable, mesh):
+    """Shardings for `tx.init(trainable)`: every moment shaped like a param takes that param's
+    sharding, the rest (step counts) is replicated. Left to XLA, freshly zeroed moments depend on
+    no input and may land on one device (then replicated: 8 bytes per param on every device)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    param_shardings = jax.tree.map(lambda x: x.sharding, trainable)
+    return optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, trainable), param_shardings,
+                                 transform_non_params=lambda _: replicated)
+
+
 # ---------------------------------------------------------------- loss / step
 def batch_loss(trainable, frozen, graphdef, batch):
     """(sum of token losses, number of supervised tokens) for one (micro-)batch.

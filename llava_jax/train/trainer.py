@@ -20,6 +20,7 @@ from absl import logging
 from flax import nnx
 
 from llava_jax.config import LlavaConfig, RopeConfig, RuntimeOptions, TextConfig, VisionConfig
+from llava_jax.fileio import as_path
 from llava_jax.models.llava import LlavaModel
 from llava_jax.train import mesh as mesh_lib
 from llava_jax.train.checkpoint import Checkpointer
@@ -28,6 +29,7 @@ from llava_jax.train.state import (
     count_params,
     make_optimizer,
     make_train_step,
+    opt_state_shardings,
     param_count_by_subtree,
     split_model,
     step_flops,
@@ -153,7 +155,11 @@ def apply_workdir_params(model: LlavaModel, workdir: str, patterns) -> LlavaMode
 
 
 # =============================================================================== data
-def make_data_iterator(config, tokenizer, model_cfg: LlavaConfig, process_batch: int, workdir: str):
+def make_data_iterator(config, tokenizer, model_cfg: LlavaConfig, process_batch: int, workdir: str,
+                       shard: tuple[int, int] = (0, 1)):
+    """This process's input: shard `shard[0]` of `shard[1]` (see `mesh.process_data_shard`), in
+    batches of `process_batch` rows. Skipped rows go to the workdir's skip log (one file per
+    process when there are several)."""
     from llava_jax.data.pipeline import PipelineConfig, make_iterator, make_skip_log
     from llava_jax.data.sources import ConcatSource, sources_from_config
 
@@ -165,9 +171,13 @@ def make_data_iterator(config, tokenizer, model_cfg: LlavaConfig, process_batch:
         shuffle=d.shuffle, num_epochs=d.num_epochs, worker_count=d.worker_count, length_policy=d.length_policy,
     )
     sources = ConcatSource(sources_from_config(d.sources, d.image_folder))
-    skip_log = make_skip_log(Path(workdir) / d.skip_log if d.skip_log and jax.process_index() == 0 else None)
-    it = make_iterator(sources, tokenizer, pcfg, process_index=jax.process_index(),
-                       process_count=jax.process_count(), skip_log=skip_log)
+    skip_path = None
+    if d.skip_log:
+        skip_path = as_path(workdir) / d.skip_log
+        if jax.process_count() > 1:
+            skip_path = skip_path.with_name(f"{skip_path.stem}.process{jax.process_index()}{skip_path.suffix}")
+    it = make_iterator(sources, tokenizer, pcfg, process_index=shard[0], process_count=shard[1],
+                       skip_log=make_skip_log(skip_path))
     return it, sources, pcfg
 
 
@@ -188,7 +198,7 @@ def estimate_num_steps(sources, tokenizer, pcfg, num_epochs: int, global_batch: 
 
 # =============================================================================== train
 def train(config, workdir: str) -> dict:
-    workdir_p = Path(workdir)
+    workdir_p = as_path(workdir)  # local or gs://
     workdir_p.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
 
@@ -200,11 +210,15 @@ def train(config, workdir: str) -> dict:
         raise ValueError(f"global_batch {config.train.global_batch} is not a multiple of per_device_batch "
                          f"{config.train.per_device_batch} x {dp} data-parallel devices")
     grad_accum = config.train.global_batch // micro_global
-    if config.train.global_batch % jax.process_count():
-        raise ValueError("global_batch must divide evenly over processes")
-    process_batch = config.train.global_batch // jax.process_count()
-    logging.info("mesh %s, global batch %d = %d per device x %d devices x %d accumulation",
-                 dict(mesh.shape), config.train.global_batch, config.train.per_device_batch, dp, grad_accum)
+    # Each process reads the data shard whose rows its devices hold; the global batch is
+    # assembled from the process-local rows (jax.make_array_from_process_local_data).
+    shard = mesh_lib.process_data_shard(mesh)
+    num_shards = shard[1]
+    process_batch = config.train.global_batch // num_shards
+    logging.info("mesh %s, global batch %d = %d per device x %d devices x %d accumulation; %d process(es), "
+                 "input shard %d of %d (%d rows each)", dict(mesh.shape), config.train.global_batch,
+                 config.train.per_device_batch, dp, grad_accum, jax.process_count(), shard[0], num_shards,
+                 process_batch)
 
     # ---------------------------------------------------------------- tokenizer & model
     tokenizer, tok_ids = load_run_tokenizer(config)
@@ -220,13 +234,13 @@ def train(config, workdir: str) -> dict:
     trains = set(counts)
     logging.info("trainable params %s (%d); frozen %d", counts, count_params(trainable), count_params(frozen))
 
-    data_iter, sources, pcfg = make_data_iterator(config, tokenizer, model_cfg, process_batch, workdir)
+    data_iter, sources, pcfg = make_data_iterator(config, tokenizer, model_cfg, process_batch, workdir, shard)
     num_steps = config.train.num_steps
     if num_steps <= 0:  # one schedule over num_epochs of the data, in packed rows
         num_steps = estimate_num_steps(sources, tokenizer, pcfg, config.data.num_epochs, config.train.global_batch)
         logging.info("num_steps estimated at %d for %d epochs", num_steps, config.data.num_epochs)
     tx, schedule = make_optimizer(config.optim, num_steps, trainable)
-    opt_state = _on_mesh(jax.jit(tx.init)(trainable), mesh)  # moments inherit the params' shardings
+    opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, trainable, mesh))(trainable)
 
     # ---------------------------------------------------------------- restore
     ckpt = Checkpointer(workdir, keep=config.train.keep, async_save=config.train.async_checkpoint)
@@ -243,13 +257,15 @@ def train(config, workdir: str) -> dict:
     tr_sh = jax.tree.map(lambda x: x.sharding, trainable)
     fr_sh = jax.tree.map(lambda x: x.sharding, frozen)
     os_sh = jax.tree.map(lambda x: x.sharding, opt_state)
-    step_fn = jax.jit(make_train_step(graphdef, tx, schedule, grad_accum),
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())  # metrics: readable on every host
+    train_step = make_train_step(graphdef, tx, schedule, grad_accum)
+    step_fn = jax.jit(mesh_lib.with_batch_sharded_activations(train_step, mesh),
                       in_shardings=(tr_sh, os_sh, fr_sh, None, None),
-                      out_shardings=(tr_sh, os_sh, None), donate_argnums=(0, 1))
+                      out_shardings=(tr_sh, os_sh, replicated), donate_argnums=(0, 1))
 
     def to_global(batch):
         arrays = {k: v for k, v in batch.items() if k != "stats"}
-        return {k: _global_array(v, mesh) for k, v in arrays.items()}
+        return {k: _global_array(v, mesh, num_shards) for k, v in arrays.items()}
 
     # ---------------------------------------------------------------- loop
     stop = {"sigterm": False}
@@ -257,7 +273,10 @@ def train(config, workdir: str) -> dict:
     def on_sigterm(signum, frame):  # TPU preemption: save at the next step boundary and exit
         stop["sigterm"] = True
 
-    old_handler = signal.signal(signal.SIGTERM, on_sigterm)
+    # Several processes must save at the SAME step: JAX's preemption sync service (it catches
+    # SIGTERM on any host) names a common step; alone, a Python handler sets the flag.
+    multihost = jax.process_count() > 1
+    old_handler = None if multihost else signal.signal(signal.SIGTERM, on_sigterm)
     ckpt_meta = {"config": config.name, "stage": config.stage, "trainable": list(config.trainable)}
     writer = MetricsWriter(workdir_p, enabled=is_main, tensorboard=config.train.tensorboard,
                            progress_total=num_steps, progress_bar=config.train.progress_bar, start=step)
@@ -287,12 +306,14 @@ def train(config, workdir: str) -> dict:
             gb = to_global(batch)
             trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, gb, jnp.asarray(step, jnp.int32))
             step += 1
+            if multihost and _reached_preemption(step):
+                stop["sigterm"] = True
             rows, length = np.asarray(batch["input_ids"]).shape
-            tokens_since += rows * length * jax.process_count()
-            real_tokens_since += real * jax.process_count()
-            samples_since += int(stats.get("num_samples", 0)) * jax.process_count()
-            flops_since += step_flops(model_cfg, trains, rows * length * jax.process_count(),
-                                      n_images * jax.process_count(), seq_len)
+            # this process's rows, scaled to the global batch (shards are equal-sized)
+            tokens_since += rows * length * num_shards
+            real_tokens_since += real * num_shards
+            samples_since += int(stats.get("num_samples", 0)) * num_shards
+            flops_since += step_flops(model_cfg, trains, rows * length * num_shards, n_images * num_shards, seq_len)
             log_now = step % config.train.log_every == 0 or step == num_steps
             if log_now or stop["sigterm"]:
                 m = jax.device_get(metrics)
@@ -330,7 +351,8 @@ def train(config, workdir: str) -> dict:
         ckpt.wait()
         ckpt.close()
         writer.close()
-        signal.signal(signal.SIGTERM, old_handler)
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
     summary = {"status": status, "step": step, "num_steps": num_steps, **last}
     if is_main:
         (workdir_p / "train_summary.json").write_text(json.dumps(summary, indent=2))
@@ -338,22 +360,19 @@ def train(config, workdir: str) -> dict:
     return summary
 
 
-def _on_mesh(tree, mesh):
-    """Leaves that ended up on a single device (scalar counters) are replicated over the mesh."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    def fix(x):
-        if len(x.sharding.device_set) == mesh.size:
-            return x
-        return jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
-
-    return jax.tree.map(fix, tree)
-
-
-def _global_array(x, mesh):
+def _global_array(x, mesh, num_shards: int = 1):
     """Process-local rows -> one global array sharded over the batch axes."""
     x = np.asarray(x)
     sharding = mesh_lib.batch_sharding(mesh, x.ndim)
     if jax.process_count() == 1:
         return jax.device_put(x, sharding)
-    return jax.make_array_from_process_local_data(sharding, x)
+    return jax.make_array_from_process_local_data(sharding, x, (x.shape[0] * num_shards, *x.shape[1:]))
+
+
+def _reached_preemption(step: int) -> bool:
+    from jax.experimental import multihost_utils
+
+    try:
+        return multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError:  # preemption service disabled
+        return False

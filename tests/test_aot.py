@@ -1,0 +1,68 @@
+"""The ahead-of-time TPU compile tool: topology names, and (where libtpu is installed) a compile
+of the tiny config's real train step for a v5e slice, a forced non-fit, the JSON report."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llava_jax.tools.aot import UsageError, parse_topology
+
+REPO = Path(__file__).resolve().parents[1]
+HAVE_LIBTPU = importlib.util.find_spec("libtpu") is not None
+
+
+@pytest.mark.parametrize("name, desc, chips, hbm", [
+    ("v5p-64", "v5p:2x4x4", 32, 95.74),
+    ("v5p-32", "v5p:2x2x4", 16, 95.74),
+    ("v5e-256", "v5e:16x16", 256, 15.75),
+    ("v5litepod-64", "v5e:8x8", 64, 15.75),
+    ("v6e-64", "v6e:8x8", 64, 31.25),
+    ("v5p:2x2x2", "v5p:2x2x2", 8, 95.74),
+])
+def test_topology_names(name, desc, chips, hbm):
+    t = parse_topology(name)
+    assert (t.desc_name, t.chips, t.hbm_gib) == (desc, chips, hbm)
+
+
+@pytest.mark.parametrize("name", ["v5p-63", "v5e-48", "h100-8", "v5p", "v4-32"])
+def test_bad_topology_names(name):
+    with pytest.raises(UsageError):
+        parse_topology(name)
+
+
+def aot(*args, timeout=600):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run([sys.executable, "-m", "llava_jax.tools.aot", f"--config={REPO}/configs/demo.py:tiny_stage2",
+                           "--vocab_size=512", *args], capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=REPO)
+
+
+@pytest.mark.skipif(HAVE_LIBTPU, reason="libtpu is installed")
+def test_without_libtpu_says_how_to_install():
+    p = aot("--topology=v5e-4")
+    assert p.returncode == 2 and "jax[tpu]" in p.stderr
+
+
+@pytest.mark.skipif(not HAVE_LIBTPU, reason='needs libtpu: pip install "jax[tpu]==<jax version>"')
+def test_compiles_the_train_step_for_a_tpu_slice(tmp_path):
+    out = tmp_path / "r.json"
+    p = aot("--topology=v5e-4", "--config.train.mesh.data=2", "--config.train.mesh.fsdp=2", f"--json={out}")
+    assert p.returncode == 0, p.stdout + p.stderr[-3000:]
+    assert "FITS" in p.stdout and "largest arrays" in p.stdout
+    r = json.loads(out.read_text())
+    assert r["fits"] and r["chips"] == 4 and r["device_kind"].startswith("TPU v5")
+    assert r["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1} and r["grad_accum"] == 2
+    m = r["memory"]
+    assert 0 < m["total"] == m["arguments"] + m["outputs"] - m["aliased"] + m["temps"] + m["code"]
+    assert r["model_tflops_per_step"] > 0
+    # params are sharded as the rules table says: the embedding's `embed` dim over fsdp
+    embed = next(a for a in r["largest"] if a["array"] == "params/llm/embed")
+    assert embed["spec"] == "P(None, 'fsdp')" and embed["per_device_bytes"] * 2 == embed["bytes"]
+    # the same step does not fit in a chip with (pretend) 1 MiB of HBM: exit status 1
+    p = aot("--topology=v5e-4", "--hbm_gib=0.001")
+    assert p.returncode == 1 and "DOES NOT FIT" in p.stdout
