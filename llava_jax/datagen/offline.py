@@ -23,6 +23,7 @@ import math
 import random
 from collections import Counter
 
+from llava_jax.data.synthetic import position_of
 from llava_jax.datagen.annotations import Annotation, Instance
 
 __all__ = ["write_reply", "plural", "position_phrase"]
@@ -78,12 +79,7 @@ def _area(i: Instance) -> float:
 
 
 def position(i: Instance) -> str:
-    cx, cy = _centre(i)
-    h = "left" if cx < 1 / 3 else "right" if cx > 2 / 3 else "center"
-    v = "top" if cy < 1 / 3 else "bottom" if cy > 2 / 3 else "middle"
-    if v == "middle":
-        return h
-    return v if h == "center" else f"{v} {h}"
+    return position_of(i.bbox)  # the shapes world's thirds rule: one vocabulary of positions
 
 
 def position_phrase(pos: str) -> str:
