@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 import json
 import re
 from pathlib import Path
@@ -54,7 +55,8 @@ def grid_set(tmp_path_factory) -> DataSet:
     """The demo's layout: a 3x3 grid of 16-px cells, one object per cell."""
     root = tmp_path_factory.mktemp("shapes_grid")
     manifest = syn.generate(root, num_train=150, num_eval=30, seed=5, image_size=48, grid=3,
-                            size_range=(0.6, 0.9))
+                            size_range=(0.6, 0.9), turns=(3, 6),
+                            question_mix={"color": 3, "existence": 4, "position": 3, "shape": 1, "count": 1})
     return DataSet(root, manifest)
 
 
@@ -192,6 +194,12 @@ def test_bad_settings_say_what_to_do():
         syn.ShapesWorld(colors=["red", "mauve"])
     with pytest.raises(ValueError, match="background"):
         syn.ShapesWorld(colors=["red", "black"], background="black")
+    with pytest.raises(ValueError, match="turns"):
+        syn.ShapesWorld(turns=(3, 2))
+    with pytest.raises(ValueError, match="question_mix"):
+        syn.ShapesWorld(question_mix={"colour": 1.0})
+    with pytest.raises(ValueError, match="question_mix"):
+        syn.ShapesWorld(question_mix={"color": 0.0})
 
 
 # ----------------------------------------------------------------------------- LLaVA rows
@@ -235,10 +243,15 @@ def test_stage2_rows_are_llava_instruction_rows(dataset):
     assert len(with_image) == len(dataset.annotations)
     assert len(text_only) >= 2
     assert len({r["id"] for r in dataset.stage2}) == len(dataset.stage2)
+    lo, hi = dataset.manifest["config"]["turns"]
+    turns = []
     for row in dataset.stage2:
         _check_llava_row(row)
-        assert 1 <= len(row["conversations"]) // 2 <= 3
-    assert max(len(r["conversations"]) for r in with_image) == 6  # multi-turn rows exist
+        if "image" in row:
+            turns.append(len(row["conversations"]) // 2)
+    # Fewer than `lo` only when a scene has too few distinct questions (rare).
+    assert max(turns) <= hi and np.mean([t >= lo for t in turns]) > 0.9, (lo, hi, turns)
+    assert max(len(r["conversations"]) for r in with_image) == 2 * hi  # multi-turn rows exist
 
 
 # ----------------------------------------------------------------------------- answers
@@ -303,6 +316,26 @@ def _expected(kind, args, instances, captions):
     if kind == "describe":
         return "describe", None
     raise AssertionError(kind)
+
+
+def test_question_mix_sets_the_share_of_each_category():
+    def shares(world, n=400):
+        cats = Counter()
+        for i in range(n):
+            scene = world.sample_scene(i)
+            rng = world.rng("train", i, "text")
+            cats.update(qa.category for qa in world.conversation(scene, rng, ["a caption"]))
+        cats.pop("describe", None)
+        total = sum(cats.values())
+        return {c: k / total for c, k in cats.items()}
+
+    # Only the weighted categories are asked ("describe" aside), in about the weights' ratio:
+    # existence can always be asked, count too, so 3:1 should come out near 0.75.
+    only = shares(syn.ShapesWorld(seed=1, question_mix={"existence": 3, "count": 1}))
+    assert set(only) == {"existence", "count"}, only
+    assert 0.68 <= only["existence"] <= 0.82, only
+    uniform = shares(syn.ShapesWorld(seed=1))
+    assert set(uniform) == set(syn.EVAL_CATEGORIES)
 
 
 def test_stage2_answers_are_correct(dataset):

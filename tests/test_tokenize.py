@@ -395,3 +395,23 @@ def test_generation_prompt_ids(toks):
     assert (out["labels"] == IGNORE_INDEX).all() and out["num_images"] == 1
     assert decode(tok, out["input_ids"][-3:]).endswith("ASSISTANT:")
     assert out["input_ids"][0] == tok.bos_token_id
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_small_tokenizer_keeps_punctuation_out_of_words(tmp_path, split):
+    """A small BPE trained on question-heavy text learns "circle?" as one piece unless
+    punctuation is split off while training; with the split the word keeps one id in every
+    template, and the saved tokenizer (plain LLaMA pipeline at load time) still encodes it so."""
+    from transformers import AutoTokenizer
+
+    from llava_jax.data.tokenizer_build import build_llama_tokenizer
+
+    texts = ["What color is the circle?", "Which color does the circle have?", "Where is the red circle?"] * 300
+    build_llama_tokenizer(texts, tmp_path / "tok", vocab_size=300, split_punctuation=split)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    pieces = tok.tokenize("What color is the circle?")
+    if split:
+        assert pieces[-2:] == ["▁circle", "?"], pieces
+        assert tok.decode(tok("Is it a circle? Yes.")["input_ids"], skip_special_tokens=True) == "Is it a circle? Yes."
+    else:
+        assert "▁circle?" in pieces, pieces

@@ -76,6 +76,7 @@ def test_pretrain_trains_only_the_tower_and_feeds_later_stages(grid_world, tmp_p
     # 4 colours x 4 shapes + empty cells, 16-px images with 8-px cells: learnable in 150 steps
     assert res["object_color_acc"] > 0.9, res
     assert res["cell_shape_acc"] > 0.6, res
+    assert res["object_pair_acc"] > 0.5, res  # chance: 1 in 16 (colour, shape) pairs
     assert res["patch_position_acc"] > 0.5, res  # chance: 1 in 4 patches
 
     # a later stage: tower from the pretraining workdir, projector from another workdir

@@ -287,6 +287,8 @@ class ShapesWorld:
         describe_prob: float = 0.1,
         grid: int = 0,
         reading_order: bool = False,
+        turns: tuple[int, int] = (1, 3),
+        question_mix: Mapping[str, float] | None = None,
     ):
         unknown = [s for s in shapes if s not in ALL_SHAPES]
         if unknown:
@@ -316,6 +318,17 @@ class ShapesWorld:
         if grid and (grid < 2 or max_objects > grid * grid or image_size // grid < 8):
             raise ValueError(f"grid={grid} needs grid >= 2, max_objects <= grid**2 and cells of >= 8 px "
                              f"(image_size {image_size}, max_objects {max_objects})")
+        t_lo, t_hi = (int(t) for t in turns)
+        if not 1 <= t_lo <= t_hi:
+            raise ValueError(f"turns must satisfy 1 <= lo <= hi, got {turns}")
+        if question_mix is not None:
+            bad = sorted(set(question_mix) - set(EVAL_CATEGORIES))
+            if bad or any(w < 0 for w in question_mix.values()) or sum(question_mix.values()) <= 0:
+                raise ValueError(f"question_mix needs non-negative weights over {list(EVAL_CATEGORIES)} "
+                                 f"(not all zero), got {dict(question_mix)}")
+            question_mix = {c: float(question_mix.get(c, 0.0)) for c in EVAL_CATEGORIES}
+        self.turns = (t_lo, t_hi)
+        self.question_mix = question_mix
         self.grid = int(grid)
         self.reading_order = bool(reading_order)
         self.seed = int(seed)
@@ -340,7 +353,8 @@ class ShapesWorld:
             "size_range": list(self.size_range), "background": self.background,
             "position_margin": self.position_margin, "short_answer_prob": self.short_answer_prob,
             "describe_prob": self.describe_prob, "grid": self.grid,
-            "reading_order": self.reading_order,
+            "reading_order": self.reading_order, "turns": list(self.turns),
+            "question_mix": self.question_mix,
         }
 
     def rng(self, split: str, index: int, purpose: str, attempt: int = 0) -> random.Random:
@@ -520,7 +534,9 @@ class ShapesWorld:
             subject = o.shape if shape_counts[o.shape] == 1 and rng.random() < 0.5 else o.category
             q = rng.choice(T["position"]).format(subject=subject)
             phrase = position_phrase(o.position)
-            resp = f"{_cap(phrase)}." if short else f"The {subject} is {phrase}."
+            # Short answers name the place ("Top left.", "Center."), like LLaVA's single-phrase
+            # answers; the long ones say it in a sentence ("The circle is in the top left.").
+            resp = f"{_cap(o.position)}." if short else f"The {subject} is {phrase}."
             return QA("position", q, o.position, resp)
 
         if category == "existence":
@@ -565,10 +581,11 @@ class ShapesWorld:
         raise ValueError(f"no fixed choices for category {category!r}")
 
     # -- rows -----------------------------------------------------------------------------------
-    def conversation(self, scene: Scene, rng: random.Random, captions: Sequence[str],
-                     max_turns: int = 3) -> list[QA]:
-        """1..max_turns distinct questions about one scene (stage 2)."""
-        k = rng.randint(1, max_turns)
+    def conversation(self, scene: Scene, rng: random.Random, captions: Sequence[str]) -> list[QA]:
+        """`turns` (lo..hi) distinct questions about one scene (stage 2); categories drawn
+        uniformly or by `question_mix`."""
+        k = rng.randint(*self.turns)
+        mix = self.question_mix
         qas: list[QA] = []
         seen: set[str] = set()
         if rng.random() < self.describe_prob:
@@ -576,9 +593,11 @@ class ShapesWorld:
             qas.append(qa)
             seen.add(qa.question)
         tries = 0
-        while len(qas) < k and tries < 20:
+        while len(qas) < k and tries < max(20, 10 * k):
             tries += 1
-            qa = self.make_question(scene, rng.choice(EVAL_CATEGORIES), rng)
+            cat = (rng.choice(EVAL_CATEGORIES) if mix is None
+                   else rng.choices(EVAL_CATEGORIES, weights=[mix[c] for c in EVAL_CATEGORIES])[0])
+            qa = self.make_question(scene, cat, rng)
             if qa is None or qa.question in seen:
                 continue
             qas.append(qa)

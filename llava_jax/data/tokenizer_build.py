@@ -10,16 +10,23 @@ from typing import Iterable
 
 
 def build_llama_tokenizer(texts: Iterable[str], out_dir, *, vocab_size: int = 800, legacy: bool = False,
-                          llava_tokens: bool = False) -> str:
+                          llava_tokens: bool = False, split_punctuation: bool = True) -> str:
     """Train on `texts`, save under `out_dir`, return `out_dir`. `vocab_size` is an upper bound
     (a small corpus may reach fewer pieces). `legacy` is transformers' LlamaTokenizer flag;
-    `llava_tokens` also adds `<image>` and `<pad>` as llava-hf does."""
+    `llava_tokens` also adds `<image>` and `<pad>` as llava-hf does. `split_punctuation` keeps
+    punctuation out of the learned merges, so a small vocabulary spends its pieces on words:
+    without it a 512-piece BPE on the shapes world learned "circle?" next to "circle" (two
+    unrelated ids for one word, depending on the question template). Encoding still runs the
+    plain Metaspace pipeline that transformers rebuilds for LLaMA; with no merge across
+    punctuation, "circle?" simply encodes as "circle" + "?"."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import LlamaTokenizerFast
 
     special = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    metaspace = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([metaspace, pre_tokenizers.Punctuation("isolated")])
+                         if split_punctuation else metaspace)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, min_frequency=1,
                                   show_progress=False)
     # "<image>" is added later as a special token; keep it out of the learned pieces.
