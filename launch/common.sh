@@ -5,12 +5,18 @@
 #                     prefixed by "+ ") and runs nothing.
 #   die MSG           prints "error: MSG" to stderr and exits 2.
 #   need VAR NAME     dies unless variable VAR is non-empty (NAME is the option that sets it).
+#   usage [CODE]      prints the running script's header comment (its help) and exits CODE.
 
 DRY_RUN="${DRY_RUN:-0}"
 
 die() {
   echo "error: $*" >&2
   exit 2
+}
+
+usage() {  # the header of the script that was run (the last entry of BASH_SOURCE)
+  sed -n '2,/^set -euo/p' "${BASH_SOURCE[-1]}" | sed -e '$d' -e 's/^# \{0,1\}//'
+  exit "${1:-0}"
 }
 
 need() {

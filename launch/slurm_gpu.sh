@@ -20,11 +20,6 @@ REPO="$(cd "$HERE/.." && pwd)"
 # shellcheck source=launch/common.sh
 source "$HERE/common.sh"
 
-usage() {
-  sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'
-  exit "${1:-0}"
-}
-
 CONFIG="${CONFIG:-}"
 WORKDIR="${WORKDIR:-}"
 SLURM_NODES="${SLURM_NODES:-2}"

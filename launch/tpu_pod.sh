@@ -36,11 +36,6 @@ REPO="$(cd "$HERE/.." && pwd)"
 # shellcheck source=launch/common.sh
 source "$HERE/common.sh"
 
-usage() {
-  sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'
-  exit "${1:-0}"
-}
-
 TPU_NAME="${TPU_NAME:-}"
 TPU_ZONE="${TPU_ZONE:-}"
 TPU_PROJECT="${TPU_PROJECT:-}"
