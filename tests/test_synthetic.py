@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 import json
+import random
 import re
 from pathlib import Path
 
@@ -55,7 +56,7 @@ def grid_set(tmp_path_factory) -> DataSet:
     """The demo's layout: a 3x3 grid of 16-px cells, one object per cell."""
     root = tmp_path_factory.mktemp("shapes_grid")
     manifest = syn.generate(root, num_train=150, num_eval=30, seed=5, image_size=48, grid=3,
-                            size_range=(0.6, 0.9), turns=(3, 6),
+                            size_range=(0.6, 0.9), turns=(3, 6), existence_evidence=True,
                             question_mix={"color": 3, "existence": 4, "position": 3, "shape": 1, "count": 1})
     return DataSet(root, manifest)
 
@@ -200,6 +201,8 @@ def test_bad_settings_say_what_to_do():
         syn.ShapesWorld(question_mix={"colour": 1.0})
     with pytest.raises(ValueError, match="question_mix"):
         syn.ShapesWorld(question_mix={"color": 0.0})
+    with pytest.raises(ValueError, match="shape_negative_prob"):
+        syn.ShapesWorld(shape_negative_prob=1.5)
 
 
 # ----------------------------------------------------------------------------- LLaVA rows
@@ -338,6 +341,32 @@ def test_question_mix_sets_the_share_of_each_category():
     assert set(uniform) == set(syn.EVAL_CATEGORIES)
 
 
+def test_shape_negative_prob_sets_how_often_a_no_names_a_shape_in_the_image():
+    """Of the "no" existence answers in stage-2 rows, the share that name a shape in the image,
+    counted from the scenes: all of them at 1.0 (where the scene allows one), about 3/4 at 0.75,
+    fewer by default; the eval path (make_question) keeps its own mix."""
+    def shape_share(world, n=300):
+        hits = total = 0
+        for i in range(n):
+            scene = world.sample_scene(i)
+            shapes = {o.shape for o in scene.objects}
+            for qa in world.conversation(scene, world.rng("train", i, "text"), ["a caption"]):
+                if qa.category == "existence" and qa.answer == "no":
+                    total += 1
+                    hits += re.search(r"a \w+ (\w+)", qa.question)[1] in shapes
+        return hits / total
+
+    mix = {"existence": 1.0}
+    assert shape_share(syn.ShapesWorld(seed=2, question_mix=mix, shape_negative_prob=1.0)) == 1.0
+    assert 0.75 <= shape_share(syn.ShapesWorld(seed=2, question_mix=mix, shape_negative_prob=0.75)) <= 0.9
+    assert shape_share(syn.ShapesWorld(seed=2, question_mix=mix)) < 0.7
+    scene = syn.ShapesWorld(seed=2).sample_scene(0)
+    qa_set = syn.ShapesWorld(seed=2, shape_negative_prob=1.0).make_question(
+        scene, "existence", random.Random(7), existence_yes=False)
+    qa_default = syn.ShapesWorld(seed=2).make_question(scene, "existence", random.Random(7), existence_yes=False)
+    assert qa_set == qa_default
+
+
 def test_stage2_answers_are_correct(dataset):
     cfg = dataset.manifest["config"]
     pats = _question_patterns(cfg["colors"], cfg["shapes"])
@@ -362,6 +391,42 @@ def test_stage2_answers_are_correct(dataset):
     assert seen >= set(syn.EVAL_CATEGORIES)
     if len(existence) >= 80:
         assert 0.35 <= np.mean(existence) <= 0.65, np.mean(existence)
+
+
+def test_existence_evidence_names_the_colours_of_that_shape(grid_set):
+    """With existence_evidence the answer first says what the image has of the asked shape (colours
+    in reading order: rows by thirds, then left to right), then the verdict; recomputed here from
+    the annotations alone."""
+    cfg = grid_set.manifest["config"]
+    assert cfg["existence_evidence"] is True
+    pats = _question_patterns(cfg["colors"], cfg["shapes"])
+    checked = Counter()
+    for row in grid_set.stage2:
+        if "image" not in row:
+            continue
+        conv = row["conversations"]
+        for q, a in zip(conv[0::2], conv[1::2]):
+            kind, args = _parse_question(pats, q["value"].replace("<image>", "").strip())
+            if kind != "existence":
+                continue
+            objs = []
+            for inst in grid_set.by_image[row["image"]]["instances"]:
+                (color, shape), (x0, y0, x1, y1) = inst["category"].split(" "), inst["bbox"]
+                objs.append((min(2, int(3 * (y0 + y1) / 2)), x0, color, shape))
+            colors = []
+            for *_, color, shape in sorted(objs):
+                if shape == args["shape"] and color not in colors:
+                    colors.append(color)
+            n = sum(o[3] == args["shape"] for o in objs)
+            plural = "crosses" if args["shape"] == "cross" else args["shape"] + "s"
+            listed = " and ".join([", ".join(colors[:-1]), colors[-1]] if len(colors) > 1 else colors)
+            evidence = (f"There is no {args['shape']}." if n == 0 else f"The {args['shape']} is {colors[0]}."
+                        if n == 1 else f"The {plural} are {listed}.")
+            verdict = "Yes" if args["color"] in colors else "No"
+            assert a["value"] == f"{evidence} {verdict}.", (q["value"], a["value"])
+            checked[(min(n, 2), verdict)] += 1
+    # every kind of evidence (no / one / several of the shape) with both verdicts where possible
+    assert {(0, "No"), (1, "No"), (1, "Yes"), (2, "No"), (2, "Yes")} <= set(checked), checked
 
 
 def test_eval_questions_are_correct_and_held_out(dataset):
@@ -438,6 +503,9 @@ def test_manifest(default_set):
     ("existence", "No, there is no blue triangle.", "no"),
     ("existence", "There is no blue triangle.", "no"),
     ("existence", "There is a blue triangle.", "yes"),
+    ("existence", "The circle is blue. No.", "no"),
+    ("existence", "The circles are red and blue. Yes.", "yes"),
+    ("existence", "There is no circle. No.", "no"),
     ("describe", "A red circle.", "a red circle"),
 ])
 def test_score_answer_positives(category, pred, answer):
@@ -461,6 +529,8 @@ def test_score_answer_positives(category, pred, answer):
     ("existence", "No.", "yes"),
     ("existence", "Yes.", "no"),
     ("existence", "There is no blue triangle.", "yes"),
+    ("existence", "The circle is red. No.", "yes"),
+    ("existence", "There is no circle. Yes.", "no"),
     ("existence", "maybe", "yes"),
     ("describe", "A blue circle.", "a red circle"),
 ])

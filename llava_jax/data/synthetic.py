@@ -30,6 +30,12 @@ Files written under ``out_dir``
     question/answer turns (``<image>\\n`` starts the first human turn), plus a few text-only rows
     (no ``image`` key, no ``<image>``). Question types: ``color``, ``shape``, ``count``,
     ``position``, ``existence`` (yes/no about 50/50), and rarely ``describe`` (answer = a caption).
+    ``ShapesWorld(turns=(lo, hi), question_mix={category: weight})`` set the questions per row and
+    their mix; ``existence_evidence=True`` makes existence answers state what the image has of the
+    asked shape before the verdict ("The circle is blue. No.", "There is no circle. No.");
+    ``shape_negative_prob`` sets the share of "no" existence answers in these rows that name a
+    shape in the image ("Is there a red circle?" next to a blue circle; default None: the mix of
+    ``eval.jsonl``, half sharing a colour or shape with the image, half any absent pair).
 ``eval.jsonl``
     Held-out questions, one per row, in the LLaVA eval question format plus scoring info:
     ``{"question_id": int, "image": "eval_000000.png", "text": question (no <image>),
@@ -258,6 +264,22 @@ def _group_phrases(objs: Sequence[Obj]) -> list[str]:
     return out
 
 
+def reading_order(objs: Sequence[Obj]) -> list[Obj]:
+    """Top to bottom, then left to right, by the thirds of the image."""
+    third = lambda v: min(2, int(3 * v))  # noqa: E731
+    return sorted(objs, key=lambda o: (third((o.bbox[1] + o.bbox[3]) / 2), o.bbox[0]))
+
+
+def shape_evidence(objs: Sequence[Obj], shape: str) -> str:
+    """What the image has of one shape, in reading order: "The circle is blue.", "The circles are
+    red and green.", "There is no circle." """
+    colors = list(dict.fromkeys(o.color for o in reading_order(objs) if o.shape == shape))
+    n = sum(o.shape == shape for o in objs)
+    if n == 0:
+        return f"There is no {shape}."
+    return f"The {shape} is {colors[0]}." if n == 1 else f"The {PLURALS[shape]} are {_join(colors)}."
+
+
 @dataclasses.dataclass(frozen=True)
 class QA:
     category: str  # color/shape/count/position/existence/describe
@@ -289,6 +311,8 @@ class ShapesWorld:
         reading_order: bool = False,
         turns: tuple[int, int] = (1, 3),
         question_mix: Mapping[str, float] | None = None,
+        existence_evidence: bool = False,
+        shape_negative_prob: float | None = None,
     ):
         unknown = [s for s in shapes if s not in ALL_SHAPES]
         if unknown:
@@ -328,6 +352,10 @@ class ShapesWorld:
                                  f"(not all zero), got {dict(question_mix)}")
             question_mix = {c: float(question_mix.get(c, 0.0)) for c in EVAL_CATEGORIES}
         self.turns = (t_lo, t_hi)
+        self.existence_evidence = bool(existence_evidence)
+        if shape_negative_prob is not None and not 0 <= shape_negative_prob <= 1:
+            raise ValueError(f"shape_negative_prob must be None or in [0, 1], got {shape_negative_prob}")
+        self.shape_negative_prob = None if shape_negative_prob is None else float(shape_negative_prob)
         self.question_mix = question_mix
         self.grid = int(grid)
         self.reading_order = bool(reading_order)
@@ -354,7 +382,8 @@ class ShapesWorld:
             "position_margin": self.position_margin, "short_answer_prob": self.short_answer_prob,
             "describe_prob": self.describe_prob, "grid": self.grid,
             "reading_order": self.reading_order, "turns": list(self.turns),
-            "question_mix": self.question_mix,
+            "question_mix": self.question_mix, "existence_evidence": self.existence_evidence,
+            "shape_negative_prob": self.shape_negative_prob,
         }
 
     def rng(self, split: str, index: int, purpose: str, attempt: int = 0) -> random.Random:
@@ -437,9 +466,8 @@ class ShapesWorld:
         bg = self.background
 
         def shuffled() -> list[Obj]:
-            if self.reading_order:  # top to bottom, then left to right, by the thirds of the image
-                third = lambda v: min(2, int(3 * v))  # noqa: E731
-                return sorted(objs, key=lambda o: (third((o.bbox[1] + o.bbox[3]) / 2), o.bbox[0]))
+            if self.reading_order:
+                return reading_order(objs)
             o = objs[:]
             rng.shuffle(o)
             return o
@@ -474,11 +502,14 @@ class ShapesWorld:
 
     def make_question(self, scene: Scene, category: str, rng: random.Random, *,
                       canonical_only: bool = False, existence_yes: bool | None = None,
-                      captions: Sequence[str] | None = None) -> QA | None:
+                      captions: Sequence[str] | None = None,
+                      shape_negatives: float | None = None) -> QA | None:
         """One definite question of `category` about `scene`, or None if none can be asked.
 
         canonical_only: eval mode - count questions only ask the total count.
-        existence_yes: force a yes/no existence answer (None: fair coin)."""
+        existence_yes: force a yes/no existence answer (None: fair coin).
+        shape_negatives: the share of "no" existence answers that name a shape in the image (None:
+        half of them share a colour or shape with the image, half are any absent pair)."""
         objs = scene.objects
         short = rng.random() < self.short_answer_prob
         shape_counts = Counter(o.shape for o in objs)
@@ -549,12 +580,18 @@ class ShapesWorld:
                 absent = [(c, s) for c in self.colors for s in self.shapes if f"{c} {s}" not in present]
                 if not absent:
                     return None
-                # Half of the time a hard negative: shares colour or shape with a present object.
-                hard = [(c, s) for c, s in absent if c in color_counts or s in shape_counts]
-                color, shape = rng.choice(hard if hard and rng.random() < 0.5 else absent)
+                if shape_negatives is None:  # half of the time a hard negative: shares colour or shape
+                    hard = [(c, s) for c, s in absent if c in color_counts or s in shape_counts]
+                    share = 0.5
+                else:
+                    hard = [(c, s) for c, s in absent if s in shape_counts]
+                    share = shape_negatives
+                color, shape = rng.choice(hard if hard and rng.random() < share else absent)
             q = rng.choice(T["existence"]).format(color=color, shape=shape)
             thing = f"{_article(color)} {color} {shape}"
-            if yes:
+            if self.existence_evidence:  # "The circle is blue. No."
+                resp = f"{shape_evidence(objs, shape)} {'Yes' if yes else 'No'}."
+            elif yes:
                 resp = "Yes." if short else f"Yes, there is {thing}."
             else:
                 resp = "No." if short else f"No, there is no {color} {shape}."
@@ -597,7 +634,7 @@ class ShapesWorld:
             tries += 1
             cat = (rng.choice(EVAL_CATEGORIES) if mix is None
                    else rng.choices(EVAL_CATEGORIES, weights=[mix[c] for c in EVAL_CATEGORIES])[0])
-            qa = self.make_question(scene, cat, rng)
+            qa = self.make_question(scene, cat, rng, shape_negatives=self.shape_negative_prob)
             if qa is None or qa.question in seen:
                 continue
             qas.append(qa)
@@ -700,6 +737,8 @@ def _yes_no(tokens: Sequence[str]) -> str | None:
         return None
     if tokens[0] in ("yes", "no"):
         return tokens[0]
+    if tokens[-1] in ("yes", "no"):  # a verdict after the evidence: "The circle is blue. No."
+        return tokens[-1]
     if any(t in _NEGATIONS for t in tokens):
         return "no"
     if "yes" in tokens or tokens[:2] in (["there", "is"], ["there", "are"]) or "contains" in tokens:
