@@ -13,8 +13,9 @@ Unlike the real recipe (pretrained CLIP and Vicuna), nothing pretrained exists o
     the recipe.
 The world is drawn on a 3x3 grid of 16-px cells, one object per cell and one cell per ViT patch;
 stage-2 rows hold 3-6 questions each, weighted toward colour, existence and position, with
-existence answers that state the evidence first (`demo.world_settings`, `demo.STAGE2_ROWS`). The tokenizer is trained on the world's text with punctuation kept out
-of its pieces (`data/tokenizer_build.py`). `tiny_*` are the test configs.
+existence answers that state the evidence first (`demo.world_settings`, `demo.STAGE2_ROWS`).
+The tokenizer is trained on the world's text with punctuation kept out of its pieces
+(`data/tokenizer_build.py`). `tiny_*` are the test configs.
 """
 from llava_jax.train.defaults import base_config
 

@@ -208,6 +208,11 @@ class PipelineConfig:
     def replace(self, **kw) -> "PipelineConfig":
         return dataclasses.replace(self, **kw)
 
+    @property
+    def num_bins(self) -> int:
+        """Open rows of a packing window: ``pack_bins``, by default ``batch_size``; 1 unpacked."""
+        return (self.pack_bins or self.batch_size) if self.pack else 1
+
 
 # ---------------------------------------------------------------------------------------------
 # Sources
@@ -532,7 +537,7 @@ def make_pipeline(
         pad_token_id=pad_id,
         max_segments=(cfg.max_samples_per_row if cfg.pack else 1),
     )
-    num_bins = (cfg.pack_bins or cfg.batch_size) if cfg.pack else 1
+    num_bins = cfg.num_bins
     if skip_log is None:
         skip_log = make_skip_log()
     check = {"worker_count": cfg.worker_count, "worker_group_size": cfg.worker_group_size,

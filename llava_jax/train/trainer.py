@@ -190,12 +190,12 @@ def estimate_num_steps(sources, tokenizer, pcfg, num_epochs: int, global_batch: 
     n = len(sources)
     k = min(n, probe)
     sub = [sources[i] for i in range(k)]
-    # One row per batch, but as many open rows as training packs into (pack_bins defaults to the
-    # batch size): with a single open row the probe packed worse than training and overestimated
-    # the steps by ~14% on the demo, so the cosine schedule was cut before its end.
-    bins = pcfg.pack_bins or pcfg.batch_size
-    it = make_iterator(sub, tokenizer, pcfg.replace(batch_size=1, pack_bins=bins, shuffle=False, num_epochs=1,
-                                                    worker_count=0, drop_remainder=False, prefetch_batches=0),
+    # One row per batch, but the training run's packing window (`num_bins` follows the batch
+    # size by default): with a single open row the probe packed worse than training and
+    # overestimated the steps by ~14% on the demo, so the cosine schedule was cut before its end.
+    it = make_iterator(sub, tokenizer, pcfg.replace(batch_size=1, pack_bins=pcfg.num_bins, shuffle=False,
+                                                    num_epochs=1, worker_count=0, drop_remainder=False,
+                                                    prefetch_batches=0),
                        process_index=0, process_count=1)
     rows = sum(1 for _ in it)
     return max(1, math.ceil(n * num_epochs * max(rows, 1) / k / global_batch))
