@@ -116,6 +116,29 @@ def test_sigterm_saves_and_exits_then_resumes(world, reference, tmp_path):
     assert [got[s] for s in range(1, 25)] == [ref[s] for s in range(1, 25)]
 
 
+def test_run_that_runs_out_of_data_reports_saves_and_logs_its_real_last_step(world, tmp_path):
+    """An epoch-bounded run (`num_steps=-1`) ends at "data exhausted" on a step log_every does
+    not divide: the summary, the final checkpoint and the metrics log all name that step (the
+    summary used to report the last *logged* step), and the same command again trains nothing."""
+    w = tmp_path / "run"
+    args = cmd(world, w, "tiny_stage1", "--config.train.num_steps=-1", "--config.data.num_epochs=3",
+               "--config.train.log_every=4", "--config.train.ckpt_every=1000")
+    run(args)
+    summary = json.loads((w / "train_summary.json").read_text())
+    assert summary["status"] == "data exhausted"
+    end = summary["step"]
+    assert end > 4 and end % 4 != 0, "pick log_every so a step is logged before the last one"
+    saved = sorted(int(p.name) for p in (w / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved == [end]
+    logged = [json.loads(x)["step"] for x in (w / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [*range(4, end, 4), end]
+    assert summary["loss"] == losses(w)[end]
+    run(args)  # resumes at the end: no more steps, nothing rewritten
+    again = json.loads((w / "train_summary.json").read_text())
+    assert again["status"] == "data exhausted" and again["step"] == end
+    assert [json.loads(x)["step"] for x in (w / "metrics.jsonl").read_text().splitlines()] == logged
+
+
 def test_resume_on_a_different_mesh(world, tmp_path):
     a = ["--config.train.num_steps=8", "--config.train.ckpt_every=4"]
     ref = tmp_path / "ref"

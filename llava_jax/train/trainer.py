@@ -295,6 +295,32 @@ def train(config, workdir: str) -> dict:
     samples_since = 0
     real_tokens_since = 0
     status = "completed"
+    metrics = None
+
+    def log_step(step, metrics):
+        nonlocal last, status, t_last, tokens_since, flops_since, samples_since, real_tokens_since
+        m = jax.device_get(metrics)
+        loss = float(m["loss"])
+        if not np.isfinite(loss):
+            status = "non-finite loss"
+            raise TrainingStopped(
+                f"loss is {loss} at step {step}; stopping without saving this state. The last good "
+                f"checkpoint (step {ckpt.latest_step()}) is kept in {ckpt.directory}. Lower the lr, "
+                "check the data (skipped-row log) or use float32 compute to investigate.")
+        dt = time.perf_counter() - t_last
+        last = {
+            "step": step, "loss": loss, "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
+            "supervised_tokens": int(m["tokens"]),
+            "tokens_per_s": tokens_since / dt, "samples_per_s": samples_since / dt,
+            "packing_efficiency": real_tokens_since / max(tokens_since, 1),
+            "tflops_per_device": flops_since / dt / jax.device_count() / 1e12,
+            **{k: v for k, v in skipped_total.items()},
+        }
+        if peak:
+            last["mfu"] = flops_since / dt / jax.device_count() / peak
+        writer.write(step, last)
+        t_last, tokens_since, flops_since, samples_since, real_tokens_since = time.perf_counter(), 0, 0.0, 0, 0
+
     try:
         while step < num_steps:
             try:
@@ -321,27 +347,7 @@ def train(config, workdir: str) -> dict:
             flops_since += step_flops(model_cfg, trains, rows * length * num_shards, n_images * num_shards, seq_len)
             log_now = step % config.train.log_every == 0 or step == num_steps
             if log_now or stop["sigterm"]:
-                m = jax.device_get(metrics)
-                loss = float(m["loss"])
-                if not np.isfinite(loss):
-                    status = "non-finite loss"
-                    raise TrainingStopped(
-                        f"loss is {loss} at step {step}; stopping without saving this state. The last good "
-                        f"checkpoint (step {ckpt.latest_step()}) is kept in {ckpt.directory}. Lower the lr, "
-                        "check the data (skipped-row log) or use float32 compute to investigate.")
-                dt = time.perf_counter() - t_last
-                last = {
-                    "step": step, "loss": loss, "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
-                    "supervised_tokens": int(m["tokens"]),
-                    "tokens_per_s": tokens_since / dt, "samples_per_s": samples_since / dt,
-                    "packing_efficiency": real_tokens_since / max(tokens_since, 1),
-                    "tflops_per_device": flops_since / dt / jax.device_count() / 1e12,
-                    **{k: v for k, v in skipped_total.items()},
-                }
-                if peak:
-                    last["mfu"] = flops_since / dt / jax.device_count() / peak
-                writer.write(step, last)
-                t_last, tokens_since, flops_since, samples_since, real_tokens_since = time.perf_counter(), 0, 0.0, 0, 0
+                log_step(step, metrics)
             else:
                 writer.advance(step)
             if step % config.train.ckpt_every == 0 or step == num_steps or stop["sigterm"]:
@@ -350,6 +356,8 @@ def train(config, workdir: str) -> dict:
             if stop["sigterm"]:
                 status = "preempted (SIGTERM)"
                 break
+        if status == "data exhausted" and metrics is not None and last.get("step") != step:
+            log_step(step, metrics)  # the run's real last step, whatever log_every says
         if status == "data exhausted" and step and ckpt.latest_step() != step:
             ckpt.save(step, trainable, opt_state, rng, data_iter.get_state(), meta=ckpt_meta)
     finally:
@@ -358,7 +366,8 @@ def train(config, workdir: str) -> dict:
         writer.close()
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
-    summary = {"status": status, "step": step, "num_steps": num_steps, **last}
+    # `last` (the last logged metrics) must not override the step the run really ended at
+    summary = {**last, "status": status, "step": step, "num_steps": num_steps}
     if is_main:
         (workdir_p / "train_summary.json").write_text(json.dumps(summary, indent=2))
         logging.info("training %s at step %d", status, step)
