@@ -66,3 +66,24 @@ def test_compiles_the_train_step_for_a_tpu_slice(tmp_path):
     # the same step does not fit in a chip with (pretend) 1 MiB of HBM: exit status 1
     p = aot("--topology=v5e-4", "--hbm_gib=0.001")
     assert p.returncode == 1 and "DOES NOT FIT" in p.stdout
+
+
+def test_cast_frozen_shrinks_the_compiled_step_on_cpu():
+    """The will-it-fit compile reads `model.cast_frozen` like the trainer (here on the CPU device,
+    no libtpu needed): the step's arguments shrink by 2 bytes per cast frozen param."""
+    import jax
+
+    from llava_jax.demo import load_demo_config
+    from llava_jax.tools import aot
+
+    topo = aot.Topology(name="cpu", desc_name="cpu", chips=1, hbm_gib=16.0)
+    reports = {}
+    for cast in (False, True):
+        c = load_demo_config("tiny_stage1")
+        c.model.dtype, c.model.cast_frozen = "bfloat16", cast
+        reports[cast] = aot.compile_step(c, topo, vocab_size=256, devices=jax.devices()[:1])
+    assert reports[True]["cast_frozen"] and reports[True]["fits"]
+    frozen = reports[False]["params"]["frozen"]
+    saved = reports[False]["memory"]["arguments"] - reports[True]["memory"]["arguments"]
+    assert 0 < saved <= 2 * frozen and saved % 2 == 0
+    assert saved > 2 * frozen * 0.9  # all but the norms and position embeddings

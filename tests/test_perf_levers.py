@@ -12,6 +12,7 @@ from flax import nnx
 from llava_jax.models.layers import attention_mask, dot_product_attention
 from llava_jax.models.llava import LlavaModel, chunked_loss_fn, loss_fn_from_logits
 from llava_jax.train.state import batch_loss, cast_frozen, split_model
+from llava_jax.train.defaults import base_config
 from train_util import synthetic_batch, tiny_model_config
 
 # Packed rows: two samples then padding; one sample filling the row; one sample then padding.
@@ -176,6 +177,33 @@ def test_cast_frozen_keeps_norms_and_position_embeddings():
     assert dt["vision/layers/ln1_scale"] == jnp.float32 and dt["vision/pos_embed"] == jnp.float32
     assert dt["llm/final_norm"] == jnp.float32
     assert dt["vision/layers/q_kernel"] == jnp.bfloat16 and dt["llm/embed"] == jnp.bfloat16
+
+
+def test_trainer_config_turns_the_memory_levers_on():
+    """`model.loss_chunk` reaches the model the trainer builds, `model.cast_frozen` the frozen
+    params its step holds (concrete, and abstract with shardings for tools/aot.py's will-it-fit)."""
+    from llava_jax.train import mesh as mesh_lib
+    from llava_jax.train.trainer import build_model, frozen_for_training
+
+    c = base_config()
+    c.model.init = "scratch"
+    c.model.dtype = "bfloat16"
+    c.model.loss_chunk = 8
+    c.model.cast_frozen = True
+    c.model.scratch.text.update(hidden_size=16, intermediate_size=32, num_heads=4, num_kv_heads=2, head_dim=4)
+    mesh = mesh_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    model = build_model(c, mesh, tokenizer_ids=type("Ids", (), {"image_token_id": 60})(), vocab_size=64)
+    assert model.config.runtime.loss_chunk == 8
+    _, trainable, frozen = split_model(model, [r"projector/.*"])
+    dt = {"/".join(map(str, p)): v.value.dtype for p, v in nnx.to_flat_state(frozen_for_training(frozen, c))}
+    assert dt["vision/layers/q_kernel"] == jnp.bfloat16 and dt["llm/embed"] == jnp.bfloat16
+    assert dt["vision/pos_embed"] == jnp.float32 and dt["llm/final_norm"] == jnp.float32
+    assert all(v.value.dtype == jnp.float32 for _, v in nnx.to_flat_state(trainable))  # fp32 master params
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), frozen)
+    cast = {"/".join(map(str, p)): v.value for p, v in nnx.to_flat_state(frozen_for_training(abstract, c))}
+    assert cast["llm/embed"].dtype == jnp.bfloat16 and cast["llm/embed"].sharding is not None
+    c.model.cast_frozen = False
+    assert frozen_for_training(frozen, c) is frozen
 
 
 def _lower_train_grad_for_cuda(geo_cfg, batch):

@@ -139,6 +139,20 @@ def test_run_that_runs_out_of_data_reports_saves_and_logs_its_real_last_step(wor
     assert [json.loads(x)["step"] for x in (w / "metrics.jsonl").read_text().splitlines()] == logged
 
 
+def test_memory_levers_train_like_the_default_path(world, tmp_path):
+    """`model.loss_chunk` + `model.cast_frozen` in a bf16 stage-2 run: the same losses as the run
+    without them (chunked loss: equal up to summation order; bf16 frozen params: every use casts
+    them to bf16 anyway). That the options reach the model and the step is
+    `test_perf_levers.py::test_trainer_config_turns_the_memory_levers_on`."""
+    base = ["--config.train.num_steps=4", "--config.train.ckpt_every=100", "--config.model.dtype=bfloat16"]
+    run(cmd(world, tmp_path / "ref", "tiny_stage2", *base))
+    run(cmd(world, tmp_path / "lev", "tiny_stage2", *base, "--config.model.loss_chunk=16",
+            "--config.model.cast_frozen=True"))
+    ref, got = losses(tmp_path / "ref"), losses(tmp_path / "lev")
+    assert sorted(got) == sorted(ref) == [1, 2, 3, 4]
+    np.testing.assert_allclose([got[s] for s in range(1, 5)], [ref[s] for s in range(1, 5)], rtol=1e-5)
+
+
 def test_resume_on_a_different_mesh(world, tmp_path):
     a = ["--config.train.num_steps=8", "--config.train.ckpt_every=4"]
     ref = tmp_path / "ref"

@@ -167,8 +167,8 @@ def load_params_into(model_abs: LlavaModel, index: _KeyIndex, fresh_pattern: str
 
 def from_pretrained(path, *, clip_path=None, projector_path=None, dtype=jnp.float32, param_dtype=jnp.float32,
                     projector_type: str | None = None, vision_feature_layer=None, image_token_id: int | None = None,
-                    remat_policy: str = "none", attention_impl: str = "xla", sharding_fn: ShardingFn | None = None,
-                    strict: bool = True, seed: int = 0) -> LlavaModel:
+                    remat_policy: str = "none", attention_impl: str = "xla", loss_chunk: int = 0,
+                    sharding_fn: ShardingFn | None = None, strict: bool = True, seed: int = 0) -> LlavaModel:
     """Load a LLaVA model from a local HF-format directory (see module docstring for layouts).
 
     `dtype` is the compute dtype, `param_dtype` the stored param dtype. With `sharding_fn`, each
@@ -184,7 +184,7 @@ def from_pretrained(path, *, clip_path=None, projector_path=None, dtype=jnp.floa
         index.entries.update(proj.entries)
         fresh = None
     cfg = cfg.with_runtime(dtype=dtype, param_dtype=param_dtype, remat_policy=remat_policy,
-                           attention_impl=attention_impl)
+                           attention_impl=attention_impl, loss_chunk=loss_chunk)
     model_abs = nnx.eval_shape(lambda: LlavaModel(cfg, rngs=None))
     fresh_values = None
     if fresh:

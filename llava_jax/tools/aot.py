@@ -170,6 +170,7 @@ def compile_step(config, topo: Topology, vocab_size: int = 32064, devices=None, 
 
     from llava_jax.models.llava import LlavaModel
     from llava_jax.train import mesh as mesh_lib
+    from llava_jax.train import trainer
     from llava_jax.train.state import make_optimizer, make_train_step, opt_state_shardings, split_model, step_flops
 
     devices = topology_devices(topo) if devices is None else devices
@@ -185,6 +186,7 @@ def compile_step(config, topo: Topology, vocab_size: int = 32064, devices=None, 
     abs_model = nnx.eval_shape(lambda: LlavaModel(cfg, rngs=nnx.Rngs(0)))
     graphdef, trainable, frozen = split_model(abs_model, list(config.trainable))
     trainable, frozen = _abstract_sharded(trainable, mesh), _abstract_sharded(frozen, mesh)
+    frozen = trainer.frozen_for_training(frozen, config)  # model.cast_frozen, as the trainer does
     tx, schedule = make_optimizer(config.optim, 1000, trainable)
     t0 = time.perf_counter()
     replicated = NamedSharding(mesh, P())
@@ -207,6 +209,7 @@ def compile_step(config, topo: Topology, vocab_size: int = 32064, devices=None, 
         "config": config.name, "topology": topo.name, "topology_desc": topo.desc_name, "chips": topo.chips,
         "device_kind": devices[0].device_kind, "mesh": dict(mesh.shape), "per_device_batch": pdb,
         "global_batch": gb, "grad_accum": grad_accum, "max_length": L, "remat": config.model.remat,
+        "loss_chunk": config.model.loss_chunk, "cast_frozen": bool(config.model.cast_frozen),
         "dtype": config.model.dtype, "param_dtype": config.model.param_dtype, "hbm_gib": topo.hbm_gib,
         "trainable": list(config.trainable),
         # model FLOPs (6N + attention per token; every image slot filled, as the static-shape step computes)

@@ -33,6 +33,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"  # master params
     c.model.remat = "none"
     c.model.attention_impl = "xla"
+    # Memory levers (docs/performance.md, "The levers"; both proven equal to the default path):
+    # vocab loss in chunks of this many positions (0 = full [B, L, V] logits), and frozen params
+    # (CLIP; the LLM in stage 1) stored in model.dtype instead of param_dtype.
+    c.model.loss_chunk = 0
+    c.model.cast_frozen = False
     c.model.seed = 0
     c.model.scratch = ml_collections.ConfigDict({
         "vision": {"hidden_size": 64, "intermediate_size": 128, "num_layers": 2, "num_heads": 4,

@@ -68,7 +68,11 @@ def cast_frozen(frozen, dtype, keep_patterns: Sequence[str] = FP32_FROZEN_PATTER
 
     def cast(path, x):
         keep = any(c.fullmatch(path_str(path)) for c in compiled) or not jnp.issubdtype(x.dtype, jnp.floating)
-        return x if keep else x.astype(dtype)
+        if keep:
+            return x
+        if isinstance(x, jax.ShapeDtypeStruct):  # abstract params (tools/aot.py's will-it-fit)
+            return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+        return x.astype(dtype)
 
     return jax.tree_util.tree_map_with_path(cast, frozen)
 

@@ -26,6 +26,7 @@ from llava_jax.train import mesh as mesh_lib
 from llava_jax.train.checkpoint import Checkpointer
 from llava_jax.train.metrics import MetricsWriter, peak_flops_per_device
 from llava_jax.train.state import (
+    cast_frozen,
     count_params,
     make_optimizer,
     make_train_step,
@@ -58,7 +59,13 @@ def load_run_tokenizer(config):
 def runtime_options(config) -> dict:
     m = config.model
     return dict(dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype], remat_policy=m.remat,
-                attention_impl=m.attention_impl)
+                attention_impl=m.attention_impl, loss_chunk=m.loss_chunk)
+
+
+def frozen_for_training(frozen, config):
+    """The frozen params as the train step holds them: in model.dtype when model.cast_frozen
+    (`state.cast_frozen`: every use casts them to it anyway), else as loaded."""
+    return cast_frozen(frozen, DTYPES[config.model.dtype]) if config.model.cast_frozen else frozen
 
 
 def scratch_model_config(config, vocab_size: int, image_token_id: int) -> LlavaConfig:
@@ -127,7 +134,7 @@ def _probe_config(path, kw) -> LlavaConfig:
     cfg, _, _ = _resolve_config(Path(path), kw.get("clip_path"), kw.get("projector_type"),
                                 kw.get("vision_feature_layer"), kw.get("image_token_id"))
     return cfg.with_runtime(dtype=kw["dtype"], param_dtype=kw["param_dtype"], remat_policy=kw["remat_policy"],
-                            attention_impl=kw["attention_impl"])
+                            attention_impl=kw["attention_impl"], loss_chunk=kw["loss_chunk"])
 
 
 def apply_workdir_params(model: LlavaModel, workdir: str, patterns) -> LlavaModel:
@@ -235,6 +242,7 @@ def train(config, workdir: str) -> dict:
     # ---------------------------------------------------------------- freezing & optimizer
     graphdef, trainable, frozen = split_model(model, list(config.trainable))
     del model
+    frozen = frozen_for_training(frozen, config)
     counts = param_count_by_subtree(trainable)
     trains = set(counts)
     logging.info("trainable params %s (%d); frozen %d", counts, count_params(trainable), count_params(frozen))
