@@ -182,6 +182,7 @@ def test_cast_frozen_keeps_norms_and_position_embeddings():
 def test_trainer_config_turns_the_memory_levers_on():
     """`model.loss_chunk` reaches the model the trainer builds, `model.cast_frozen` the frozen
     params its step holds (concrete, and abstract with shardings for tools/aot.py's will-it-fit)."""
+    from llava_jax.data.tokenize import LlavaTokenIds
     from llava_jax.train import mesh as mesh_lib
     from llava_jax.train.trainer import build_model, frozen_for_training
 
@@ -192,7 +193,7 @@ def test_trainer_config_turns_the_memory_levers_on():
     c.model.cast_frozen = True
     c.model.scratch.text.update(hidden_size=16, intermediate_size=32, num_heads=4, num_kv_heads=2, head_dim=4)
     mesh = mesh_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    model = build_model(c, mesh, tokenizer_ids=type("Ids", (), {"image_token_id": 60})(), vocab_size=64)
+    model = build_model(c, mesh, tokenizer_ids=LlavaTokenIds(image_token_id=60, pad_token_id=None), vocab_size=64)
     assert model.config.runtime.loss_chunk == 8
     _, trainable, frozen = split_model(model, [r"projector/.*"])
     dt = {"/".join(map(str, p)): v.value.dtype for p, v in nnx.to_flat_state(frozen_for_training(frozen, c))}
@@ -204,6 +205,20 @@ def test_trainer_config_turns_the_memory_levers_on():
     assert cast["llm/embed"].dtype == jnp.bfloat16 and cast["llm/embed"].sharding is not None
     c.model.cast_frozen = False
     assert frozen_for_training(frozen, c) is frozen
+
+
+def test_loss_chunk_reaches_a_model_loaded_from_hf(tmp_path):
+    """The HF-loading path (`from_pretrained` and the trainer's shape probe) takes the same field."""
+    pytest.importorskip("torch")
+    from hf_util import CONFIGS, make_hf_llava
+    from llava_jax.train import mesh as mesh_lib
+    from llava_jax.train.trainer import build_model
+
+    make_hf_llava(next(iter(CONFIGS))).save_pretrained(tmp_path)
+    c = base_config()
+    c.model.init, c.model.hf_path, c.model.loss_chunk = "hf", str(tmp_path), 8
+    mesh = mesh_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    assert build_model(c, mesh).config.runtime.loss_chunk == 8
 
 
 def _lower_train_grad_for_cuda(geo_cfg, batch):

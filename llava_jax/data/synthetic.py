@@ -273,11 +273,11 @@ def reading_order(objs: Sequence[Obj]) -> list[Obj]:
 def shape_evidence(objs: Sequence[Obj], shape: str) -> str:
     """What the image has of one shape, in reading order: "The circle is blue.", "The circles are
     red and green.", "There is no circle." """
-    colors = list(dict.fromkeys(o.color for o in reading_order(objs) if o.shape == shape))
-    n = sum(o.shape == shape for o in objs)
-    if n == 0:
+    found = [o.color for o in reading_order(objs) if o.shape == shape]
+    if not found:
         return f"There is no {shape}."
-    return f"The {shape} is {colors[0]}." if n == 1 else f"The {PLURALS[shape]} are {_join(colors)}."
+    colors = list(dict.fromkeys(found))
+    return f"The {shape} is {colors[0]}." if len(found) == 1 else f"The {PLURALS[shape]} are {_join(colors)}."
 
 
 @dataclasses.dataclass(frozen=True)

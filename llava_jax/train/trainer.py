@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
@@ -133,8 +134,8 @@ def _probe_config(path, kw) -> LlavaConfig:
 
     cfg, _, _ = _resolve_config(Path(path), kw.get("clip_path"), kw.get("projector_type"),
                                 kw.get("vision_feature_layer"), kw.get("image_token_id"))
-    return cfg.with_runtime(dtype=kw["dtype"], param_dtype=kw["param_dtype"], remat_policy=kw["remat_policy"],
-                            attention_impl=kw["attention_impl"], loss_chunk=kw["loss_chunk"])
+    # every RuntimeOptions field, as `runtime_options` put them in kw
+    return cfg.with_runtime(**{f.name: kw[f.name] for f in dataclasses.fields(RuntimeOptions)})
 
 
 def apply_workdir_params(model: LlavaModel, workdir: str, patterns) -> LlavaModel:
