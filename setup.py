@@ -26,6 +26,11 @@ setup(
         "pillow>=10",
         "absl-py>=2.0",
         "safetensors>=0.4",
+        # LLaMA/Vicuna tokenizer.model: transformers 5 needs it to load one, and llava-jax encodes
+        # prompts with SentencePiece itself (exact slow-tokenizer ids, llava_jax/data/encoder.py);
+        # protobuf for its non-legacy (no dummy prefix) model
+        "sentencepiece>=0.2.0",
+        "protobuf>=4",
         "numpy>=1.26",
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
         "tqdm>=4.60",

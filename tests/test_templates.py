@@ -24,12 +24,12 @@ def spans_text(r):
 
 
 def test_registry_and_errors():
-    assert set(TEMPLATES) == {"vicuna_v1", "plain", "llama_2", "chatml", "llava_hf"}
+    assert set(TEMPLATES) == {"vicuna_v1", "llava_v1", "plain", "llama_2", "chatml", "llava_hf", "llama3", "qwen2"}
     assert get_template("v1") is TEMPLATES["vicuna_v1"]
     assert get_template("llava_llama_2") is TEMPLATES["llama_2"]
     t = TEMPLATES["chatml"]
     assert get_template(t) is t and isinstance(t, Template)
-    with pytest.raises(KeyError, match="known: chatml, llama_2, llava_hf, plain, vicuna_v1"):
+    with pytest.raises(KeyError, match="known: chatml, llama3, llama_2, llava_hf, llava_v1, plain, qwen2, vicuna_v1"):
         get_template("vicuna_v9")
 
 
@@ -162,11 +162,12 @@ def test_spans_are_replies_plus_separator(name):
         replies = replies[:1]
     r = render(name, turns)
     assert spans_text(r) == [a + t.reply_suffix for a in replies]
-    # spans are ordered, disjoint, and the last one ends the text
+    # spans are ordered, disjoint, and the last one ends the text (but for the template's
+    # unsupervised end of turn)
     ends = [e for _, e in r.reply_spans]
     starts = [s for s, _ in r.reply_spans]
     assert all(e <= s for e, s in zip(ends[:-1], starts[1:]))
-    assert ends[-1] == len(r.text)
+    assert ends[-1] == len(r.text) - len(t.turn_end)
 
 
 @pytest.mark.parametrize(

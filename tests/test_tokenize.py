@@ -1,7 +1,9 @@
-"""Tokenization + labels: one whole-string tokenization, labels from character offsets.
+"""Tokenization + labels: the original LLaVA's segment rule, labels from character offsets.
 
 Checked on real LLaVA data (../shared/llava_reference) for every template, with an offline
-LLaMA-style tokenizer (both transformers `legacy` modes) and a Qwen2-style ByteLevel one.
+LLaMA-style tokenizer (both transformers `legacy` modes) and a Qwen2-style ByteLevel one. The
+comparison with the original LLaVA's own code and LLaMA's real tokenizer is
+tests/test_original_llava.py.
 """
 
 import json
@@ -15,15 +17,13 @@ from llava_jax.data.templates import get_template, render
 from llava_jax.data.tokenize import (
     IGNORE_INDEX,
     add_llava_special_tokens,
-    encode_with_labels,
     expand_image_tokens,
-    label_spans,
     load_tokenizer,
     supervised_mask,
     tokenize_conversation,
 )
 from tests.test_templates import SYS_L2, SYS_V1
-from tests.tokenizer_util import make_bytelevel_tokenizer, make_llama_tokenizer
+from tests.tokenizer_util import make_bytelevel_tokenizer, make_llama_tokenizer, segment_ids
 
 REF = Path(__file__).resolve().parents[2] / "shared" / "llava_reference"
 N_IMG = 576  # CLIP ViT-L/14 at 336 px
@@ -133,8 +133,9 @@ def check_conversation(tok, image_id, name, turns, n_img=N_IMG):
     text = expected_text(name, turns)
     assert render(name, turns).text == text
 
-    # input ids (before expansion) == tokenization of the whole rendered string, BOS included
-    assert collapse_images(ids, image_id, n_img).tolist() == tok(text).input_ids
+    # input ids (before expansion) == the original's tokenizer_image_token rule made with this
+    # tokenizer's own calls: each segment between images tokenized alone, BOS on the first only
+    assert collapse_images(ids, image_id, n_img).tolist() == segment_ids(tok, text, image_id)
 
     # image expansion: exactly num_image_tokens ids per image, never supervised
     n_images = text.count("<image>")
@@ -215,86 +216,6 @@ def test_hard_conversations(toks, template, tokname, k):
         turns = [("human", "<image>"), turns[1]]
     tok, ids = toks[tokname]
     check_conversation(tok, ids.image_token_id, template, turns, n_img=3)
-
-
-def original_llava_v1_labels(tok, text):
-    """The original LLaVA label masking for vicuna_v1 (train.py preprocess_v1): split the prompt on
-    "</s>" and " ASSISTANT: ", re-tokenize the pieces and count; on a count mismatch the whole
-    sample is masked. (tokenizer() stands in for tokenizer_image_token: <image> is one token.)"""
-    ids = np.asarray(tok(text).input_ids)
-    target = ids.copy()
-    sep, sep2 = " ASSISTANT: ", "</s>"
-    cur_len = 1
-    target[:cur_len] = IGNORE_INDEX
-    for i, rou in enumerate(text.split(sep2)):
-        if rou == "":
-            break
-        parts = rou.split(sep)
-        if len(parts) != 2:
-            break
-        parts[0] += sep
-        round_len = len(tok(rou).input_ids)
-        instruction_len = len(tok(parts[0]).input_ids) - 2
-        if i != 0 and not getattr(tok, "legacy", True):  # IS_TOKENIZER_GREATER_THAN_0_14
-            round_len -= 1
-            instruction_len -= 1
-        target[cur_len : cur_len + instruction_len] = IGNORE_INDEX
-        cur_len += round_len
-    target[cur_len:] = IGNORE_INDEX
-    mismatch = cur_len != len(ids)
-    if mismatch:
-        target[:] = IGNORE_INDEX
-    return target, mismatch
-
-
-def _ours_unexpanded(tok, turns):
-    text, spans = render("vicuna_v1", turns)
-    return text, encode_with_labels(tok, text, label_spans("vicuna_v1", spans))[1]
-
-
-def test_agrees_with_original_llava_where_its_counting_works(toks):
-    """With a sentencepiece-like (legacy) tokenizer the original's counting holds on real data, and
-    our labels are identical to its labels, token for token."""
-    tok, _ = toks["llama_legacy"]
-    assert tok.legacy
-    n = 0
-    for row, turns in reference_conversations():
-        text, ours = _ours_unexpanded(tok, turns)
-        orig, mismatch = original_llava_v1_labels(tok, text)
-        assert not mismatch, row
-        assert ours.tolist() == orig.tolist(), row
-        n += 1
-    assert n == 210
-
-
-def test_original_counting_breaks_ours_does_not(toks):
-    # 1. transformers-5 LlamaTokenizer (legacy=False): "USER" after "</s>" is tokenized without
-    #    "▁" in the whole string; the original's piece counts drift and every multi-turn sample
-    #    is masked entirely ("tokenization mismatch"), while ours stays exact.
-    tok, ids = toks["llama"]
-    assert not tok.legacy
-    multi = [turns for row, turns in reference_conversations() if row.startswith("qa90-multi")]
-    assert len(multi) == 30
-    dropped = 0
-    for turns in multi:
-        text, ours = _ours_unexpanded(tok, turns)
-        orig, mismatch = original_llava_v1_labels(tok, text)
-        dropped += mismatch
-        assert (ours != IGNORE_INDEX).sum() > 0
-    assert dropped == 30
-    unicode = HARD[0]
-    text, _ = _ours_unexpanded(tok, unicode)
-    assert original_llava_v1_labels(tok, text)[1]  # masked by the original
-    out = check_conversation(tok, ids.image_token_id, "vicuna_v1", unicode, n_img=4)
-    sup = out["input_ids"][out["labels"] != IGNORE_INDEX]
-    assert decode(tok, sup) == "😀 A cat.</s> Über den Tisch.</s>"
-
-    # 2. a reply that contains the separator text: the original drops the sample with ANY tokenizer
-    for name in ("llama", "llama_legacy"):
-        tok, ids = toks[name]
-        text, _ = _ours_unexpanded(tok, HARD[2])
-        assert original_llava_v1_labels(tok, text)[1]
-        check_conversation(tok, ids.image_token_id, "vicuna_v1", HARD[2], n_img=4)
 
 
 # ----------------------------------------------------------------------------- units / API

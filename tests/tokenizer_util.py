@@ -53,6 +53,15 @@ def _corpus() -> list[str]:
     return (_TEMPLATE_TEXT + lines + [_DIGITS]) * 2
 
 
+def segment_ids(tok, text: str, image_id: int) -> list[int]:
+    """The original LLaVA's ``tokenizer_image_token`` rule made with ``tok``'s own calls: each text
+    segment between ``<image>`` tokenized alone (BOS on the first only), the image id between."""
+    out: list[int] = []
+    for k, chunk in enumerate(text.split("<image>")):
+        out += ([image_id] if k else []) + tok(chunk, add_special_tokens=k == 0).input_ids
+    return out
+
+
 def make_llama_tokenizer(
     tmpdir,
     *,

@@ -23,6 +23,7 @@ from flax import nnx
 from llava_jax.config import LlavaConfig
 from llava_jax.convert import keymap
 from llava_jax.convert.safetensors_io import checkpoint_files, write_sharded
+from llava_jax.data.tokenize import save_tokenizer
 from llava_jax.models.llava import LlavaModel
 from llava_jax.models.projector import Projector
 
@@ -244,5 +245,5 @@ def save_pretrained(model: LlavaModel, out_dir, tokenizer=None, dtype=None, max_
     for name, content in processor_files(cfg).items():
         (out / name).write_text(json.dumps(content, indent=2))
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
+        save_tokenizer(tokenizer, out)
     return out

@@ -81,7 +81,7 @@ from llava_jax.data.packing import (
     batch_rows,
     group_elements,
 )
-from llava_jax.data.templates import IMAGE_TOKEN, get_template
+from llava_jax.data.templates import IMAGE_TOKEN, resolve_template
 from llava_jax.data.tokenize import tokenize_conversation
 
 logger = logging.getLogger(__name__)
@@ -203,7 +203,7 @@ class PipelineConfig:
             bad(f"seed must be in [0, 2**32), got {self.seed}")
         if self.draft_gap < 1 or not 0 < self.draft_min_ratio <= 1:
             bad("draft_gap must be >= 1 and draft_min_ratio in (0, 1]")
-        get_template(self.template)  # KeyError with the known names
+        resolve_template(self.template)  # KeyError with the known names
 
     def replace(self, **kw) -> "PipelineConfig":
         return dataclasses.replace(self, **kw)
@@ -337,7 +337,7 @@ class SampleProcessor:
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.image_token_id = int(image_token_id)
-        self.template = get_template(cfg.template)
+        self.template = resolve_template(cfg.template)
 
     def _image_sources(self, rec: Mapping) -> list[tuple[Any, str]]:
         data = rec.get("image_bytes")

@@ -84,6 +84,7 @@ import dataclasses
 from typing import Any, Iterable, NamedTuple, Sequence
 
 IMAGE_TOKEN = "<image>"  # DEFAULT_IMAGE_TOKEN of the original code
+CHAT_TEMPLATE = "chat_template"  # the name of "the checkpoint tokenizer's own chat template"
 
 HUMAN = "human"
 GPT = "gpt"
@@ -122,6 +123,8 @@ class Template:
     image_placement: str = "front"  # "front" | "replace"
     max_exchanges: int | None = None  # plain: 1
     description: str = ""
+    turn_end: str = ""  # unsupervised text after each reply's reply_suffix (Qwen2: "\n")
+    strip_content: bool = False  # strip every message text (Llama-3's `| trim`)
 
     def __post_init__(self):
         if self.image_placement not in ("front", "replace"):
@@ -149,6 +152,11 @@ LLAVA_LLAMA_2_SYSTEM = (
     "language."
 )
 CHATML_SYSTEM = "Answer the questions."
+LLAVA_V1_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+QWEN2_SYSTEM = "You are a helpful assistant"  # as the Qwen2 tokenizer's own chat template writes it
 
 VICUNA_V1 = Template(
     name="vicuna_v1",
@@ -213,12 +221,48 @@ LLAVA_HF = Template(
     description="llava-hf checkpoints: 'USER: <image>\\nq ASSISTANT: a</s>'",
 )
 
-TEMPLATES: dict[str, Template] = {t.name: t for t in (VICUNA_V1, PLAIN, LLAMA_2, CHATML, LLAVA_HF)}
+LLAVA_V1 = dataclasses.replace(
+    VICUNA_V1,
+    name="llava_v1",
+    system=LLAVA_V1_SYSTEM,
+    description="the original's conv_llava_v1 (its CLI's template for llava-v1.5 checkpoints): vicuna_v1 "
+    "with 'a curious human ... the human's questions'",
+)
+
+LLAMA3 = Template(
+    name="llama3",
+    system="",
+    roles=("user", "assistant"),
+    system_format="<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>",
+    user_format="<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>",
+    assistant_prefix="<|start_header_id|>{role}<|end_header_id|>\n\n",
+    reply_prefix="",
+    reply_suffix="<|eot_id|>",
+    strip_content=True,
+    description="Llama-3-Instruct: '<|start_header_id|>user<|end_header_id|>\\n\\nq<|eot_id|>...' (BOS from "
+    "the tokenizer)",
+)
+
+QWEN2 = Template(
+    name="qwen2",
+    system=QWEN2_SYSTEM,
+    roles=("user", "assistant"),
+    system_format="<|im_start|>system\n{system}<|im_end|>\n",
+    user_format="<|im_start|>{role}\n{content}<|im_end|>\n",
+    assistant_prefix="<|im_start|>{role}\n",
+    reply_prefix="",
+    reply_suffix="<|im_end|>",
+    turn_end="\n",
+    description="Qwen2 ChatML: '<|im_start|>user\\nq<|im_end|>\\n<|im_start|>assistant\\na<|im_end|>\\n'",
+)
+
+TEMPLATES: dict[str, Template] = {
+    t.name: t for t in (VICUNA_V1, LLAVA_V1, PLAIN, LLAMA_2, CHATML, LLAVA_HF, LLAMA3, QWEN2)
+}
 
 # Names the original LLaVA code / scripts use for the same formats (``--version``).
 TEMPLATE_ALIASES: dict[str, str] = {
     "v1": "vicuna_v1",
-    "llava_v1": "vicuna_v1",
     "llava_llama_2": "llama_2",
     "chatml_direct": "chatml",
     "llava-hf": "llava_hf",
@@ -235,6 +279,18 @@ def get_template(name: str | Template) -> Template:
         aliases = ", ".join(f"{a}->{t}" for a, t in sorted(TEMPLATE_ALIASES.items()))
         raise KeyError(f"unknown conversation template {name!r}; known: {known} (aliases: {aliases})")
     return TEMPLATES[key]
+
+
+def resolve_template(name: str | Template) -> str | Template:
+    """A name from config or command line -> a :class:`Template`, or :data:`CHAT_TEMPLATE` (the
+    checkpoint tokenizer's own chat template, rendered by :func:`render_chat_template`)."""
+    return CHAT_TEMPLATE if name == CHAT_TEMPLATE else get_template(name)
+
+
+def default_template(tokenizer) -> str:
+    """The template a checkpoint is served and evaluated with unless one is named: its
+    tokenizer's chat template when it has one, else ``vicuna_v1`` (the LLaVA-1.5 recipe)."""
+    return CHAT_TEMPLATE if getattr(tokenizer, "chat_template", None) else "vicuna_v1"
 
 
 def _normalize_turn(i: int, turn: Any) -> tuple[str, str]:
@@ -283,20 +339,9 @@ def _place_images(template: Template, text: str) -> str:
     return ((IMAGE_TOKEN + "\n") * n + rest).strip()
 
 
-def render(
-    template: str | Template,
-    turns: Sequence[Any],
-    add_generation_prompt: bool = False,
-) -> Rendered:
-    """Render ``turns`` with ``template``; returns ``Rendered(text, reply_spans)``.
-
-    ``turns``: [(role, text)] (or LLaVA/HF dicts), roles human/user and gpt/assistant, optionally
-    a leading system turn. ``add_generation_prompt``: the conversation ends with a human turn and
-    the text is extended with the assistant prefix, ready for generation.
-    ``reply_spans``: character spans of each reply + its end separator (the supervised text).
-    Raises ValueError on a malformed conversation (see module docstring).
-    """
-    t = get_template(template)
+def checked_turns(turns: Sequence[Any], add_generation_prompt: bool) -> tuple[str | None, list[tuple[str, str]]]:
+    """(system override or None, [(role, text)]) of a well-formed conversation; raises ValueError
+    otherwise (see the module docstring). Every renderer checks conversations here."""
     system_override, items = normalize_turns(turns)
     if not items:
         raise ValueError("empty conversation")
@@ -319,6 +364,24 @@ def render(
             "conversation ends with a human turn: nothing to supervise (use add_generation_prompt=True "
             "for prompts)"
         )
+    return system_override, items
+
+
+def render(
+    template: str | Template,
+    turns: Sequence[Any],
+    add_generation_prompt: bool = False,
+) -> Rendered:
+    """Render ``turns`` with ``template``; returns ``Rendered(text, reply_spans)``.
+
+    ``turns``: [(role, text)] (or LLaVA/HF dicts), roles human/user and gpt/assistant, optionally
+    a leading system turn. ``add_generation_prompt``: the conversation ends with a human turn and
+    the text is extended with the assistant prefix, ready for generation.
+    ``reply_spans``: character spans of each reply + its end separator (the supervised text).
+    Raises ValueError on a malformed conversation (see module docstring).
+    """
+    t = get_template(template)
+    system_override, items = checked_turns(turns, add_generation_prompt)
     n_exchanges = (len(items) + 1) // 2
     if t.max_exchanges is not None and n_exchanges > t.max_exchanges:
         raise ValueError(
@@ -327,7 +390,10 @@ def render(
     if system_override is not None and t.system_format == "" and system_override:
         raise ValueError(f"template {t.name!r} has no system prompt")
 
-    system = t.system if system_override is None else system_override
+    def clean(text: str) -> str:
+        return text.strip() if t.strip_content else text
+
+    system = clean(t.system if system_override is None else system_override)
     system_block = t.system_format.format(system=system) if system else ""
     user_role, asst_role = t.roles
 
@@ -344,7 +410,7 @@ def render(
         emit(system_block)
     for i, (role, text) in enumerate(items):
         if role == HUMAN:
-            content = _place_images(t, text)
+            content = clean(_place_images(t, text))
             if i == 0 and t.first_user_format is not None:
                 emit(t.first_user_format.format(role=user_role, content=content, system=system_block))
             else:
@@ -353,9 +419,80 @@ def render(
             emit(t.assistant_prefix.format(role=asst_role))
             emit(t.reply_prefix)
             start = pos
-            emit(text)
+            emit(clean(text))
             emit(t.reply_suffix)
             spans.append((start, pos))
+            emit(t.turn_end)
     if add_generation_prompt:
         emit(t.assistant_prefix.format(role=asst_role))
     return Rendered("".join(out), spans)
+
+
+def _chat_messages(tokenizer, system: str | None, items: list[tuple[str, str]]) -> list[dict]:
+    """HF chat messages for the checkpoint's template. Images go in front of the user text, as
+    LLaVA trains them: as ``{"type": "image"}`` parts when the template reads typed parts
+    (llava-hf's), else as ``"<image>\\n"`` in the string content (Llama-3, Qwen2)."""
+    typed = "type" in (tokenizer.chat_template or "")
+    msgs = [] if system is None else [{"role": "system", "content": system}]
+    for role, text in items:
+        n = text.count(IMAGE_TOKEN) if role == HUMAN else 0
+        rest = text.replace(IMAGE_TOKEN, "").strip() if n else text
+        role = "user" if role == HUMAN else "assistant"
+        if typed:
+            parts = [{"type": "image"}] * n + ([{"type": "text", "text": rest}] if rest else [])
+            msgs.append({"role": role, "content": parts})
+        else:
+            msgs.append({"role": role, "content": ((IMAGE_TOKEN + "\n") * n + rest).strip() if n else rest})
+    return msgs
+
+
+def render_chat_template(tokenizer, turns: Sequence[Any], add_generation_prompt: bool = False) -> Rendered:
+    """Render ``turns`` with the tokenizer's own chat template (``apply_chat_template``).
+
+    The supervised span of each reply is found, not guessed: the generation prompt of the turns
+    before it must be a prefix of the whole text (else ValueError: the template cannot be
+    trained on safely); the span starts right there (whitespace the template puts before the
+    reply included, as the model generates it), covers the reply (as written, or stripped if the
+    template trims it) and ends after the special token that closes the turn (``<|eot_id|>``,
+    ``<|im_end|>``, ``</s>``); a template that closes replies with no special token cannot teach
+    the model to stop, and training on it raises ValueError. Generation prompts need no spans."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("template 'chat_template' asked for, but the tokenizer has no chat template")
+    system, items = checked_turns(turns, add_generation_prompt)
+
+    def apply(n_items: int, gen: bool) -> str:
+        try:
+            return tokenizer.apply_chat_template(_chat_messages(tokenizer, system, items[:n_items]),
+                                                 tokenize=False, add_generation_prompt=gen)
+        except Exception as e:  # noqa: BLE001 - jinja errors of the checkpoint's template
+            raise ValueError(f"the chat template rejected this conversation: {e}") from None
+
+    text = apply(len(items), add_generation_prompt)
+    n_img = sum(t.count(IMAGE_TOKEN) for r, t in items if r == HUMAN)
+    if text.count(IMAGE_TOKEN) != n_img:
+        raise ValueError(f"the chat template wrote {text.count(IMAGE_TOKEN)} {IMAGE_TOKEN!r} for {n_img} images")
+    spans: list[tuple[int, int]] = []
+    if add_generation_prompt:
+        return Rendered(text, spans)
+    enders = sorted((t.content for t in tokenizer.added_tokens_decoder.values() if t.special), key=len, reverse=True)
+    for k in range(1, len(items), 2):
+        prompt = apply(k, True)
+        if not text.startswith(prompt):
+            raise ValueError(f"the chat template's generation prompt for reply {k // 2} is not a prefix of the "
+                             "conversation; its replies cannot be located for labels")
+        reply = items[k][1]
+        pos = len(prompt)
+        while pos < len(text) and text[pos].isspace() and not text.startswith(reply, pos):
+            pos += 1
+        for r in (reply, reply.strip()):
+            if text.startswith(r, pos):
+                break
+        else:
+            raise ValueError(f"reply {k // 2} does not follow its generation prompt in the chat template's text")
+        end = pos + len(r)
+        ender = next((e for e in enders if text.startswith(e, end)), None)
+        if ender is None:
+            raise ValueError(f"the chat template closes reply {k // 2} with {text[end:end + 12]!r}, not a special "
+                             "token: training on it would not teach the model to stop")
+        spans.append((len(prompt), end + len(ender)))
+    return Rendered(text, spans)

@@ -49,7 +49,7 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
-from llava_jax.data.templates import IMAGE_TOKEN, Template, get_template, render
+from llava_jax.data.templates import CHAT_TEMPLATE, IMAGE_TOKEN, Template, get_template, render, render_chat_template
 
 IGNORE_INDEX = -100
 PAD_TOKEN = "<pad>"
@@ -82,6 +82,32 @@ def load_tokenizer(path: str | os.PathLike):
             "once with transformers on a machine with sentencepiece and call save_pretrained."
         )
     return tok
+
+
+def save_tokenizer(tokenizer, out_dir) -> None:
+    """``tokenizer.save_pretrained(out_dir)``, plus what transformers 5 leaves out and the prompt
+    tokenization depends on: the ``legacy`` flag of a SentencePiece-style tokenizer (written into
+    ``tokenizer_config.json``) and its ``tokenizer.model`` (copied, so SentencePiece keeps encoding
+    the pieces; see :mod:`llava_jax.data.encoder`)."""
+    import json
+    import shutil
+
+    from llava_jax.data.encoder import prompt_encoder
+
+    out_dir = os.fspath(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    enc = prompt_encoder(tokenizer)
+    if enc.legacy is None:
+        return
+    cfg_path = os.path.join(out_dir, "tokenizer_config.json")
+    with open(cfg_path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    cfg["legacy"] = enc.legacy
+    with open(cfg_path, "w", encoding="utf-8") as f:
+        json.dump(cfg, f, indent=2, ensure_ascii=False)
+    src = enc.model_file
+    if src and not os.path.exists(os.path.join(out_dir, "tokenizer.model")):
+        shutil.copyfile(src, os.path.join(out_dir, "tokenizer.model"))
 
 
 def add_llava_special_tokens(
@@ -154,25 +180,50 @@ def label_spans(template: str | Template, reply_spans: Sequence[tuple[int, int]]
     """The character ranges to supervise: each reply span (reply + end separator, from
     ``render``) extended left by the template's ``reply_prefix`` (what the model generates after
     the generation prompt)."""
+    if template == CHAT_TEMPLATE:  # render_chat_template's spans already start where generation does
+        return list(reply_spans)
     p = len(get_template(template).reply_prefix)
     return [(s - p, e) for s, e in reply_spans]
 
 
-def encode_with_labels(tokenizer, text: str, spans: Sequence[tuple[int, int]]):
-    """Tokenize ``text`` once; returns ``(input_ids, labels)`` as np.int32 arrays (before image
-    expansion). ``labels[i] = input_ids[i]`` where token i intersects one of the character
-    ``spans`` (see :func:`label_spans`), else IGNORE_INDEX."""
+def encode_prompt(tokenizer, text: str, *, add_special_tokens: bool = True, image_token_id: int | None = None):
+    """THE tokenization rule, for training, serving and eval alike: ``text`` is split at
+    ``<image>`` and each segment is tokenized as its own call (special tokens such as BOS only
+    on the first), with the image token id between segments, as the original LLaVA's
+    ``tokenizer_image_token`` does; each call is made as the checkpoint's tokenizer was trained
+    to (:mod:`llava_jax.data.encoder`). Returns an :class:`~llava_jax.data.encoder.Encoding`
+    with offsets into ``text``."""
+    from llava_jax.data.encoder import Encoding, prompt_encoder
+
     _check_fast(tokenizer)
-    enc = tokenizer(
-        text,
-        add_special_tokens=True,
-        return_offsets_mapping=True,
-        return_special_tokens_mask=True,
-    )
-    ids = np.asarray(enc["input_ids"], dtype=np.int32)
-    mask = supervised_mask(enc["offset_mapping"], spans, enc.get("special_tokens_mask"))
-    labels = np.where(mask, ids, IGNORE_INDEX).astype(np.int32)
-    return ids, labels
+    call = prompt_encoder(tokenizer)
+    if image_token_id is None:
+        image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    ids, offsets, special = [], [], []
+    pos = 0
+    for k, chunk in enumerate(text.split(IMAGE_TOKEN)):
+        if k:
+            ids.append(np.asarray([image_token_id], np.int32))
+            offsets.append(np.asarray([[pos, pos + len(IMAGE_TOKEN)]], np.int64))
+            special.append(np.zeros(1, bool))
+            pos += len(IMAGE_TOKEN)
+        enc = call(chunk, add_special_tokens=add_special_tokens and k == 0)
+        ids.append(enc.ids)
+        offsets.append(enc.offsets + pos)
+        special.append(enc.special)
+        pos += len(chunk)
+    return Encoding(np.concatenate(ids).astype(np.int32), np.concatenate(offsets), np.concatenate(special))
+
+
+def encode_with_labels(tokenizer, text: str, spans: Sequence[tuple[int, int]], *, add_special_tokens: bool = True,
+                       image_token_id: int | None = None):
+    """Tokenize ``text`` by :func:`encode_prompt`; returns ``(input_ids, labels)`` as np.int32
+    arrays (before image expansion). ``labels[i] = input_ids[i]`` where token i intersects one of
+    the character ``spans`` (see :func:`label_spans`), else IGNORE_INDEX."""
+    enc = encode_prompt(tokenizer, text, add_special_tokens=add_special_tokens, image_token_id=image_token_id)
+    mask = supervised_mask(enc.offsets, spans, enc.special)
+    labels = np.where(mask, enc.ids, IGNORE_INDEX).astype(np.int32)
+    return enc.ids, labels
 
 
 def expand_image_tokens(input_ids: np.ndarray, labels: np.ndarray, image_token_id: int, num_image_tokens: int):
@@ -195,25 +246,37 @@ def tokenize_conversation(
     max_length: int | None = None,
     add_generation_prompt: bool = False,
 ) -> dict:
-    """Render ``turns`` with ``template``, tokenize once, derive labels from offsets, expand images.
+    """Render ``turns`` with ``template``, tokenize by :func:`encode_prompt`, derive labels from
+    offsets, expand images. The one path from a conversation to ids: the data pipeline, the
+    server, the chat CLI and ``eval.answer`` all call it.
 
+    ``template``: a name from :mod:`llava_jax.data.templates` or ``"chat_template"`` (the
+    tokenizer's own, :func:`~llava_jax.data.templates.render_chat_template`; BOS is added unless
+    the rendered text starts with it, as ``apply_chat_template`` / ``LlavaProcessor`` do).
     Returns ``{"input_ids": np.int32[L], "labels": np.int32[L] (IGNORE_INDEX = -100 = ignore),
-    "num_images": int}``. ``max_length`` truncates the (expanded) sequence on the right; it raises
-    ValueError when that would cut into or drop an image's tokens (the images would no longer
-    match the pixel inputs). Raises ValueError for malformed conversations (see templates.render)
-    and when ``<image>`` is not a single ``image_token_id`` token in this tokenizer.
+    "num_images": int, "text": the rendered prompt}``. ``max_length`` truncates the (expanded)
+    sequence on the right; it raises ValueError when that would cut into or drop an image's
+    tokens (the images would no longer match the pixel inputs). Raises ValueError for malformed
+    conversations (see templates.render) and when ``<image>`` is not the single token
+    ``image_token_id`` of this tokenizer.
     """
-    t = get_template(template)
-    text, spans = render(t, turns, add_generation_prompt=add_generation_prompt)
-    ids, labels = encode_with_labels(tokenizer, text, label_spans(t, spans))
-    num_images = int((ids == image_token_id).sum())
-    expected = text.count(IMAGE_TOKEN)
-    if num_images != expected:
+    if template == CHAT_TEMPLATE:
+        text, spans = render_chat_template(tokenizer, turns, add_generation_prompt=add_generation_prompt)
+        bos = tokenizer.bos_token
+        add_special = not (bos and text.startswith(bos))
+    else:
+        template = get_template(template)
+        text, spans = render(template, turns, add_generation_prompt=add_generation_prompt)
+        add_special = True
+    num_images = text.count(IMAGE_TOKEN)
+    if num_images and tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) != image_token_id:
         raise ValueError(
-            f"the rendered text has {expected} {IMAGE_TOKEN!r} but the token ids contain {num_images} "
-            f"image_token_id={image_token_id}: {IMAGE_TOKEN!r} must be a special token of this "
-            "tokenizer with that id (call add_llava_special_tokens(tokenizer) and pass its id)"
+            f"{IMAGE_TOKEN!r} is not a token of this tokenizer with id image_token_id={image_token_id} (it maps "
+            f"to {tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)}): call add_llava_special_tokens(tokenizer) and "
+            "pass its id"
         )
+    ids, labels = encode_with_labels(tokenizer, text, label_spans(template, spans), add_special_tokens=add_special,
+                                     image_token_id=image_token_id)
     ids, labels = expand_image_tokens(ids, labels, image_token_id, num_image_tokens)
     if max_length is not None and len(ids) > max_length:
         img_pos = np.flatnonzero(ids == image_token_id)
@@ -223,4 +286,21 @@ def tokenize_conversation(
                 f"tokens (last image token at {int(img_pos[-1])}); raise max_length or drop the sample"
             )
         ids, labels = ids[:max_length], labels[:max_length]
-    return {"input_ids": ids, "labels": labels, "num_images": num_images}
+    return {"input_ids": ids, "labels": labels, "num_images": num_images, "text": text}
+
+
+def end_of_turn_ids(tokenizer, template: str | Template) -> list[int]:
+    """The token that closes an assistant reply in ``template``, where it is a single token
+    (``</s>``, ``<|eot_id|>``, ``<|im_end|>``), as ``[id]``; else ``[]``. Generation stops on it
+    besides the tokenizer's and the model config's EOS (a Llama-3 or Qwen2 tokenizer's EOS is
+    not its end of turn)."""
+    if template == CHAT_TEMPLATE:
+        try:
+            text, ((start, end),) = render_chat_template(tokenizer, [("human", "Hi"), ("gpt", "Hello")])
+        except ValueError:
+            return []
+        marker = text[text.index("Hello", start) + len("Hello"):end]
+    else:
+        marker = get_template(template).reply_suffix.strip()
+    ids = tokenizer(marker, add_special_tokens=False).input_ids if marker else []
+    return [int(ids[0])] if len(ids) == 1 else []

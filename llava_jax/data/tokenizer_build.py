@@ -22,6 +22,8 @@ def build_llama_tokenizer(texts: Iterable[str], out_dir, *, vocab_size: int = 80
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import LlamaTokenizerFast
 
+    from llava_jax.data.tokenize import add_llava_special_tokens, save_tokenizer
+
     special = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     metaspace = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
@@ -36,17 +38,9 @@ def build_llama_tokenizer(texts: Iterable[str], out_dir, *, vocab_size: int = 80
               for m in json.loads(tok.to_str())["model"]["merges"]]
     hf = LlamaTokenizerFast(vocab=vocab, merges=merges, add_bos_token=True, add_eos_token=False, legacy=legacy)
     if llava_tokens:
-        from llava_jax.data.tokenize import add_llava_special_tokens
-
         add_llava_special_tokens(hf)
     path = os.fspath(out_dir)
-    hf.save_pretrained(path)
-    # transformers 5 rebuilds the LlamaTokenizer pipeline from `legacy` at load time but does not
-    # save the flag; record it, as real LLaMA/Vicuna tokenizer configs do.
-    cfg_path = os.path.join(path, "tokenizer_config.json")
-    with open(cfg_path, encoding="utf-8") as f:
-        cfg = json.load(f)
-    cfg["legacy"] = legacy
-    with open(cfg_path, "w", encoding="utf-8") as f:
-        json.dump(cfg, f, indent=2, ensure_ascii=False)
+    # transformers 5 neither saves `legacy` nor keeps it on the object; save_tokenizer records it
+    hf.legacy = legacy
+    save_tokenizer(hf, path)
     return path

@@ -20,14 +20,14 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from llava_jax.data.images import load_image, preprocess_image_uint8
-from llava_jax.data.templates import get_template
+from llava_jax.data.templates import default_template
 from llava_jax.data.tokenize import tokenize_conversation
 from llava_jax.serve.engine import Engine, SamplingParams
 
 
 def build_prompt(tokenizer, model_cfg, template: str, question: str, has_image: bool):
     text = ("<image>\n" + question) if has_image else question
-    enc = tokenize_conversation(tokenizer, get_template(template), [("human", text)],
+    enc = tokenize_conversation(tokenizer, template, [("human", text)],
                                 image_token_id=model_cfg.image_token_id,
                                 num_image_tokens=model_cfg.num_image_tokens, add_generation_prompt=True)
     return enc["input_ids"]
@@ -179,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument("--questions", required=True, help="question JSONL: question_id, image, text[, category]")
     p.add_argument("--image_folder", default=None, help="question `image` paths are relative to this")
     p.add_argument("--out", required=True, help="answers JSONL (appended; answered ids are skipped)")
-    p.add_argument("--template", default=None, help="conversation template (default vicuna_v1, or the config's)")
+    p.add_argument("--template", default=None, help="conversation template (default: the checkpoint tokenizer's chat template if it has one, else vicuna_v1; with --config the config's)")
     p.add_argument("--image_mode", default=None, help="pad or crop (default pad, or the config's)")
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--batch_size", type=int, default=16)
@@ -194,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         p.error("give exactly one of --model or --config (+ --workdir)")
     if a.model:
         model, tok = load_model(a.model, a.dtype)
-        template, image_mode, model_id = "vicuna_v1", "pad", Path(a.model).name
+        template, image_mode, model_id = default_template(tok), "pad", Path(a.model).name
     else:
         if not a.workdir:
             p.error("--config needs --workdir")

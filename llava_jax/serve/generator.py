@@ -5,10 +5,15 @@ runs batches of `Completion`s through one `Engine`. The HTTP server, the web pag
 terminal chat all go through it.
 
 Template (how messages become a prompt), chosen from the checkpoint unless given:
-  * `chat_template`: the tokenizer's own chat template (llava-hf checkpoints ship one), rendered
-    with transformers' `apply_chat_template` in the HF message format (image parts
-    `{"type": "image"}`), then tokenized with BOS exactly as `LlavaProcessor` does;
+  * `chat_template`: the tokenizer's own chat template (llava-hf, Llama-3 and Qwen2 checkpoints
+    ship one), rendered with `apply_chat_template`;
   * otherwise `vicuna_v1` (the LLaVA-1.5 recipe), or any name from `llava_jax.data.templates`.
+Images go in front of their user message's text, as LLaVA trains them. The prompt is tokenized
+by the same function as training data (`tokenize_conversation`): segments between images are
+separate tokenizer calls, as the original LLaVA trained. For a non-legacy LLaMA tokenizer this
+puts a `▁` token (29871) after each image where transformers' `LlavaProcessor`, which tokenizes
+the expanded prompt once, puts none; llava-hf weights are converted from the original's, so the
+original's tokenization is what they were trained on.
 Image mode: `pad` (LLaVA-1.5's expand-to-square) unless `config.json` says
 `image_aspect_ratio` is something else, or `image_mode=` overrides it.
 
@@ -28,11 +33,10 @@ import numpy as np
 from PIL import Image
 
 from llava_jax.data.images import preprocess_image_uint8, to_rgb
-from llava_jax.data.templates import IMAGE_TOKEN, get_template
-from llava_jax.data.tokenize import expand_image_tokens, tokenize_conversation
+from llava_jax.data.templates import CHAT_TEMPLATE, IMAGE_TOKEN, default_template, resolve_template
+from llava_jax.data.tokenize import end_of_turn_ids, tokenize_conversation
 from llava_jax.serve.engine import FINISH_CANCELLED, FINISH_EOS, Engine, Request, SamplingParams
 
-CHAT_TEMPLATE = "chat_template"
 
 
 class RequestError(ValueError):
@@ -185,23 +189,22 @@ class ChatGenerator:
         self.model = model
         self.cfg = model.config
         self.tokenizer = tokenizer
-        if template is None:
-            template = CHAT_TEMPLATE if getattr(tokenizer, "chat_template", None) else "vicuna_v1"
+        template = resolve_template(template or default_template(tokenizer))
         if template == CHAT_TEMPLATE and not getattr(tokenizer, "chat_template", None):
             raise ValueError("template 'chat_template' asked for, but the tokenizer has no chat template")
-        self.template = template if template == CHAT_TEMPLATE else get_template(template).name
+        self.template = template if template == CHAT_TEMPLATE else template.name
         self.image_mode = image_mode
         self.engine = engine or Engine(model)
         self.max_images = max_images
         self.name = name
-        if eos_ids is None:
-            eos = set()
-            if tokenizer.eos_token_id is not None:
-                eos.add(int(tokenizer.eos_token_id))
-            cfg_eos = self.cfg.text.eos_token_id
-            eos.update([int(cfg_eos)] if isinstance(cfg_eos, int) else [int(e) for e in (cfg_eos or [])])
-            eos_ids = sorted(eos)
-        self.eos_ids = list(eos_ids)
+        # stop on: the template's end of turn, the tokenizer's and the config's EOS, and `eos_ids`
+        # (e.g. generation_config.json's)
+        eos = set(end_of_turn_ids(tokenizer, self.template)) | {int(e) for e in (eos_ids or ())}
+        if tokenizer.eos_token_id is not None:
+            eos.add(int(tokenizer.eos_token_id))
+        cfg_eos = self.cfg.text.eos_token_id
+        eos.update([int(cfg_eos)] if isinstance(cfg_eos, int) else [int(e) for e in (cfg_eos or [])])
+        self.eos_ids = sorted(eos)
         self.context_length = int(self.cfg.text.max_position_embeddings)
         self._run_lock = threading.Lock()
         self.tokenizer_lock = threading.RLock()  # HF fast tokenizers are not safe across threads
@@ -245,9 +248,7 @@ class ChatGenerator:
         gen_cfg = path / "generation_config.json"
         if gen_cfg.exists():
             e = json.loads(gen_cfg.read_text()).get("eos_token_id")
-            if e is not None:
-                eos = sorted({int(x) for x in ([e] if isinstance(e, int) else e)} |
-                             ({int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()))
+            eos = [e] if isinstance(e, int) else e
         return cls(model, tokenizer, template=template, image_mode=image_mode, eos_ids=eos,
                    engine=Engine(model, mesh=mesh, chunk_size=chunk_size), name=name or path.name)
 
@@ -280,53 +281,24 @@ class ChatGenerator:
         if len(images) > self.max_images:
             raise RequestError(f"{len(images)} images; at most {self.max_images} per request", "messages",
                                "too_many_images")
-        with self.tokenizer_lock:
-            if self.template == CHAT_TEMPLATE:
-                text, ids = self._encode_chat_template(turns)
-            else:
-                text, ids = self._encode_template(turns)
-        imgs = np.stack(images) if images else None
-        return Encoded(ids, imgs, text)
-
-    def _encode_template(self, turns):
         conv = []
         for i, (role, parts) in enumerate(turns):
             if role == "system" and i > 0:
                 raise RequestError("a system message is only allowed first", "messages")
             n_img = sum(p["type"] == "image" for p in parts)
             text = "".join(p.get("text", "") for p in parts if p["type"] == "text")
-            if n_img:
-                text = (IMAGE_TOKEN + "\n") * n_img + text
-            conv.append({"role": role, "content": text})
+            if IMAGE_TOKEN in text:  # e.g. "<ima" + "ge>" in two text parts
+                raise RequestError(f"messages[{i}]: the text may not contain {IMAGE_TOKEN!r}; send images as "
+                                   "image_url parts", f"messages[{i}].content")
+            conv.append({"role": role, "content": (IMAGE_TOKEN + "\n") * n_img + text if n_img else text})
         try:
-            enc = tokenize_conversation(self.tokenizer, self.template, conv, self.cfg.image_token_id,
-                                        self.cfg.num_image_tokens, add_generation_prompt=True)
+            with self.tokenizer_lock:
+                enc = tokenize_conversation(self.tokenizer, self.template, conv, self.cfg.image_token_id,
+                                            self.cfg.num_image_tokens, add_generation_prompt=True)
         except ValueError as e:
             raise RequestError(f"bad conversation: {e}", "messages") from None
-        from llava_jax.data.templates import render
-
-        return render(self.template, conv, add_generation_prompt=True).text, [int(x) for x in enc["input_ids"]]
-
-    def _encode_chat_template(self, turns):
-        hf = []
-        for role, parts in turns:
-            content = [{"type": "image"} if p["type"] == "image" else {"type": "text", "text": p["text"]} for p in parts]
-            hf.append({"role": role, "content": content})
-        if not hf or hf[-1]["role"] != "user":
-            raise RequestError("the conversation must end with a user message", "messages")
-        try:
-            text = self.tokenizer.apply_chat_template(hf, add_generation_prompt=True, tokenize=False)
-        except Exception as e:  # noqa: BLE001 - jinja errors of the checkpoint's template
-            raise RequestError(f"the chat template rejected these messages: {e}", "messages") from None
-        bos = self.tokenizer.bos_token
-        ids = self.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos))).input_ids
-        ids = np.asarray(ids, np.int32)
-        n_img = int((ids == self.cfg.image_token_id).sum())
-        expected = sum(p["type"] == "image" for _, parts in turns for p in parts)
-        if n_img != expected:
-            raise RequestError(f"the chat template produced {n_img} image tokens for {expected} images", "messages")
-        ids, _ = expand_image_tokens(ids, np.zeros_like(ids), self.cfg.image_token_id, self.cfg.num_image_tokens)
-        return text, [int(x) for x in ids]
+        imgs = np.stack(images) if images else None
+        return Encoded([int(x) for x in enc["input_ids"]], imgs, enc["text"])
 
     # ------------------------------------------------------------------ generation
     def run(self, completions: Sequence[Completion]) -> Sequence[Completion]:
