@@ -7,13 +7,13 @@
 
 Unlike the real recipe (pretrained CLIP and Vicuna), nothing pretrained exists offline:
   * the demo first pretrains its tiny vision tower on the shapes world's box labels
-    (`llava_jax/train/tower_pretrain.py`, a stand-in for CLIP; then frozen in both stages);
+    (`llava_jax/demo/tower.py`, a stand-in for CLIP; then frozen in both stages);
   * stage 1 trains the projector AND the LLM (the recipe trains only the projector): a
     from-scratch LLM has to learn the language somewhere; stage 2 trains projector + LLM as in
     the recipe.
 The world is drawn on a 3x3 grid of 16-px cells, one object per cell and one cell per ViT patch;
 stage-2 rows hold 3-6 questions each, weighted toward colour, existence and position, with
-existence answers that state the evidence first (`demo.world_settings`, `demo.STAGE2_ROWS`).
+existence answers that state the evidence first (`demo.world_settings`, `llava_jax/demo/run.py: STAGE2_ROWS`).
 The tokenizer is trained on the world's text with punctuation kept out of its pieces
 (`data/tokenizer_build.py`). `tiny_*` are the test configs.
 """

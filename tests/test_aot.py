@@ -73,7 +73,7 @@ def test_cast_frozen_shrinks_the_compiled_step_on_cpu():
     no libtpu needed): the step's arguments shrink by 2 bytes per cast frozen param."""
     import jax
 
-    from llava_jax.demo import load_demo_config
+    from llava_jax.demo.run import load_demo_config
     from llava_jax.tools import aot
 
     topo = aot.Topology(name="cpu", desc_name="cpu", chips=1, hbm_gib=16.0)

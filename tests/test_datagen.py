@@ -195,9 +195,10 @@ def test_template_backend_on_reference_annotations(tmp_path):
 
 
 def test_template_backend_on_shapes_world(tmp_path):
-    from llava_jax.data import synthetic
+    from llava_jax.datagen.annotations import position_of
+    from llava_jax.demo import dataset
 
-    synthetic.generate(tmp_path / "w", num_train=30, num_eval=0, seed=1, image_size=32)
+    dataset.generate(tmp_path / "w", num_train=30, num_eval=0, seed=1, image_size=32)
     anns = load_jsonl(tmp_path / "w" / "annotations.jsonl")
     for ann in anns:
         reply = offline.write_reply("conversation", ann)
@@ -211,8 +212,8 @@ def test_template_backend_on_shapes_world(tmp_path):
             if q.startswith("Where is the "):
                 cat = q[len("Where is the "):-len(" in the image?")]
                 inst = next(i for i in ann.instances if i.category == cat)
-                assert synthetic.position_of(inst.bbox) in a.replace(" side", "").replace(" part", "") or \
-                    synthetic.position_of(inst.bbox) == "center"
+                assert position_of(inst.bbox) in a.replace(" side", "").replace(" part", "") or \
+                    position_of(inst.bbox) == "center"
         for task in ("detail", "complex"):
             parse_reply(task, offline.write_reply(task, ann))
 

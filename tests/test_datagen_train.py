@@ -18,12 +18,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory):
-    from llava_jax.data import synthetic
+    from llava_jax.demo import dataset
     from llava_jax.data.tokenizer_build import build_llama_tokenizer
-    from llava_jax.demo import SYSTEM
+    from llava_jax.demo.run import SYSTEM
 
     root = tmp_path_factory.mktemp("dg")
-    synthetic.generate(root / "world", num_train=24, num_eval=0, seed=0, image_size=16)
+    dataset.generate(root / "world", num_train=24, num_eval=0, seed=0, image_size=16)
     from llava_jax.datagen.__main__ import main
 
     with contextlib.redirect_stdout(io.StringIO()) as out:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from judge_server import ScriptedJudge, section, user_content
-from llava_jax.data import synthetic
+from llava_jax.demo import dataset, scoring
 from llava_jax.eval import answer as answer_cli
 from llava_jax.eval import llava_bench
 from llava_jax.eval.report import read_jsonl
@@ -28,11 +28,11 @@ def bench(tmp_path_factory):
     from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
     from llava_jax.data.tokenize import add_llava_special_tokens, load_tokenizer
     from llava_jax.data.tokenizer_build import build_llama_tokenizer
-    from llava_jax.demo import SYSTEM
+    from llava_jax.demo.run import SYSTEM
     from llava_jax.models.llava import LlavaModel
 
     root = tmp_path_factory.mktemp("shapes_bench")
-    synthetic.generate(root / "data", num_train=0, num_eval=5, seed=3, image_size=16)
+    dataset.generate(root / "data", num_train=0, num_eval=5, seed=3, image_size=16)
     questions = read_jsonl(root / "data" / "eval.jsonl")
     anns = read_jsonl(root / "data" / "eval_annotations.jsonl")
     texts = [SYSTEM + " USER: ASSISTANT:"] * 20 + [q["text"] + " " + q["answer"] for q in questions]
@@ -78,7 +78,7 @@ def scripted_reply(questions, anns):
             return 500, "try again"
         if qid == 4 or (qid == 2 and not retry):
             return "Both assistants answered the question."
-        model = RIGHT if synthetic.score_answer(q["category"], section(c, "Assistant 2"), q["answer"]) else WRONG
+        model = RIGHT if scoring.score_answer(q["category"], section(c, "Assistant 2"), q["answer"]) else WRONG
         fmt = ["{a} {b}\nreasons", "{a}, {b}", "Assistant 1: {a}\nAssistant 2: {b}", "**{a} {b}**\n"][qid % 4]
         return fmt.format(a=REF_SCORE, b=model)
 
@@ -118,7 +118,7 @@ def test_shapes_world_answers_judged_into_a_summary(bench, tmp_path):
     expected: dict[str, list[int]] = {}
     for q, a in zip(questions, answers):
         if q["question_id"] != 4:
-            ok = synthetic.score_answer(q["category"], a["text"], q["answer"])
+            ok = scoring.score_answer(q["category"], a["text"], q["answer"])
             expected.setdefault(q["category"], []).append(RIGHT if ok else WRONG)
     rows = {r["category"]: r for r in obj["rows"]}
     assert set(rows) == set(expected) | {"overall"}
@@ -155,11 +155,11 @@ def test_briefly_trained_demo_model_from_its_workdir(tmp_path):
     import sys
 
     from llava_jax.data.tokenizer_build import build_llama_tokenizer
-    from llava_jax.demo import SYSTEM, corpus
+    from llava_jax.demo.run import SYSTEM, corpus
 
     repo = Path(__file__).resolve().parents[1]
     data = tmp_path / "data"
-    synthetic.generate(data, num_train=48, num_eval=4, seed=0, image_size=16)
+    dataset.generate(data, num_train=48, num_eval=4, seed=0, image_size=16)
     build_llama_tokenizer(corpus(data) + [SYSTEM], tmp_path / "tok", vocab_size=400)
     w = tmp_path / "stage2"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}

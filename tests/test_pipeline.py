@@ -379,7 +379,7 @@ def test_config_errors(tokenizer, image_dir):
 
 
 def _shapes_world(tmp_path_factory):
-    from llava_jax.data.synthetic import generate
+    from llava_jax.demo.dataset import generate
 
     root = tmp_path_factory.mktemp("shapes")
     generate(root, num_train=40, num_eval=4, seed=0, image_size=32)

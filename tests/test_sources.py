@@ -268,7 +268,7 @@ def test_concat_source(tmp_path):
 
 
 def test_synthetic_stage_files_are_clean(tmp_path):
-    from llava_jax.data.synthetic import generate
+    from llava_jax.demo.dataset import generate
 
     generate(tmp_path, num_train=12, num_eval=2, seed=3)
     for stage, template in (("stage1", "plain"), ("stage2", "vicuna_v1")):

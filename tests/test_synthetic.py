@@ -1,4 +1,4 @@
-"""Tests for the synthetic shapes world (llava_jax/data/synthetic.py)."""
+"""Tests for the synthetic shapes world (llava_jax/demo/world.py, scenes.py, scoring.py, dataset.py)."""
 from __future__ import annotations
 
 import hashlib
@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llava_jax.data import synthetic as syn
+from llava_jax.datagen.annotations import position_of
+from llava_jax.demo import dataset as demo_data
+from llava_jax.demo import scenes, scoring
+from llava_jax.demo import world as demo_world
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "llava_reference"
 CAPS_BOXES = REFERENCE / "caps_boxes_coco2014_val_80.jsonl"
@@ -38,7 +41,7 @@ class DataSet:
 @pytest.fixture(scope="module")
 def default_set(tmp_path_factory) -> DataSet:
     root = tmp_path_factory.mktemp("shapes_default")
-    manifest = syn.generate(root, num_train=300, num_eval=60, seed=0, image_size=64)
+    manifest = demo_data.generate(root, num_train=300, num_eval=60, seed=0, image_size=64)
     return DataSet(root, manifest)
 
 
@@ -46,8 +49,8 @@ def default_set(tmp_path_factory) -> DataSet:
 def wide_set(tmp_path_factory) -> DataSet:
     """All shapes, more colours, another size: exercises every drawing path."""
     root = tmp_path_factory.mktemp("shapes_wide")
-    manifest = syn.generate(root, num_train=120, num_eval=30, seed=3, image_size=48,
-                            shapes=syn.ALL_SHAPES, colors=list(syn.COLOR_RGB), max_objects=5)
+    manifest = demo_data.generate(root, num_train=120, num_eval=30, seed=3, image_size=48,
+                            shapes=demo_world.ALL_SHAPES, colors=list(demo_world.COLOR_RGB), max_objects=5)
     return DataSet(root, manifest)
 
 
@@ -55,7 +58,7 @@ def wide_set(tmp_path_factory) -> DataSet:
 def grid_set(tmp_path_factory) -> DataSet:
     """The demo's layout: a 3x3 grid of 16-px cells, one object per cell."""
     root = tmp_path_factory.mktemp("shapes_grid")
-    manifest = syn.generate(root, num_train=150, num_eval=30, seed=5, image_size=48, grid=3,
+    manifest = demo_data.generate(root, num_train=150, num_eval=30, seed=5, image_size=48, grid=3,
                             size_range=(0.6, 0.9), turns=(3, 6), existence_evidence=True,
                             question_mix={"color": 3, "existence": 4, "position": 3, "shape": 1, "count": 1})
     return DataSet(root, manifest)
@@ -74,9 +77,9 @@ def _hash_tree(root: Path) -> dict[str, str]:
 # ----------------------------------------------------------------------------- determinism
 
 def test_deterministic_for_a_seed(tmp_path):
-    syn.generate(tmp_path / "a", num_train=25, num_eval=8, seed=7)
-    syn.generate(tmp_path / "b", num_train=25, num_eval=8, seed=7)
-    syn.generate(tmp_path / "c", num_train=25, num_eval=8, seed=8)
+    demo_data.generate(tmp_path / "a", num_train=25, num_eval=8, seed=7)
+    demo_data.generate(tmp_path / "b", num_train=25, num_eval=8, seed=7)
+    demo_data.generate(tmp_path / "c", num_train=25, num_eval=8, seed=8)
     a, b, c = (_hash_tree(tmp_path / d) for d in "abc")
     assert len(a) == 25 + 8 + 6  # images + 5 data files + manifest.json
     assert a == b
@@ -86,11 +89,11 @@ def test_deterministic_for_a_seed(tmp_path):
 
 
 def test_scene_depends_only_on_seed_split_index():
-    w = syn.ShapesWorld(seed=5)
+    w = scenes.ShapesWorld(seed=5)
     s1 = w.sample_scene(17, "train")
     for i in range(5):
         w.sample_scene(i, "eval")
-    assert syn.ShapesWorld(seed=5).sample_scene(17, "train") == s1
+    assert scenes.ShapesWorld(seed=5).sample_scene(17, "train") == s1
     assert w.sample_scene(17, "eval").signature() != s1.signature()
 
 
@@ -154,7 +157,7 @@ def _check_rendered(img: np.ndarray, instances, color_rgb, background):
 def test_boxes_match_rendered_pixels(dataset):
     cfg = dataset.manifest["config"]
     color_rgb = {k: tuple(v) for k, v in cfg["colors"].items()}
-    background = syn.BACKGROUND_RGB[cfg["background"]]
+    background = demo_world.BACKGROUND_RGB[cfg["background"]]
     for row in dataset.annotations + dataset.eval_annotations:
         img = np.asarray(Image.open(dataset.root / "images" / row["image"]).convert("RGB"))
         assert img.shape == (cfg["image_size"], cfg["image_size"], 3)
@@ -171,15 +174,15 @@ def test_grid_layout_puts_each_object_whole_in_its_own_cell(grid_set):
             col, row = x0 // cell, y0 // cell
             assert (x1 - 1) // cell == col and (y1 - 1) // cell == row, (ann["id"], inst)
             cells.append(row * 3 + col)
-            assert syn.position_of(inst["bbox"]) == names[row * 3 + col]
+            assert position_of(inst["bbox"]) == names[row * 3 + col]
         assert len(set(cells)) == len(cells), ann["id"]
     with pytest.raises(ValueError, match="grid"):
-        syn.ShapesWorld(image_size=48, grid=2, max_objects=5)
+        scenes.ShapesWorld(image_size=48, grid=2, max_objects=5)
 
 
 @pytest.mark.parametrize("size", [32, 128, 336])
 def test_other_image_sizes(size):
-    w = syn.ShapesWorld(seed=1, image_size=size, shapes=syn.ALL_SHAPES)
+    w = scenes.ShapesWorld(seed=1, image_size=size, shapes=demo_world.ALL_SHAPES)
     for i in range(15):
         scene = w.sample_scene(i)
         img = np.asarray(w.render(scene))
@@ -190,19 +193,19 @@ def test_other_image_sizes(size):
 
 def test_bad_settings_say_what_to_do():
     with pytest.raises(ValueError, match="available"):
-        syn.ShapesWorld(shapes=["circle", "blob"])
+        scenes.ShapesWorld(shapes=["circle", "blob"])
     with pytest.raises(ValueError, match="available"):
-        syn.ShapesWorld(colors=["red", "mauve"])
+        scenes.ShapesWorld(colors=["red", "mauve"])
     with pytest.raises(ValueError, match="background"):
-        syn.ShapesWorld(colors=["red", "black"], background="black")
+        scenes.ShapesWorld(colors=["red", "black"], background="black")
     with pytest.raises(ValueError, match="turns"):
-        syn.ShapesWorld(turns=(3, 2))
+        scenes.ShapesWorld(turns=(3, 2))
     with pytest.raises(ValueError, match="question_mix"):
-        syn.ShapesWorld(question_mix={"colour": 1.0})
+        scenes.ShapesWorld(question_mix={"colour": 1.0})
     with pytest.raises(ValueError, match="question_mix"):
-        syn.ShapesWorld(question_mix={"color": 0.0})
+        scenes.ShapesWorld(question_mix={"color": 0.0})
     with pytest.raises(ValueError, match="shape_negative_prob"):
-        syn.ShapesWorld(shape_negative_prob=1.5)
+        scenes.ShapesWorld(shape_negative_prob=1.5)
 
 
 # ----------------------------------------------------------------------------- LLaVA rows
@@ -235,7 +238,7 @@ def test_stage1_rows_are_llava_pretrain_rows(dataset):
         assert len(row["conversations"]) == 2
         assert row["conversations"][1]["value"] in caps[row["image"]]
         instr = row["conversations"][0]["value"].replace("<image>", "").strip()
-        assert instr in syn.STAGE1_INSTRUCTIONS
+        assert instr in demo_world.STAGE1_INSTRUCTIONS
         first["before" if row["conversations"][0]["value"].startswith("<image>") else "after"] += 1
     assert first["before"] > 0 and first["after"] > 0
 
@@ -264,11 +267,11 @@ def _question_patterns(colors, shapes):
     groups = {
         "color": f"(?P<color>{alt(colors)})",
         "shape": f"(?P<shape>{alt(shapes)})",
-        "shapes": f"(?P<shapes>{alt([syn.PLURALS[s] for s in shapes])})",
+        "shapes": f"(?P<shapes>{alt([demo_world.PLURALS[s] for s in shapes])})",
         "subject": f"(?P<subject>(?:(?:{alt(colors)}) )?(?:{alt(shapes)}))",
     }
     pats = []
-    for kind, templates in syn.QUESTION_TEMPLATES.items():
+    for kind, templates in demo_world.QUESTION_TEMPLATES.items():
         for t in templates:
             rx = re.escape(t)
             for name, g in groups.items():
@@ -299,7 +302,7 @@ def _expected(kind, args, instances, captions):
     if kind == "count_color":
         return "count", str(sum(p["color"] == args["color"] for p in parsed))
     if kind == "count_shape":
-        shape = {v: k for k, v in syn.PLURALS.items()}[args["shapes"]]
+        shape = {v: k for k, v in demo_world.PLURALS.items()}[args["shapes"]]
         return "count", str(sum(p["shape"] == shape for p in parsed))
     if kind == "position":
         words = args["subject"].split(" ")
@@ -334,11 +337,11 @@ def test_question_mix_sets_the_share_of_each_category():
 
     # Only the weighted categories are asked ("describe" aside), in about the weights' ratio:
     # existence can always be asked, count too, so 3:1 should come out near 0.75.
-    only = shares(syn.ShapesWorld(seed=1, question_mix={"existence": 3, "count": 1}))
+    only = shares(scenes.ShapesWorld(seed=1, question_mix={"existence": 3, "count": 1}))
     assert set(only) == {"existence", "count"}, only
     assert 0.68 <= only["existence"] <= 0.82, only
-    uniform = shares(syn.ShapesWorld(seed=1))
-    assert set(uniform) == set(syn.EVAL_CATEGORIES)
+    uniform = shares(scenes.ShapesWorld(seed=1))
+    assert set(uniform) == set(demo_world.EVAL_CATEGORIES)
 
 
 def test_shape_negative_prob_sets_how_often_a_no_names_a_shape_in_the_image():
@@ -357,13 +360,13 @@ def test_shape_negative_prob_sets_how_often_a_no_names_a_shape_in_the_image():
         return hits / total
 
     mix = {"existence": 1.0}
-    assert shape_share(syn.ShapesWorld(seed=2, question_mix=mix, shape_negative_prob=1.0)) == 1.0
-    assert 0.75 <= shape_share(syn.ShapesWorld(seed=2, question_mix=mix, shape_negative_prob=0.75)) <= 0.9
-    assert shape_share(syn.ShapesWorld(seed=2, question_mix=mix)) < 0.7
-    scene = syn.ShapesWorld(seed=2).sample_scene(0)
-    qa_set = syn.ShapesWorld(seed=2, shape_negative_prob=1.0).make_question(
+    assert shape_share(scenes.ShapesWorld(seed=2, question_mix=mix, shape_negative_prob=1.0)) == 1.0
+    assert 0.75 <= shape_share(scenes.ShapesWorld(seed=2, question_mix=mix, shape_negative_prob=0.75)) <= 0.9
+    assert shape_share(scenes.ShapesWorld(seed=2, question_mix=mix)) < 0.7
+    scene = scenes.ShapesWorld(seed=2).sample_scene(0)
+    qa_set = scenes.ShapesWorld(seed=2, shape_negative_prob=1.0).make_question(
         scene, "existence", random.Random(7), existence_yes=False)
-    qa_default = syn.ShapesWorld(seed=2).make_question(scene, "existence", random.Random(7), existence_yes=False)
+    qa_default = scenes.ShapesWorld(seed=2).make_question(scene, "existence", random.Random(7), existence_yes=False)
     assert qa_set == qa_default
 
 
@@ -385,10 +388,10 @@ def test_stage2_answers_are_correct(dataset):
             if cat == "describe":
                 assert a in ann["captions"]
                 continue
-            assert syn.score_answer(cat, a, expected), (q, a, expected)
+            assert scoring.score_answer(cat, a, expected), (q, a, expected)
             if cat == "existence":
                 existence.append(expected == "yes")
-    assert seen >= set(syn.EVAL_CATEGORIES)
+    assert seen >= set(demo_world.EVAL_CATEGORIES)
     if len(existence) >= 80:
         assert 0.35 <= np.mean(existence) <= 0.65, np.mean(existence)
 
@@ -432,10 +435,10 @@ def test_existence_evidence_names_the_colours_of_that_shape(grid_set):
 def test_eval_questions_are_correct_and_held_out(dataset):
     cfg = dataset.manifest["config"]
     pats = _question_patterns(cfg["colors"], cfg["shapes"])
-    world = syn.ShapesWorld(colors=cfg["colors"], shapes=cfg["shapes"],
+    world = scenes.ShapesWorld(colors=cfg["colors"], shapes=cfg["shapes"],
                             min_objects=cfg["min_objects"], max_objects=cfg["max_objects"])
-    chance = syn.chance_rates(world)
-    assert chance == syn.chance_rates(dataset.manifest) == dataset.manifest["chance"]
+    chance = scoring.chance_rates(world)
+    assert chance == scoring.chance_rates(dataset.manifest) == dataset.manifest["chance"]
     train_ids = {a["id"] for a in dataset.annotations}
     eval_ids = {a["id"] for a in dataset.eval_annotations}
     assert not train_ids & eval_ids
@@ -449,15 +452,15 @@ def test_eval_questions_are_correct_and_held_out(dataset):
     for r in dataset.eval:
         assert set(r) == {"question_id", "image", "text", "category", "answer", "choices", "chance"}
         assert r["image"] in eval_images and "<image>" not in r["text"]
-        assert r["category"] in syn.EVAL_CATEGORIES
+        assert r["category"] in demo_world.EVAL_CATEGORIES
         assert r["answer"] in r["choices"] and r["chance"] == pytest.approx(chance[r["category"]])
         ann = dataset.by_image[r["image"]]
         kind, args = _parse_question(pats, r["text"])
         cat, expected = _expected(kind, args, ann["instances"], ann["captions"])
         assert (cat, expected) == (r["category"], r["answer"]), r
-        assert syn.score_answer(cat, r["answer"], r["answer"])
+        assert scoring.score_answer(cat, r["answer"], r["answer"])
         per_cat.setdefault(cat, []).append(r["answer"])
-    assert set(per_cat) == set(syn.EVAL_CATEGORIES)
+    assert set(per_cat) == set(demo_world.EVAL_CATEGORIES)
     yes = [a == "yes" for a in per_cat["existence"]]
     assert abs(sum(yes) - len(yes) / 2) <= 1  # exactly balanced
     counts = dataset.manifest["counts"]
@@ -509,7 +512,7 @@ def test_manifest(default_set):
     ("describe", "A red circle.", "a red circle"),
 ])
 def test_score_answer_positives(category, pred, answer):
-    assert syn.score_answer(category, pred, answer)
+    assert scoring.score_answer(category, pred, answer)
 
 
 @pytest.mark.parametrize("category,pred,answer", [
@@ -535,11 +538,11 @@ def test_score_answer_positives(category, pred, answer):
     ("describe", "A blue circle.", "a red circle"),
 ])
 def test_score_answer_negatives(category, pred, answer):
-    assert not syn.score_answer(category, pred, answer)
+    assert not scoring.score_answer(category, pred, answer)
 
 
 def test_chance_rates():
-    w = syn.ShapesWorld(shapes=("circle", "square", "triangle"), colors=("red", "green", "blue", "yellow", "cyan"),
+    w = scenes.ShapesWorld(shapes=("circle", "square", "triangle"), colors=("red", "green", "blue", "yellow", "cyan"),
                         max_objects=3)
-    assert syn.chance_rates(w) == pytest.approx(
+    assert scoring.chance_rates(w) == pytest.approx(
         {"color": 1 / 5, "shape": 1 / 3, "count": 1 / 3, "position": 1 / 9, "existence": 0.5})

@@ -10,8 +10,8 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from llava_jax.data import synthetic
-from llava_jax.train.tower_pretrain import cell_labels, pretrain_tower
+from llava_jax.demo import dataset
+from llava_jax.demo.tower import cell_labels, pretrain_tower
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,17 +19,17 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def grid_world(tmp_path_factory):
     from llava_jax.data.tokenizer_build import build_llama_tokenizer
-    from llava_jax.demo import SYSTEM, corpus
+    from llava_jax.demo.run import SYSTEM, corpus
 
     root = tmp_path_factory.mktemp("grid_world")
-    synthetic.generate(root / "data", num_train=160, num_eval=24, seed=1, image_size=16, grid=2,
+    dataset.generate(root / "data", num_train=160, num_eval=24, seed=1, image_size=16, grid=2,
                        size_range=(0.6, 0.9), max_objects=3)
     build_llama_tokenizer(corpus(root / "data") + [SYSTEM], root / "tok", vocab_size=400)
     return root
 
 
 def _config(world, arg="tiny_stage1"):
-    from llava_jax.demo import load_demo_config
+    from llava_jax.demo.run import load_demo_config
 
     c = load_demo_config(arg)
     c.tokenizer_path = str(world / "tok")
@@ -99,7 +99,7 @@ def test_pretrain_trains_only_the_tower_and_feeds_later_stages(grid_world, tmp_p
 
 
 def test_pretrain_refuses_a_world_without_a_matching_grid(tmp_path):
-    synthetic.generate(tmp_path / "free", num_train=4, num_eval=2, image_size=16)
+    dataset.generate(tmp_path / "free", num_train=4, num_eval=2, image_size=16)
 
     class Fake:  # only the config is read before the check
         config = type("C", (), {"vision": type("V", (), {"image_size": 16, "patch_size": 8})()})()

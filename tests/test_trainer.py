@@ -18,12 +18,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from llava_jax.data import synthetic
+    from llava_jax.demo import dataset
     from llava_jax.data.tokenizer_build import build_llama_tokenizer
-    from llava_jax.demo import SYSTEM, corpus
+    from llava_jax.demo.run import SYSTEM, corpus
 
     root = tmp_path_factory.mktemp("world")
-    synthetic.generate(root / "data", num_train=48, num_eval=4, seed=0, image_size=16)
+    dataset.generate(root / "data", num_train=48, num_eval=4, seed=0, image_size=16)
     build_llama_tokenizer(corpus(root / "data") + [SYSTEM], root / "tok", vocab_size=400)
     return root
 

@@ -37,6 +37,19 @@ def clean_text(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def position_of(bbox: Sequence[float]) -> str:
+    """Canonical position of a normalised box from its centre's thirds: "top left", "top", "top
+    right", "left", "center", "right", "bottom left", "bottom" or "bottom right"."""
+    cx, cy = (bbox[0] + bbox[2]) / 2, (bbox[1] + bbox[3]) / 2
+    h = "left" if cx < 1 / 3 else "right" if cx > 2 / 3 else "center"
+    v = "top" if cy < 1 / 3 else "bottom" if cy > 2 / 3 else "middle"
+    if v == "middle":
+        return h
+    if h == "center":
+        return v
+    return f"{v} {h}"
+
+
 @dataclasses.dataclass(frozen=True)
 class Instance:
     category: str

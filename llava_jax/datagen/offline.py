@@ -23,7 +23,7 @@ import math
 import random
 from collections import Counter
 
-from llava_jax.data.synthetic import position_of
+from llava_jax.datagen.annotations import position_of
 from llava_jax.datagen.annotations import Annotation, Instance
 
 __all__ = ["write_reply", "plural", "position_phrase"]

@@ -21,7 +21,7 @@ import numpy as np
 
 
 def load_demo(out: Path):
-    from llava_jax.demo import load_trained_model, trained_stage_config
+    from llava_jax.demo.run import load_trained_model, trained_stage_config
 
     data_dir = out / "data"
     c2 = trained_stage_config(out)
@@ -162,9 +162,9 @@ def main(argv=None):
     ref_logits = answer_logits(model, prompts, images, ref_ids)
     scorer = None
     if args.demo_out:
-        from llava_jax.data import synthetic
+        from llava_jax.demo import scoring
 
-        scorer = synthetic.score_answer
+        scorer = scoring.score_answer
 
     def accuracy(ids):
         if scorer is None:

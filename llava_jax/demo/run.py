@@ -1,47 +1,35 @@
-"""The offline end-to-end demo: `python -m llava_jax.demo [--out DIR]`.
+"""The offline end-to-end demo run (`python -m llava_jax.demo`, flags in `__main__.py`):
 
 1. generates the synthetic shapes world (images, captions + boxes, stage-1/2 rows, held-out Q&A),
    drawn on a grid with one object per ViT patch (`world_settings`);
 2. trains a small tokenizer on its text (no pretrained Vicuna tokenizer offline);
 3. stage 0, the stand-in for a pretrained CLIP: trains the tiny vision tower alone to name the
-   colour and shape in each patch and where the patch is (`llava_jax/train/tower_pretrain.py`),
+   colour and shape in each patch and where the patch is (`llava_jax/demo/tower.py`),
    then freezes it;
 4. stage 1 with the real trainer (`configs/demo.py:stage1`): captions, `plain` template,
    projector + LLM trained (the recipe trains only the projector; this LLM starts from scratch);
 5. stage 2 (`configs/demo.py:stage2`): conversations, `vicuna_v1`, projector + LLM, starting from
    the tower and stage-1 workdirs exactly like the `mm_projector.bin` flow;
 6. answers the held-out questions with the KV-cache engine and prints accuracy per question type
-   against the chance rate; then answers a few questions about brand-new images.
+   against the chance rate; then answers a few questions about brand-new images;
+7. exports the trained model as a llava-hf directory (`OUT/hf`) and prints the commands that
+   chat with it, serve it and evaluate it.
 No downloads.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
-import shutil
 import time
 from pathlib import Path
-
-from absl import app, flags, logging
-
-FLAGS = flags.DEFINE_string("out", "/tmp/llava_jax_demo", "where data, checkpoints and results go")
-# 15,000 images seen twice per stage, not 3,000 seen 10-12 times (about the same steps): with
-# the latter, colour questions ended at 59% for seed 1; with the former, at 100% for every seed.
-_NUM_TRAIN = flags.DEFINE_integer("num_train", 15000, "training images")
-_NUM_EVAL = flags.DEFINE_integer("num_eval", 300, "held-out images (3 questions each)")
-_EPOCHS1 = flags.DEFINE_integer("stage1_epochs", 2, "stage-1 epochs")
-_EPOCHS2 = flags.DEFINE_integer("stage2_epochs", 2, "stage-2 epochs")
-_TOWER_STEPS = flags.DEFINE_integer("tower_steps", 800, "vision-tower pretraining steps (the stand-in for CLIP)")
-_SEED = flags.DEFINE_integer("seed", 0, "world seed")
-_MAX_OBJECTS = flags.DEFINE_integer("max_objects", 4, "shapes per image: 1..max_objects")
-_FRESH = flags.DEFINE_bool("fresh", True, "delete --out first (False: resume the stages where they stopped)")
 
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
           "helpful, detailed, and polite answers to the user's questions.")
 
 
 def load_demo_config(arg: str):
-    path = Path(__file__).resolve().parents[1] / "configs" / "demo.py"
+    path = Path(__file__).resolve().parents[2] / "configs" / "demo.py"
     spec = importlib.util.spec_from_file_location("llava_demo_config", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -117,16 +105,29 @@ def load_trained_model(out: Path, c2=None):
     return model, tokenizer
 
 
-def run(out: Path) -> dict:
-    from llava_jax.data import synthetic
+@dataclasses.dataclass(frozen=True)
+class DemoOptions:
+    num_train: int = 15000  # training images; 15,000 seen twice per stage, not 3,000 seen 10-12 times
+    num_eval: int = 300  # held-out images (3 questions each)
+    stage1_epochs: int = 2
+    stage2_epochs: int = 2
+    tower_steps: int = 800  # vision-tower pretraining steps (the stand-in for CLIP)
+    seed: int = 0  # world, data order and tower
+    max_objects: int = 4  # shapes per image: 1..max_objects
+
+
+def run(out: Path, opts: DemoOptions = DemoOptions()) -> dict:
+    import jax
+
+    from llava_jax.convert.hf import save_pretrained
     from llava_jax.data.tokenizer_build import build_llama_tokenizer
+    from llava_jax.demo import dataset
+    from llava_jax.demo.scoring import score_answer
+    from llava_jax.demo.tower import pretrain_tower
     from llava_jax.eval.answer import answer_questions
-    from llava_jax.train.trainer import build_model, load_run_tokenizer, train
     from llava_jax.train import mesh as mesh_lib
     from llava_jax.train.checkpoint import Checkpointer
-    from llava_jax.train.tower_pretrain import pretrain_tower
-
-    import jax
+    from llava_jax.train.trainer import build_model, load_run_tokenizer, train
 
     t0 = time.perf_counter()
     times = {}
@@ -134,8 +135,8 @@ def run(out: Path) -> dict:
     c1 = load_demo_config("stage1")
     world = world_settings(c1)
     if not (data_dir / "manifest.json").exists():
-        synthetic.generate(data_dir, num_train=_NUM_TRAIN.value, num_eval=_NUM_EVAL.value, seed=_SEED.value,
-                           max_objects=_MAX_OBJECTS.value, **world)
+        dataset.generate(data_dir, num_train=opts.num_train, num_eval=opts.num_eval, seed=opts.seed,
+                           max_objects=opts.max_objects, **world)
     if not (out / "tokenizer" / "tokenizer_config.json").exists():
         build_llama_tokenizer(corpus(data_dir), out / "tokenizer", vocab_size=768)
     times["data"] = time.perf_counter() - t0
@@ -145,12 +146,12 @@ def run(out: Path) -> dict:
     t = time.perf_counter()
     tower_dir = out / "tower"
     tower = None
-    c0 = stage_config("stage1", out, data_dir, "stage1.json", _EPOCHS1.value)
+    c0 = stage_config("stage1", out, data_dir, "stage1.json", opts.stage1_epochs)
     if Checkpointer(tower_dir, async_save=False).latest_step() is None:
         tokenizer, ids = load_run_tokenizer(c0)
         mesh1 = mesh_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
         tower = pretrain_tower(build_model(c0, mesh1, ids, vocab_size=len(tokenizer)), data_dir, tower_dir,
-                               steps=_TOWER_STEPS.value, image_mode=c0.data.image_mode, seed=_SEED.value)
+                               steps=opts.tower_steps, image_mode=c0.data.image_mode, seed=opts.seed)
         print(f"[demo] vision tower pretrained (stand-in for CLIP): {tower['steps']} steps, held-out objects: "
               f"colour {tower['object_color_acc']:.1%}, shape {tower['object_shape_acc']:.1%}, "
               f"colour+shape {tower['object_pair_acc']:.1%}, "
@@ -159,14 +160,14 @@ def run(out: Path) -> dict:
     times["tower"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    s1 = train(stage_config("stage1", out, data_dir, "stage1.json", _EPOCHS1.value, init_from=tower_dir),
+    s1 = train(stage_config("stage1", out, data_dir, "stage1.json", opts.stage1_epochs, init_from=tower_dir),
                str(out / "stage1"))
     times["stage1"] = time.perf_counter() - t
     print(f"[demo] stage 1: {s1['step']} steps, final loss {s1.get('loss', float('nan')):.3f}, "
           f"{times['stage1']:.0f}s", flush=True)
 
     t = time.perf_counter()
-    c2 = trained_stage_config(out, _EPOCHS2.value)
+    c2 = trained_stage_config(out, opts.stage2_epochs)
     s2 = train(c2, str(out / "stage2"))
     times["stage2"] = time.perf_counter() - t
     print(f"[demo] stage 2: {s2['step']} steps, final loss {s2.get('loss', float('nan')):.3f}, "
@@ -180,7 +181,7 @@ def run(out: Path) -> dict:
                                image_mode=c2.data.image_mode, max_new_tokens=16, batch_size=32)
     per_cat: dict[str, list[int]] = {}
     for q, a in zip(questions, answers):
-        ok = synthetic.score_answer(q["category"], a["text"], q["answer"])
+        ok = score_answer(q["category"], a["text"], q["answer"])
         per_cat.setdefault(q["category"], []).append(int(ok))
     manifest = json.loads((data_dir / "manifest.json").read_text())
     chance = manifest.get("chance") or manifest.get("chance_rates") or {}
@@ -200,29 +201,31 @@ def run(out: Path) -> dict:
     # ------------------------------------------------------------------ new images
     print("\n[demo] questions about brand-new images (not in the training or eval sets)")
     new_dir = out / "new_images"
-    synthetic.generate(new_dir, num_train=0, num_eval=3, seed=_SEED.value + 1000,
-                       max_objects=_MAX_OBJECTS.value, **world)
+    dataset.generate(new_dir, num_train=0, num_eval=3, seed=opts.seed + 1000, max_objects=opts.max_objects,
+                     **world)
     new_q = [json.loads(x) for x in (new_dir / "eval.jsonl").read_text().splitlines() if x.strip()][:6]
     new_a = answer_questions(model, tokenizer, new_q, new_dir / "images", template=c2.data.template,
                              image_mode=c2.data.image_mode, max_new_tokens=16)
     for q, a in zip(new_q, new_a):
         print(f"  {q['image']}: Q: {q['text']}\n      A: {a['text']}   (truth: {q['answer']})")
+
+    # ------------------------------------------------------------------ export
+    hf_dir = out / "hf"
+    save_pretrained(model, hf_dir, tokenizer=tokenizer)
     times["total"] = time.perf_counter() - t0
-    summary = {"accuracy": rows, "times_s": times, "tower": tower, "stage1": s1, "stage2": s2}
+    summary = {"accuracy": rows, "times_s": times, "tower": tower, "stage1": s1, "stage2": s2, "hf_dir": str(hf_dir)}
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"\n[demo] done in {times['total'] / 60:.1f} min; results in {out}/demo_summary.json", flush=True)
+    print(try_it(out), flush=True)
     return summary
 
 
-def main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)
-    out = Path(FLAGS.value)
-    if _FRESH.value and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    run(out)
-
-
-if __name__ == "__main__":
-    app.run(main)
+def try_it(out: Path) -> str:
+    """The commands that use the exported model (printed at the end of the demo, shown in the
+    README)."""
+    image = out / "new_images" / "images" / "eval_000000.png"
+    return (f"\n[demo] the trained model, exported as a llava-hf directory: {out / 'hf'}\n"
+            f"  chat:  python -m llava_jax.chat --model {out / 'hf'} --image {image}\n"
+            f"  serve: python -m llava_jax.serve --model {out / 'hf'}      # then open http://127.0.0.1:8000/\n"
+            f"  eval:  python -m llava_jax.eval.answer --model {out / 'hf'} --questions {out / 'data' / 'eval.jsonl'} "
+            f"--image_folder {out / 'data' / 'images'} --out {out / 'answers.jsonl'} --max_new_tokens 16")

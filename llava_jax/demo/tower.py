@@ -6,7 +6,7 @@ Nothing pretrained exists offline, and a tower trained from scratch only through
 loss has to discover shapes and the LLM has to learn where to look at the same time: measured on
 the demo (2026-11-22), that chicken-and-egg left both stages at chance. So the demo first trains
 the tower alone to name, for every patch of a grid-layout image (one object per patch, see
-`synthetic.ShapesWorld(grid=...)`), the colour and shape of the object in it (or "empty") and
+`llava_jax.demo.scenes.ShapesWorld(grid=...)`), the colour and shape of the object in it (or "empty") and
 the patch's row and column, plus the (colour, shape) pair as one class, with linear heads on the
 feature layer LLaVA reads: "what is where", which is what LLaVA relies on CLIP's patch features
 for. Measured on the demo (2026-11-22): without the row/column heads the features lost their
