@@ -219,9 +219,6 @@ class RuntimeOptions:
     remat_policy: str = "none"  # see llava_jax.models.layers.REMAT_POLICIES
     # xla | dpa | cudnn | dpa_padded | cudnn_padded | pallas: see llava_jax.models.layers
     attention_impl: str = "xla"
-    # Training loss over the vocabulary in chunks of this many sequence positions (0 = off: the
-    # full [B, L, V] logits); equal loss and gradients, see llava_jax.models.llava.chunked_loss_fn.
-    loss_chunk: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,3 +333,24 @@ class LlavaConfig:
             "vision_feature_select_strategy": self.vision_feature_select_strategy,
             "tie_word_embeddings": self.text.tie_word_embeddings,
         }
+
+
+# ---------------------------------------------------------------- named presets
+# The one geometry table of the released models (HF config values). The dataclass defaults above
+# are CLIP ViT-L/14-336 and Vicuna-7B; the presets name them.
+CLIP_VIT_L_14_336 = VisionConfig()
+VICUNA_7B = TextConfig()
+VICUNA_13B = TextConfig(hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40, num_kv_heads=40)
+
+
+def llava_1_5_7b(**overrides) -> LlavaConfig:
+    """llava-1.5-7b: CLIP ViT-L/14-336 (penultimate layer, CLS dropped) + mlp2x_gelu + Vicuna-7B v1.5."""
+    return LlavaConfig(vision=CLIP_VIT_L_14_336, text=VICUNA_7B, **overrides)
+
+
+def llava_1_5_13b(**overrides) -> LlavaConfig:
+    """llava-1.5-13b: as 7b with Vicuna-13B v1.5."""
+    return LlavaConfig(vision=CLIP_VIT_L_14_336, text=VICUNA_13B, **overrides)
+
+
+PRESETS = {"llava_1_5_7b": llava_1_5_7b, "llava_1_5_13b": llava_1_5_13b}

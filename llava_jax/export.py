@@ -1,45 +1,60 @@
-"""Export a training stage's final params to a llava-hf directory:
+"""Export a training run's model to a llava-hf directory:
 
-    python -m llava_jax.export --config=configs/llava_v1_5.py:7b_stage2 --workdir=DIR --out=HF_DIR
+    python -m llava_jax.export --workdir=DIR --out=HF_DIR [--dtype=bfloat16]
 
-The model is rebuilt exactly as the trainer built it (base checkpoints / seeded init + the
-previous stage's params), the workdir's latest (or --step) trained params are applied, and the
-result is written with `save_pretrained` (legacy llava-hf layout, sharded safetensors, config,
-processor configs and the run's tokenizer). `transformers.LlavaForConditionalGeneration` loads it.
+The model is rebuilt exactly as the trainer built it, from the config the run recorded in
+`DIR/run_config.json` (its checkpoints / seeded init + the previous stages' workdirs), the
+workdir's latest trained params are applied, and the result is written with `save_pretrained`
+(legacy llava-hf layout, sharded safetensors, config, processor configs and the run's tokenizer).
+`transformers.LlavaForConditionalGeneration` loads it. `--config` (with `--config.x.y=...`
+overrides) replaces the recorded config, e.g. for a run whose checkpoints moved.
+
+A param that no checkpoint provided (neither the base checkpoints, nor a previous stage, nor the
+workdir) would be exported with its random initialisation: the export refuses, naming the missing
+subtrees and the flag that supplies them; `--allow_random_init` exports anyway.
 """
 from __future__ import annotations
 
+import sys
+
 import jax
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "the run's config file (path:arg)", lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", None, "the training workdir to export")
-_OUT = flags.DEFINE_string("out", None, "output HF directory")
+from llava_jax.cli import run_absl
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "the run's config file (path:arg); default: the config the run recorded in WORKDIR",
+    lock_config=False)
+_WORKDIR = flags.DEFINE_string("workdir", None, "the training workdir to export (its latest checkpoint)")
+_OUT = flags.DEFINE_string("out", None, "the llava-hf directory to write")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "stored weight dtype")
-flags.mark_flags_as_required(["config", "workdir", "out"])
+_RANDOM = flags.DEFINE_bool("allow_random_init", False, "export even if some params were never trained or loaded")
+flags.mark_flags_as_required(["workdir", "out"])
 
 
-def export(config, workdir: str, out: str, dtype: str = "float32"):
+def export(workdir: str, out: str, config=None, dtype: str = "float32", allow_random_init: bool = False):
+    from llava_jax import build, sharding
     from llava_jax.convert.hf import save_pretrained
-    from llava_jax.train import mesh as mesh_lib
-    from llava_jax.train.trainer import apply_workdir_params, build_model, load_run_tokenizer
 
-    tokenizer, ids = load_run_tokenizer(config)
-    mesh = mesh_lib.make_mesh(dict(config.train.mesh))
-    model = build_model(config, mesh, ids, vocab_size=len(tokenizer))
-    model = apply_workdir_params(model, workdir, [r".*"])
+    mesh = sharding.make_mesh(dict((config or build.run_config(workdir)).train.mesh))
+    model, tokenizer, _ = build.trained_model(workdir, config, mesh, allow_random_init=allow_random_init)
     save_pretrained(model, out, tokenizer=tokenizer, dtype=dtype)
-    logging.info("exported %s -> %s", workdir, out)
     return model
 
 
 def main(argv):
     del argv
-    export(_CONFIG.value, _WORKDIR.value, _OUT.value, _DTYPE.value)
+    from llava_jax.build import ProvenanceError
+
+    try:
+        export(_WORKDIR.value, _OUT.value, _CONFIG.value, _DTYPE.value, _RANDOM.value)
+    except (ProvenanceError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     if jax.process_index() == 0:
         print(f"exported {_WORKDIR.value} to {_OUT.value}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_absl(main, sys.modules[__name__])

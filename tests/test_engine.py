@@ -148,18 +148,15 @@ def test_sample_rows_top_k_top_p_sets():
 def test_sharded_engine_on_mesh(pair, tmp_path):
     """Params sharded over a (data 2, fsdp 2, tensor 2) mesh of the 8 CPU devices: same ids."""
     import jax
-    from flax import nnx
 
-    from llava_jax.models.llava import LlavaModel
-    from llava_jax.train.mesh import make_mesh, param_sharding_fn
+    from llava_jax.sharding import make_mesh
 
     hf, model = pair
     if jax.device_count() < 8:
         pytest.skip("needs 8 (fake CPU) devices")
     hf.save_pretrained(tmp_path)
     mesh = make_mesh((2, 2, 2))
-    model_abs = nnx.eval_shape(lambda: LlavaModel(model.config, rngs=None))
-    sharded = llava_jax.from_pretrained(tmp_path, sharding_fn=param_sharding_fn(model_abs, mesh))
+    sharded = llava_jax.from_pretrained(tmp_path, mesh=mesh)
     q = sharded.llm.layers.q_kernel.value
     assert len(q.sharding.device_set) == 8 and not q.sharding.is_fully_replicated
     reqs = _reqs(hf, np.random.default_rng(4), (3, 9, 6))

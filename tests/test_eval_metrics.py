@@ -337,6 +337,10 @@ def test_score_vqa_and_cli(tmp_path, capsys):
     ("There isn't a cat.", "no"), ("There isn\u2019t a cat.", "no"), ("Not at all", "no"),
     ("I see a dog. There is no cat.", "yes"), ("A dog is there.", "yes"), ("", "yes"), (None, "yes"),
     ("Nothing like that.", "no"), ("Yes", "yes"),
+    # evidence first, verdict last (the demo's existence answers; LLaVA's script reads the first
+    # sentence only and says "yes" to the first two)
+    ("The cross is green. No.", "no"), ("The circles are red and blue. No, it is not there.", "no"),
+    ("The cross is blue. Yes.", "yes"), ("There is no circle. No.", "no"), ("There is no circle.", "no"),
 ])
 def test_pope_yes_no(text, yn):
     assert vqa.yes_no(text) == yn

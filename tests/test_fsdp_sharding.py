@@ -8,7 +8,7 @@ import numpy as np
 from flax import nnx
 
 from llava_jax.models.llava import LlavaModel
-from llava_jax.train import mesh as mesh_lib
+from llava_jax import sharding as shd
 from llava_jax.train.state import make_optimizer, make_train_step, opt_state_shardings, split_model
 from train_util import devices, optim_config, synthetic_batch, tiny_model_config
 
@@ -17,12 +17,12 @@ def sharded_model(mesh, cfg):
     abs_model = nnx.eval_shape(lambda: LlavaModel(cfg, rngs=nnx.Rngs(0)))
     graphdef, abs_state = nnx.split(abs_model)
     state = jax.jit(lambda: nnx.split(LlavaModel(cfg, rngs=nnx.Rngs(0)))[1],
-                    out_shardings=mesh_lib.state_shardings(abs_state, mesh))()
+                    out_shardings=shd.state_shardings(abs_state, mesh))()
     return nnx.merge(graphdef, state)
 
 
 def test_moments_take_the_param_shardings():
-    mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 8, "tensor": 1}, devices(8))
+    mesh = shd.make_mesh({"data": 1, "fsdp": 8, "tensor": 1}, devices(8))
     graphdef, trainable, frozen = split_model(sharded_model(mesh, tiny_model_config()), [r"llm/.*"])
     tx, _ = make_optimizer(optim_config(), 10, trainable)
     opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, trainable, mesh))(trainable)
@@ -41,17 +41,17 @@ def test_moments_take_the_param_shardings():
 
 
 def test_activations_stay_split_over_the_batch():
-    mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 8, "tensor": 1}, devices(8))
+    mesh = shd.make_mesh({"data": 1, "fsdp": 8, "tensor": 1}, devices(8))
     cfg = tiny_model_config()
     graphdef, trainable, frozen = split_model(sharded_model(mesh, cfg), [r"projector/.*", r"llm/.*"])
     tx, schedule = make_optimizer(optim_config(), 10, trainable)
     opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, trainable, mesh))(trainable)
-    batch = {k: jax.device_put(v, mesh_lib.batch_sharding(mesh, v.ndim))
+    batch = {k: jax.device_put(v, shd.batch_sharding(mesh, v.ndim))
              for k, v in synthetic_batch(cfg, batch=8, length=64).items()}
     step = make_train_step(graphdef, tx, schedule)
     args = (trainable, opt_state, frozen, batch, jnp.asarray(0, jnp.int32))
 
-    pinned = jax.jit(mesh_lib.with_batch_sharded_activations(step, mesh)).lower(*args).compile()
+    pinned = jax.jit(shd.with_batch_sharded_activations(step, mesh)).lower(*args).compile()
     free = jax.jit(step).lower(*args).compile()
     # one row per device instead of all eight
     assert pinned.memory_analysis().temp_size_in_bytes < free.memory_analysis().temp_size_in_bytes / 2

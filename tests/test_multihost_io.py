@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from llava_jax.train import mesh as mesh_lib
+from llava_jax import sharding as shd
 from llava_jax.train.runtime import distributed_mode
 
 
@@ -99,17 +99,17 @@ def test_skip_log_and_paths_on_a_bucket(fake_gcs):
 ])
 def test_input_shard_per_process(rows, expect):
     n = len(set().union(*rows.values()))
-    assert [mesh_lib.shard_of(rows, p, n) for p in sorted(rows)] == expect
+    assert [shd.shard_of(rows, p, n) for p in sorted(rows)] == expect
 
 
 def test_uneven_batch_rows_are_refused():
     with pytest.raises(ValueError, match="overlapping or uneven"):
-        mesh_lib.shard_of({0: {0, 1}, 1: {1, 2}}, 0, 3)
+        shd.shard_of({0: {0, 1}, 1: {1, 2}}, 0, 3)
 
 
 def test_single_process_reads_everything():
-    m = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    assert mesh_lib.process_data_shard(m) == (0, 1)
+    m = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    assert shd.process_data_shard(m) == (0, 1)
 
 
 @pytest.mark.parametrize("env, mode", [

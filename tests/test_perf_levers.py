@@ -86,13 +86,15 @@ def _packed_batch(cfg):
     return b
 
 
-def _loss_and_grads(cfg, batch, trainable_patterns=(r"projector/.*", r"llm/.*"), frozen_dtype=None, seed=0):
+def _loss_and_grads(cfg, batch, trainable_patterns=(r"projector/.*", r"llm/.*"), frozen_dtype=None, seed=0,
+                    loss_chunk=0):
     model = LlavaModel(cfg, rngs=nnx.Rngs(seed))
     graphdef, trainable, frozen = split_model(model, list(trainable_patterns))
     if frozen_dtype is not None:
         frozen = cast_frozen(frozen, frozen_dtype)
     jb = jax.tree.map(jnp.asarray, batch)
-    (s, n), g = jax.jit(jax.value_and_grad(batch_loss, has_aux=True), static_argnums=2)(trainable, frozen, graphdef, jb)
+    (s, n), g = jax.jit(jax.value_and_grad(batch_loss, has_aux=True), static_argnums=(2, 4))(
+        trainable, frozen, graphdef, jb, loss_chunk)
     return float(s), int(n), {"/".join(map(str, p)): np.asarray(v.value) for p, v in nnx.to_flat_state(g)}
 
 
@@ -124,7 +126,7 @@ def test_model_loss_and_grads_equal_with_levers(reference, impl, chunk, remat):
     attention impl and/or the vocab loss chunked (5 does not divide 16: padded tail) and/or a
     remat policy."""
     cfg, batch, ref = reference
-    out = _loss_and_grads(cfg.with_runtime(attention_impl=impl, loss_chunk=chunk, remat_policy=remat), batch)
+    out = _loss_and_grads(cfg.with_runtime(attention_impl=impl, remat_policy=remat), batch, loss_chunk=chunk)
     _assert_same(out, ref, rtol=1e-4, atol=1e-6)
 
 
@@ -179,12 +181,17 @@ def test_cast_frozen_keeps_norms_and_position_embeddings():
     assert dt["vision/layers/q_kernel"] == jnp.bfloat16 and dt["llm/embed"] == jnp.bfloat16
 
 
-def test_trainer_config_turns_the_memory_levers_on():
-    """`model.loss_chunk` reaches the model the trainer builds, `model.cast_frozen` the frozen
-    params its step holds (concrete, and abstract with shardings for tools/aot.py's will-it-fit)."""
+def test_trainer_config_turns_the_memory_levers_on(monkeypatch):
+    """`model.loss_chunk` reaches the train step the trainer compiles, `model.cast_frozen` the
+    frozen params its step holds (concrete, and abstract with shardings for tools/aot.py's
+    will-it-fit)."""
+    from llava_jax import build
+    from llava_jax import sharding as shd
     from llava_jax.data.tokenize import LlavaTokenIds
-    from llava_jax.train import mesh as mesh_lib
-    from llava_jax.train.trainer import build_model, frozen_for_training
+    from llava_jax.train import state
+    from llava_jax.train.state import make_optimizer
+
+    build_model, frozen_for_training = build.model, build.frozen_for_training
 
     c = base_config()
     c.model.init = "scratch"
@@ -192,10 +199,15 @@ def test_trainer_config_turns_the_memory_levers_on():
     c.model.loss_chunk = 8
     c.model.cast_frozen = True
     c.model.scratch.text.update(hidden_size=16, intermediate_size=32, num_heads=4, num_kv_heads=2, head_dim=4)
-    mesh = mesh_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     model = build_model(c, mesh, tokenizer_ids=LlavaTokenIds(image_token_id=60, pad_token_id=None), vocab_size=64)
-    assert model.config.runtime.loss_chunk == 8
-    _, trainable, frozen = split_model(model, [r"projector/.*"])
+    graphdef, trainable, frozen = split_model(model, [r"projector/.*"])
+    seen = {}
+    make = state.make_train_step
+    monkeypatch.setattr(state, "make_train_step", lambda *a, **k: seen.update(k) or make(*a, **k))
+    tx, schedule = make_optimizer(c.optim, 10, trainable)
+    build.compiled_train_step(c, mesh, graphdef, tx, schedule, trainable, tx.init(trainable), frozen)
+    assert seen["loss_chunk"] == 8
     dt = {"/".join(map(str, p)): v.value.dtype for p, v in nnx.to_flat_state(frozen_for_training(frozen, c))}
     assert dt["vision/layers/q_kernel"] == jnp.bfloat16 and dt["llm/embed"] == jnp.bfloat16
     assert dt["vision/pos_embed"] == jnp.float32 and dt["llm/final_norm"] == jnp.float32
@@ -207,25 +219,25 @@ def test_trainer_config_turns_the_memory_levers_on():
     assert frozen_for_training(frozen, c) is frozen
 
 
-def test_loss_chunk_reaches_a_model_loaded_from_hf(tmp_path):
-    """The HF-loading path (`from_pretrained` and the trainer's shape probe) takes the same field."""
+def test_runtime_options_reach_a_model_loaded_from_hf(tmp_path):
+    """The HF-loading path (`from_pretrained` with the run's mesh) takes the model fields."""
     pytest.importorskip("torch")
     from hf_util import CONFIGS, make_hf_llava
-    from llava_jax.train import mesh as mesh_lib
-    from llava_jax.train.trainer import build_model
+    from llava_jax import build
+    from llava_jax import sharding as shd
 
     make_hf_llava(next(iter(CONFIGS))).save_pretrained(tmp_path)
     c = base_config()
-    c.model.init, c.model.hf_path, c.model.loss_chunk = "hf", str(tmp_path), 8
-    mesh = mesh_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    assert build_model(c, mesh).config.runtime.loss_chunk == 8
+    c.model.init, c.model.hf_path, c.model.remat, c.model.dtype = "hf", str(tmp_path), "dots", "float32"
+    mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    assert build.model(c, mesh).config.runtime.remat_policy == "dots"
 
 
-def _lower_train_grad_for_cuda(geo_cfg, batch):
+def _lower_train_grad_for_cuda(geo_cfg, batch, loss_chunk=0):
     """StableHLO of the stage-2 loss gradient lowered for CUDA (no GPU needed, nothing compiled)."""
     model = nnx.eval_shape(lambda: LlavaModel(geo_cfg, rngs=nnx.Rngs(0)))
     g, tr, fr = split_model(model, [r"projector/.*", r"llm/.*"])
-    fn = jax.jit(jax.grad(lambda tr, fr, bt: batch_loss(tr, fr, g, bt)[0]))
+    fn = jax.jit(jax.grad(lambda tr, fr, bt: batch_loss(tr, fr, g, bt, loss_chunk)[0]))
     return fn.trace(tr, fr, batch).lower(lowering_platforms=("cuda",)).as_text()
 
 
@@ -250,10 +262,9 @@ def test_fused_attention_lowers_for_cuda(impl, fake_cudnn, monkeypatch):
     from llava_jax.models import layers
 
     monkeypatch.setattr(layers, "PALLAS_INTERPRET", False)
-    cfg = tiny_model_config().with_runtime(dtype=jnp.bfloat16, attention_impl=impl, remat_policy="dots",
-                                           loss_chunk=8)
+    cfg = tiny_model_config().with_runtime(dtype=jnp.bfloat16, attention_impl=impl, remat_policy="dots")
     cfg = cfg.replace(text=dataclasses.replace(cfg.text, head_dim=8))  # cuDNN: head_dim % 8 == 0
-    txt = _lower_train_grad_for_cuda(cfg, jax.tree.map(jnp.asarray, _packed_batch(cfg)))
+    txt = _lower_train_grad_for_cuda(cfg, jax.tree.map(jnp.asarray, _packed_batch(cfg)), loss_chunk=8)
     calls = set(re.findall(r"custom_call @([\w.$-]+)", txt))
     if impl == "pallas":
         assert "__gpu$xla.gpu.triton" in calls and "mha_forward" in txt and "mha_backward" in txt

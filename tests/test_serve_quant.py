@@ -46,7 +46,7 @@ def test_quantized_logits_memory_and_greedy(ckpt):
 def test_quantized_serving_on_a_mesh(ckpt):
     import jax
 
-    from llava_jax.train.mesh import make_mesh
+    from llava_jax.sharding import make_mesh
 
     if jax.device_count() < 8:
         pytest.skip("needs 8 (fake CPU) devices")

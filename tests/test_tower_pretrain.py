@@ -37,11 +37,11 @@ def _config(world, arg="tiny_stage1"):
 
 
 def _model(c):
-    from llava_jax.train import mesh as mesh_lib
-    from llava_jax.train.trainer import build_model, load_run_tokenizer
+    from llava_jax import build
+    from llava_jax import sharding as shd
 
-    tok, ids = load_run_tokenizer(c)
-    return build_model(c, mesh_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1]), ids, vocab_size=len(tok))
+    tok, ids = build.tokenizer(c)
+    return build.model(c, shd.make_mesh((1, 1, 1), devices=jax.devices()[:1]), ids, vocab_size=len(tok))
 
 
 def test_cell_labels_match_rendered_pixels(grid_world):

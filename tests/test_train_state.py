@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from llava_jax.models.llava import loss_fn_from_logits
-from llava_jax.train import mesh as mesh_lib
+from llava_jax import sharding as shd
 from llava_jax.train.state import batch_loss, lr_schedule, make_optimizer, make_train_step, split_model
 from train_util import devices, optim_config, params_by_path, synthetic_batch, tiny_model
 
@@ -15,9 +15,9 @@ from train_util import devices, optim_config, params_by_path, synthetic_batch, t
 def run_steps(model, patterns, batch, steps=2, accum=1, mesh=None, lr=1e-2):
     graphdef, trainable, frozen = split_model(model, patterns)
     if mesh is not None:
-        trainable = jax.device_put(trainable, mesh_lib.state_shardings(trainable, mesh))
-        frozen = jax.device_put(frozen, mesh_lib.state_shardings(frozen, mesh))
-        batch = {k: jax.device_put(v, mesh_lib.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
+        trainable = jax.device_put(trainable, shd.state_shardings(trainable, mesh))
+        frozen = jax.device_put(frozen, shd.state_shardings(frozen, mesh))
+        batch = {k: jax.device_put(v, shd.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
     tx, sched = make_optimizer(optim_config(lr), 10, trainable)
     opt_state = jax.jit(tx.init)(trainable)
     step = jax.jit(make_train_step(graphdef, tx, sched, accum))
@@ -124,8 +124,8 @@ def test_no_weight_decay_on_norms_and_biases():
 def test_sharded_step_equals_single_device(shape):
     devs = devices(8)
     batch = synthetic_batch(tiny_model().config, batch=8)
-    one = mesh_lib.make_mesh((1, 1, 1), devices=devs[:1])
-    many = mesh_lib.make_mesh(shape, devices=devs)
+    one = shd.make_mesh((1, 1, 1), devices=devs[:1])
+    many = shd.make_mesh(shape, devices=devs)
     pat = [r"projector/.*", r"llm/.*"]
     t1, _, _, l1 = run_steps(tiny_model(), pat, batch, mesh=one)
     t8, f8, _, l8 = run_steps(tiny_model(), pat, batch, mesh=many)
@@ -143,8 +143,8 @@ def test_sharded_step_equals_single_device(shape):
 
 
 def test_mesh_shape_resolution():
-    assert mesh_lib.resolve_mesh_shape({"data": -1, "fsdp": 2, "tensor": 1}, 8) == (4, 2, 1)
+    assert shd.resolve_mesh_shape({"data": -1, "fsdp": 2, "tensor": 1}, 8) == (4, 2, 1)
     with pytest.raises(ValueError, match="does not divide"):
-        mesh_lib.resolve_mesh_shape((-1, 3, 1), 8)
+        shd.resolve_mesh_shape((-1, 3, 1), 8)
     with pytest.raises(ValueError, match="at most one"):
-        mesh_lib.resolve_mesh_shape((-1, -1, 1), 8)
+        shd.resolve_mesh_shape((-1, -1, 1), 8)

@@ -62,19 +62,14 @@ class _KeyIndex:
         return any(k.startswith(prefix) for k in self.entries)
 
 
-def _resolve_config(path: Path, clip_path, projector_type, vision_feature_layer, image_token_id):
-    """(LlavaConfig, key index, params allowed to be freshly initialised)."""
+def _layout(path: Path, clip_path):
+    """(layout, the checkpoint's config.json, clip_path) of a checkpoint dir: "llava" (llava-hf) or
+    "llama" (original LLaVA / LLaMA + a separate CLIP dir)."""
     cfg_dict = _read_json(path / "config.json") if path.is_dir() else {}
     mt = cfg_dict.get("model_type")
-    index = _KeyIndex()
-    fresh = None
     if mt == "llava":
-        vision_dict = _read_json(Path(clip_path) / "config.json") if clip_path else None
-        cfg = LlavaConfig.from_hf_dict(cfg_dict, vision_dict)
-        index.add(checkpoint_files(path), keymap.normalize_llava_hf)
-        if clip_path:
-            index.add(checkpoint_files(clip_path), keymap.normalize_clip)
-    elif mt in ("llava_llama", "llama") or "mm_vision_tower" in cfg_dict:
+        return "llava", cfg_dict, clip_path
+    if mt in ("llava_llama", "llama") or "mm_vision_tower" in cfg_dict:
         if clip_path is None:
             tower = cfg_dict.get("mm_vision_tower")
             if tower and Path(tower).is_dir():
@@ -84,24 +79,42 @@ def _resolve_config(path: Path, clip_path, projector_type, vision_feature_layer,
                     f"{path} is a LLaMA/original-LLaVA checkpoint; pass clip_path=<local CLIP dir> "
                     f"(its mm_vision_tower is {tower!r}, not a local directory)"
                 )
+        return "llama", cfg_dict, clip_path
+    LlavaConfig.from_hf_dict(cfg_dict)  # raises the "unknown architecture" error
+    raise AssertionError("unreachable")
+
+
+def resolve_config(path, clip_path=None, projector_type=None, vision_feature_layer=None,
+                   image_token_id=None) -> LlavaConfig:
+    """The LlavaConfig of a checkpoint dir (+ CLIP dir), from its config.json files alone (no
+    weight file is opened), with the given overrides."""
+    layout, cfg_dict, clip_path = _layout(Path(path), clip_path)
+    if layout == "llava":
+        vision_dict = _read_json(Path(clip_path) / "config.json") if clip_path else None
+        cfg = LlavaConfig.from_hf_dict(cfg_dict, vision_dict)
+    else:
         cfg = LlavaConfig.from_hf_dict({**cfg_dict, "model_type": "llava_llama"},
                                        _read_json(Path(clip_path) / "config.json"))
+    overrides = {k: v for k, v in (("projector_type", projector_type), ("vision_feature_layer", vision_feature_layer),
+                                   ("image_token_id", image_token_id)) if v is not None}
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+def _key_index(path: Path, clip_path):
+    """(key index over the checkpoint files, params allowed to be freshly initialised)."""
+    layout, _, clip_path = _layout(path, clip_path)
+    index = _KeyIndex()
+    fresh = None
+    if layout == "llava":
+        index.add(checkpoint_files(path), keymap.normalize_llava_hf)
+        if clip_path:
+            index.add(checkpoint_files(clip_path), keymap.normalize_clip)
+    else:
         index.add(checkpoint_files(path), keymap.normalize_llama)
         index.add(checkpoint_files(clip_path), keymap.normalize_clip)
         if not index.has_prefix("multi_modal_projector."):
             fresh = r"projector/.*"  # CLIP + LLaMA: the stage-1 start, projector trained from scratch
-    else:
-        LlavaConfig.from_hf_dict(cfg_dict)  # raises the "unknown architecture" error
-    overrides = {}
-    if projector_type is not None:
-        overrides["projector_type"] = projector_type
-    if vision_feature_layer is not None:
-        overrides["vision_feature_layer"] = vision_feature_layer
-    if image_token_id is not None:
-        overrides["image_token_id"] = image_token_id
-    if overrides:
-        cfg = cfg.replace(**overrides)
-    return cfg, index, fresh
+    return index, fresh
 
 
 def load_params_into(model_abs: LlavaModel, index: _KeyIndex, fresh_pattern: str | None = None,
@@ -168,15 +181,17 @@ def load_params_into(model_abs: LlavaModel, index: _KeyIndex, fresh_pattern: str
 
 def from_pretrained(path, *, clip_path=None, projector_path=None, dtype=jnp.float32, param_dtype=jnp.float32,
                     projector_type: str | None = None, vision_feature_layer=None, image_token_id: int | None = None,
-                    remat_policy: str = "none", attention_impl: str = "xla", loss_chunk: int = 0,
-                    sharding_fn: ShardingFn | None = None, strict: bool = True, seed: int = 0) -> LlavaModel:
+                    remat_policy: str = "none", attention_impl: str = "xla",
+                    mesh=None, rules=None, strict: bool = True, seed: int = 0) -> LlavaModel:
     """Load a LLaVA model from a local HF-format directory (see module docstring for layouts).
 
-    `dtype` is the compute dtype, `param_dtype` the stored param dtype. With `sharding_fn`, each
-    param is created directly in its sharding (the trainer passes its mesh rules here).
+    `dtype` is the compute dtype, `param_dtype` the stored param dtype. With a `mesh`, each param
+    is created directly in its shard, as the logical-axis `rules` (default: the one table in
+    `llava_jax.sharding`) place it; no full copy ever sits on one device.
     """
     path = Path(path)
-    cfg, index, fresh = _resolve_config(path, clip_path, projector_type, vision_feature_layer, image_token_id)
+    cfg = resolve_config(path, clip_path, projector_type, vision_feature_layer, image_token_id)
+    index, fresh = _key_index(path, clip_path)
     if projector_path is not None:
         proj = _KeyIndex()
         proj.add(checkpoint_files(projector_path), keymap.normalize_projector)
@@ -185,8 +200,13 @@ def from_pretrained(path, *, clip_path=None, projector_path=None, dtype=jnp.floa
         index.entries.update(proj.entries)
         fresh = None
     cfg = cfg.with_runtime(dtype=dtype, param_dtype=param_dtype, remat_policy=remat_policy,
-                           attention_impl=attention_impl, loss_chunk=loss_chunk)
+                           attention_impl=attention_impl)
     model_abs = nnx.eval_shape(lambda: LlavaModel(cfg, rngs=None))
+    sharding_fn = None
+    if mesh is not None:
+        from llava_jax import sharding
+
+        sharding_fn = sharding.param_sharding_fn(model_abs, mesh, rules or sharding.LOGICAL_RULES)
     fresh_values = None
     if fresh:
         proj = Projector(cfg.projector_type, cfg.projector_in_features, cfg.text.hidden_size, cfg.projector_bias,

@@ -26,6 +26,7 @@ import json
 import os
 import sys
 
+from llava_jax.cli import HelpFormatter
 from llava_jax.datagen.annotations import load_coco, load_jsonl
 from llava_jax.datagen.backends import OpenAIChatBackend, TemplateBackend
 from llava_jax.datagen.prompts import TASKS, canonical_task, load_prompts, write_builtin_prompts
@@ -36,7 +37,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m llava_jax.datagen",
                                 description="Generate LLaVA instruction data (conversation / detail / complex) "
                                             "from image captions and object boxes with a text-only LLM.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     src = p.add_argument_group("input")
     src.add_argument("--annotations", action="append", default=[],
                      help="JSONL of {id, image, captions, instances[{category, bbox}]} (repeatable)")

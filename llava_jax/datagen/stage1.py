@@ -68,6 +68,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from llava_jax.cli import HelpFormatter
+
 __all__ = ["BRIEF_INSTRUCTIONS", "Pair", "read_pairs", "tfds_pairs", "noun_phrases", "np_filter",
            "make_rows", "build"]
 
@@ -404,7 +406,7 @@ def build(pairs: Sequence[Pair], out: str | os.PathLike, *, seed: int = 0, np_fi
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m llava_jax.datagen.stage1",
                                 description="Image-caption pairs -> stage-1 (plain) LLaVA rows.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--pairs", help="JSON / JSONL / TSV file of image-caption pairs")
     p.add_argument("--tfds", help="a prepared TFDS data set name or builder directory")
     p.add_argument("--split", default="train")

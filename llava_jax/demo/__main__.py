@@ -1,11 +1,19 @@
-"""python -m llava_jax.demo [--out DIR] [--seed N]: the offline end-to-end demo (see run.py)."""
+"""The offline end-to-end demo: python -m llava_jax.demo [--out=DIR] [--seed=N]
+
+Generates the synthetic shapes world, trains a small tokenizer and the tiny vision tower, runs
+stage 1 and stage 2 with the real trainer, prints held-out accuracy per question type, answers
+questions about new images and exports the model as a llava-hf directory (OUT/hf), printing the
+chat, serve and eval commands that use it. No downloads. See llava_jax/demo/run.py and the README.
+"""
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import flags
 
+from llava_jax.cli import run_absl
 from llava_jax.demo.run import DemoOptions, run
 
 _D = DemoOptions()
@@ -23,7 +31,6 @@ flags.DEFINE_bool("fresh", True, "delete --out first (False: resume the stages w
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)
     out = Path(FLAGS.out)
     if FLAGS.fresh and out.exists():
         shutil.rmtree(out)
@@ -35,4 +42,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_absl(main, sys.modules[__name__])

@@ -91,17 +91,11 @@ def trained_stage_config(out: Path, epochs: int = 1):
 
 
 def load_trained_model(out: Path, c2=None):
-    """(model, tokenizer) of a finished demo directory: tower + stage-1 + stage-2 params."""
-    import jax
+    """(model, tokenizer) of a finished demo directory: tower + stage-1 + stage-2 params, rebuilt
+    from the config the stage-2 run recorded (`llava_jax.build.trained_model`)."""
+    from llava_jax import build
 
-    from llava_jax.train import mesh as mesh_lib
-    from llava_jax.train.trainer import apply_workdir_params, build_model, load_run_tokenizer
-
-    c2 = c2 or trained_stage_config(out)
-    tokenizer, ids = load_run_tokenizer(c2)
-    mesh = mesh_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    model = build_model(c2, mesh, ids, vocab_size=len(tokenizer))  # tower + stage-1 params
-    model = apply_workdir_params(model, str(out / "stage2"), [r".*"])  # + stage-2 trained params
+    model, tokenizer, _ = build.trained_model(out / "stage2", c2)
     return model, tokenizer
 
 
@@ -119,15 +113,16 @@ class DemoOptions:
 def run(out: Path, opts: DemoOptions = DemoOptions()) -> dict:
     import jax
 
+    from llava_jax import build
+    from llava_jax import sharding as shd
     from llava_jax.convert.hf import save_pretrained
     from llava_jax.data.tokenizer_build import build_llama_tokenizer
     from llava_jax.demo import dataset
     from llava_jax.demo.scoring import score_answer
     from llava_jax.demo.tower import pretrain_tower
     from llava_jax.eval.answer import answer_questions
-    from llava_jax.train import mesh as mesh_lib
     from llava_jax.train.checkpoint import Checkpointer
-    from llava_jax.train.trainer import build_model, load_run_tokenizer, train
+    from llava_jax.train.trainer import train
 
     t0 = time.perf_counter()
     times = {}
@@ -136,7 +131,7 @@ def run(out: Path, opts: DemoOptions = DemoOptions()) -> dict:
     world = world_settings(c1)
     if not (data_dir / "manifest.json").exists():
         dataset.generate(data_dir, num_train=opts.num_train, num_eval=opts.num_eval, seed=opts.seed,
-                           max_objects=opts.max_objects, **world)
+                         max_objects=opts.max_objects, **world)
     if not (out / "tokenizer" / "tokenizer_config.json").exists():
         build_llama_tokenizer(corpus(data_dir), out / "tokenizer", vocab_size=768)
     times["data"] = time.perf_counter() - t0
@@ -148,9 +143,9 @@ def run(out: Path, opts: DemoOptions = DemoOptions()) -> dict:
     tower = None
     c0 = stage_config("stage1", out, data_dir, "stage1.json", opts.stage1_epochs)
     if Checkpointer(tower_dir, async_save=False).latest_step() is None:
-        tokenizer, ids = load_run_tokenizer(c0)
-        mesh1 = mesh_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-        tower = pretrain_tower(build_model(c0, mesh1, ids, vocab_size=len(tokenizer)), data_dir, tower_dir,
+        tokenizer, ids = build.tokenizer(c0)
+        mesh1 = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+        tower = pretrain_tower(build.model(c0, mesh1, ids, vocab_size=len(tokenizer)), data_dir, tower_dir,
                                steps=opts.tower_steps, image_mode=c0.data.image_mode, seed=opts.seed)
         print(f"[demo] vision tower pretrained (stand-in for CLIP): {tower['steps']} steps, held-out objects: "
               f"colour {tower['object_color_acc']:.1%}, shape {tower['object_shape_acc']:.1%}, "

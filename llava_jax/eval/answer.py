@@ -4,9 +4,8 @@ decoding through the KV-cache engine (greedy by default), written as JSONL (`que
 
     python -m llava_jax.eval.answer --model HF_DIR --questions qa90_questions.jsonl \\
         --image_folder coco/val2014 --out answers.jsonl
-    # a training workdir instead of an exported directory:
-    python -m llava_jax.eval.answer --config configs/demo.py:stage2 --workdir /tmp/llava_jax_demo/stage2 \\
-        --config_override tokenizer_path=/tmp/llava_jax_demo/tokenizer --questions ... --out ...
+    # a training workdir instead of an exported directory (rebuilt from the config it recorded):
+    python -m llava_jax.eval.answer --workdir /tmp/llava_jax_demo/stage2 --questions ... --out ...
 """
 from __future__ import annotations
 
@@ -19,6 +18,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from llava_jax.cli import VERBOSE_HELP, setup
 from llava_jax.data.images import load_image, preprocess_image_uint8
 from llava_jax.data.templates import default_template
 from llava_jax.data.tokenize import tokenize_conversation
@@ -128,44 +128,13 @@ def load_model(path, dtype: str = "float32"):
     return model, tok
 
 
-def load_config(spec: str, overrides: Sequence[str] = ()):
-    """`path/to/config.py:arg` -> its get_config(arg), with `key.sub=value` overrides (values
-    parsed as JSON when they parse, else kept as strings)."""
-    import importlib.util
+def load_from_workdir(workdir, config=None):
+    """(model, tokenizer, template, image_mode) of a training workdir (its latest checkpoint), built
+    as the trainer built it (`llava_jax.build.trained_model`: from the config the run recorded
+    unless `config` is given), on one device."""
+    from llava_jax import build
 
-    path, _, arg = spec.partition(":")
-    mod_spec = importlib.util.spec_from_file_location("llava_eval_config", path)
-    if mod_spec is None:
-        raise ValueError(f"cannot load config file {path!r}")
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    c = mod.get_config(arg) if arg else mod.get_config()
-    for o in overrides:
-        key, _, raw = o.partition("=")
-        try:
-            val = json.loads(raw)
-        except json.JSONDecodeError:
-            val = raw
-        node = c
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = getattr(node, part)
-        setattr(node, leaf, val)
-    return c
-
-
-def load_from_workdir(config, workdir):
-    """(model, tokenizer, template, image_mode) from a training config + workdir (its latest
-    checkpoint), built as the trainer builds it, on one device."""
-    import jax
-
-    from llava_jax.train import mesh as mesh_lib
-    from llava_jax.train.trainer import apply_workdir_params, build_model, load_run_tokenizer
-
-    tok, ids = load_run_tokenizer(config)
-    mesh = mesh_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    model = build_model(config, mesh, ids, vocab_size=len(tok))
-    model = apply_workdir_params(model, str(workdir), [r".*"])
+    model, tok, config = build.trained_model(workdir, config)
     return model, tok, config.data.template, config.data.image_mode
 
 
@@ -173,13 +142,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(prog="python -m llava_jax.eval.answer", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="a llava-hf directory (weights + tokenizer)")
-    p.add_argument("--config", default=None, help="or: a training config path:arg (with --workdir)")
-    p.add_argument("--config_override", action="append", default=[], help="key.sub=value for --config")
-    p.add_argument("--workdir", default=None, help="the training workdir whose latest checkpoint is used")
+    p.add_argument("--workdir", default=None, help="or: a training workdir (its latest checkpoint, rebuilt from the "
+                   "config the run recorded)")
     p.add_argument("--questions", required=True, help="question JSONL: question_id, image, text[, category]")
     p.add_argument("--image_folder", default=None, help="question `image` paths are relative to this")
     p.add_argument("--out", required=True, help="answers JSONL (appended; answered ids are skipped)")
-    p.add_argument("--template", default=None, help="conversation template (default: the checkpoint tokenizer's chat template if it has one, else vicuna_v1; with --config the config's)")
+    p.add_argument("--template", default=None, help="conversation template (default: the checkpoint tokenizer's chat template if it has one, else "
+                   "vicuna_v1; with --workdir the run's data.template)")
     p.add_argument("--image_mode", default=None, help="pad or crop (default pad, or the config's)")
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--batch_size", type=int, default=16)
@@ -189,16 +158,16 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument("--prompt_suffix", default="", help="appended to every question (use \\n for a newline)")
     p.add_argument("--model_id", default=None, help="recorded in every answer (default: the model dir name)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype (--model)")
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     a = p.parse_args(argv)
-    if bool(a.model) == bool(a.config):
-        p.error("give exactly one of --model or --config (+ --workdir)")
+    setup(a.verbose)
+    if bool(a.model) == bool(a.workdir):
+        p.error("give exactly one of --model or --workdir")
     if a.model:
         model, tok = load_model(a.model, a.dtype)
         template, image_mode, model_id = default_template(tok), "pad", Path(a.model).name
     else:
-        if not a.workdir:
-            p.error("--config needs --workdir")
-        model, tok, template, image_mode = load_from_workdir(load_config(a.config, a.config_override), a.workdir)
+        model, tok, template, image_mode = load_from_workdir(a.workdir)
         model_id = Path(a.workdir).name
     from llava_jax.eval.report import read_jsonl
 

@@ -152,15 +152,24 @@ _WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
 
 
 def yes_no(text: str | None) -> str:
-    """"yes" or "no" for a reply to a yes/no question: the first word when it is yes/no
-    ("Yes, there is..." / "No."), else "no" when the first sentence holds a negation ("There is
-    not a dog", "There isn't any dog"), else "yes" (as LLaVA's POPE script)."""
+    """"yes" or "no" for a reply to a yes/no question, in this order:
+
+    1. the reply's first word when it is yes/no ("Yes, there is..." / "No.");
+    2. else the first later sentence that starts with yes/no: a verdict after the evidence
+       ("The cross is green. No." -> "no"; LLaVA's POPE script reads only the first sentence and
+       would count that reply as "yes");
+    3. else "no" when the first sentence holds a negation ("There is not a dog", "There isn't any
+       dog"), else "yes" (as LLaVA's POPE script)."""
     t = (text or "").replace("\u2019", "'").strip().lower()
     words = _WORD.findall(t)
     if words and words[0] in ("yes", "no"):
         return words[0]
-    first = re.split(r"(?<=[.!?])\s", t, maxsplit=1)[0]
-    for w in _WORD.findall(first):
+    sentences = re.split(r"(?<=[.!?;])\s+", t)
+    for sentence in sentences[1:]:
+        first = _WORD.findall(sentence)[:1]
+        if first and first[0] in ("yes", "no"):
+            return first[0]
+    for w in _WORD.findall(sentences[0]):
         if w in _NEGATIONS or w.endswith("n't"):
             return "no"
     return "yes"

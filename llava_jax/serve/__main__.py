@@ -10,13 +10,17 @@ import logging
 import os
 import sys
 
+from llava_jax.cli import VERBOSE_HELP
+
 
 def add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--model", required=True, help="llava-hf style directory (weights, config.json, tokenizer)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory, if not inside --model")
+    from llava_jax.data.templates import TEMPLATES
+
     p.add_argument("--template", default=None,
-                   help="prompt template: chat_template (the tokenizer's own), vicuna_v1, llava_hf, llama_2, "
-                        "chatml, plain; default: chat_template when the tokenizer has one, else vicuna_v1")
+                   help=f"prompt template: chat_template (the tokenizer's own) or one of {', '.join(sorted(TEMPLATES))}; "
+                        "default: chat_template when the tokenizer has one, else vicuna_v1")
     p.add_argument("--image-mode", choices=("pad", "crop"), default=None,
                    help="image preprocessing (default: config.json image_aspect_ratio, else pad)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
@@ -26,16 +30,48 @@ def add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--mesh", default=None,
                    help="shard the model over all devices: data,fsdp,tensor sizes, e.g. 1,1,-1 (tensor parallel)")
     p.add_argument("--decode-chunk", type=int, default=8, help="decode steps per compiled chunk (streaming granularity)")
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+
+
+def warmup_groups(gen, max_batch: int, max_prompt_tokens: int) -> list:
+    """Encoded prompt groups for `BatchScheduler.warm_up`: the batch buckets up to `max_batch`
+    with a short text prompt and with a one-image prompt, then one prompt per prompt-length
+    bucket up to `max_prompt_tokens`."""
+    from PIL import Image
+
+    from llava_jax.serve.engine import BATCH_BUCKETS, PROMPT_BUCKETS
+
+    size = gen.cfg.vision.image_size
+    text = gen.encode([{"role": "user", "content": "Hello"}])
+    image = gen.encode([{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (size, size))},
+                                                     {"type": "text", "text": "Hello"}]}])
+    groups = [[e] * b for b in BATCH_BUCKETS if b <= max_batch for e in (text, image)]
+    prev = 0
+    for p in PROMPT_BUCKETS:
+        if p > max_prompt_tokens:
+            break
+        words = max(1, p - len(text.ids))  # about one token per filler word; shrink until it fits
+        e = gen.encode([{"role": "user", "content": "Hello" + " word" * words}])
+        while len(e.ids) > p and words > 1:
+            words = max(1, words - (len(e.ids) - p))
+            e = gen.encode([{"role": "user", "content": "Hello" + " word" * words}])
+        if prev < len(e.ids) <= p:
+            groups.append([e])
+        prev = p
+    return groups
 
 
 def load_generator(args):
     import jax.numpy as jnp
 
+    from llava_jax.cli import setup
+
+    setup(args.verbose)
     from llava_jax.serve.generator import ChatGenerator
 
     mesh = None
     if args.mesh:
-        from llava_jax.train.mesh import make_mesh
+        from llava_jax.sharding import make_mesh
 
         mesh = make_mesh(tuple(int(x) for x in args.mesh.split(",")))
     dtype = None if args.dtype == "auto" else {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
@@ -70,7 +106,10 @@ def main(argv=None):
     p.add_argument("--max-image-bytes", type=int, default=16 * 2**20)
     p.add_argument("--max-image-pixels", type=int, default=36_000_000)
     p.add_argument("--max-images", type=int, default=4, help="images per request")
-    p.add_argument("--warmup", action="store_true", help="compile the batch-1 text path before serving")
+    p.add_argument("--warmup", action="store_true",
+                   help="compile before serving: every batch bucket up to --max-batch for a text and a one-image "
+                        "prompt, and for one request every prompt-length bucket up to --max-prompt-tokens, at "
+                        "--default-max-tokens (a request of another shape still compiles once on arrival)")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -78,10 +117,6 @@ def main(argv=None):
     from llava_jax.serve.server import Limits, make_server
 
     gen = load_generator(args)
-    if args.warmup:
-        from llava_jax.serve.engine import SamplingParams
-
-        gen.chat([{"role": "user", "content": "Hello"}], SamplingParams(max_new_tokens=2))
     limits = Limits(max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
                     max_images=args.max_images, max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
                     default_max_tokens=args.default_max_tokens)
@@ -89,6 +124,10 @@ def main(argv=None):
                       window_s=args.batch_window_ms / 1000, max_pending=args.max_pending,
                       model_name=args.served_model_name, continuous=args.batching == "continuous",
                       reserve_new_tokens=args.session_tokens)
+    if args.warmup:
+        report = srv.app.scheduler.warm_up(warmup_groups(gen, args.max_batch, srv.app.max_prompt_tokens),
+                                           args.default_max_tokens)
+        print(f"warm-up: {report['compilations']} compiled in {report['seconds']:.0f}s", flush=True)
     host, port = srv.server_address[:2]
     print(f"llava-jax serving {srv.app.model_name!r} (template {gen.template}, image mode {gen.image_mode}) on "
           f"http://{host}:{port}/  (API: http://{host}:{port}/v1, key {'required' if args.api_key else 'not required'})",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from llava_jax.cli import HelpFormatter
 from llava_jax.serve.__main__ import add_model_args, load_generator
 from llava_jax.serve.engine import SamplingParams
 from llava_jax.serve.generator import Completion, RequestError
@@ -29,7 +30,10 @@ def _load_image(path):
 def main(argv=None, stdin=None, stdout=None) -> int:
     stdin = stdin or sys.stdin
     out = stdout or sys.stdout
-    p = argparse.ArgumentParser(prog="python -m llava_jax.chat", description="Chat with a LLaVA checkpoint in the terminal.")
+    p = argparse.ArgumentParser(prog="python -m llava_jax.chat", formatter_class=HelpFormatter,
+                                description="Chat with a LLaVA checkpoint in the terminal.",
+                                epilog="in-chat commands:\n" + HELP.rstrip() + "\nType a message and the reply "
+                                "streams in; piped stdin works too (one message per line).")
     add_model_args(p)
     p.add_argument("--image", default=None, help="image to talk about")
     p.add_argument("--temperature", type=float, default=0.2, help="0 = greedy")

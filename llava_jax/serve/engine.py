@@ -23,9 +23,9 @@ Sampling follows transformers' order: temperature, then top-k, then top-p; tempe
 greedy (argmax over fp32 logits). Each row's random stream depends only on its own seed and
 token index, so a seeded request samples the same tokens whatever batch it shares.
 
-A model whose params are sharded on a mesh (e.g. loaded with `from_pretrained(sharding_fn=...)`)
+A model whose params are sharded on a mesh (e.g. loaded with `from_pretrained(..., mesh=mesh)`)
 works as is: batch inputs are placed over the mesh's batch axes and the cache is constrained to
-the logical-axis rules (`llava_jax.train.mesh`).
+the logical-axis rules (`llava_jax.sharding`).
 """
 from __future__ import annotations
 
@@ -158,7 +158,7 @@ class Engine:
     def _constrain(self, x, axes):
         if self.mesh is None:
             return x
-        from llava_jax.train.mesh import named_sharding
+        from llava_jax.sharding import named_sharding
 
         return jax.lax.with_sharding_constraint(x, named_sharding(axes, x.shape, self.mesh))
 
@@ -265,7 +265,7 @@ class Engine:
             return jnp.asarray(x)
         from jax.sharding import NamedSharding, PartitionSpec
 
-        from llava_jax.train.mesh import batch_sharding, data_parallel_size
+        from llava_jax.sharding import batch_sharding, data_parallel_size
 
         if x.shape and x.shape[0] % data_parallel_size(self.mesh) == 0:
             return jax.device_put(x, batch_sharding(self.mesh, x.ndim))

@@ -225,17 +225,7 @@ class ChatGenerator:
         path = Path(path)
         if dtype is None:
             dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-        if mesh is not None:
-            from flax import nnx
-
-            from llava_jax.config import LlavaConfig
-            from llava_jax.models.llava import LlavaModel
-            from llava_jax.train.mesh import param_sharding_fn
-
-            cfg = LlavaConfig.from_hf_dict(json.loads((path / "config.json").read_text()))
-            model_abs = nnx.eval_shape(lambda: LlavaModel(cfg, rngs=None))
-            load_kw["sharding_fn"] = param_sharding_fn(model_abs, mesh)
-        model = llava_jax.from_pretrained(path, dtype=dtype, **load_kw)
+        model = llava_jax.from_pretrained(path, dtype=dtype, mesh=mesh, **load_kw)
         if quantize:
             from llava_jax.serve.quant import quantize_model
 

@@ -111,6 +111,41 @@ class BatchScheduler:
                 "compilations": dict(self.generator.engine.traces),
             }
 
+    def warm_up(self, groups, max_new_tokens: int, timeout: float = 3600.0) -> dict:
+        """Compile before serving what real traffic would compile on its first request: each
+        group (a list of encoded prompts) is submitted at once, through the same batching path
+        as client requests, with `max_new_tokens` (the server's default budget: the cache size
+        is part of every compiled shape); each completion is cancelled once a decode chunk has run
+        (more than the prefill's one token).
+        Returns the compilation counts (engine traces) and the seconds taken."""
+        from llava_jax.serve.engine import SamplingParams
+
+        t0 = time.perf_counter()
+        for group in groups:
+            done = threading.Event()
+            left = [len(group)]
+
+            def finished(_c):
+                with self._cv:
+                    left[0] -= 1
+                    if not left[0]:
+                        done.set()
+
+            comps = []
+            for encoded in group:
+                c = Completion(encoded, SamplingParams(max_new_tokens=max_new_tokens), on_done=finished)
+                c.on_delta = lambda _text, c=c: setattr(c, "cancelled", c.cancelled or c.completion_tokens > 1)
+                comps.append(c)
+            for c in comps:
+                self.submit(c)
+            if not done.wait(timeout):
+                raise TimeoutError(f"warm-up batch of {len(group)} did not finish in {timeout:.0f}s")
+        with self._cv:  # warm-up requests are not traffic
+            self.batch_sizes.clear()
+            self.rows_per_step.clear()
+            self.completed = self.generated_tokens = self.joined = 0
+        return {"compilations": dict(self.generator.engine.traces), "seconds": time.perf_counter() - t0}
+
     def close(self, timeout: float | None = 5.0):
         with self._cv:
             self._stop = True

@@ -13,7 +13,8 @@ the chip's HBM), FLOPs per step and the sharding of the largest arrays. Exit sta
 step does not fit (XLA's own out-of-memory error included), 2 on a usage error.
 
 Model sizes come from the config's checkpoint directories when they exist locally, else from the
-known architectures below by directory name (vicuna-7b-v1.5, vicuna-13b-v1.5, CLIP ViT-L/14-336).
+named preset `model.preset` or the one the directory names (vicuna-7b-v1.5, llava-1.5-13b-hf, ...:
+`llava_jax.config.PRESETS`), through `llava_jax.build.model_config`.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (path:arg)", lock_config=True)
@@ -50,22 +51,6 @@ GENERATIONS = {
 SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
              512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
 SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
-
-# Known architectures (HF config values), used when the config names a checkpoint directory that
-# is not on this machine.
-TEXT_ARCHS = {
-    "vicuna-7b-v1.5": dict(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32,
-                           head_dim=128, max_position_embeddings=4096, rms_norm_eps=1e-5),
-    "vicuna-13b-v1.5": dict(hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40,
-                            num_kv_heads=40, head_dim=128, max_position_embeddings=4096, rms_norm_eps=1e-5),
-}
-TEXT_ARCHS["llava-1.5-7b-hf"] = TEXT_ARCHS["vicuna-7b-v1.5"]
-TEXT_ARCHS["llava-1.5-13b-hf"] = TEXT_ARCHS["vicuna-13b-v1.5"]
-VISION_ARCHS = {
-    "clip-vit-large-patch14-336": dict(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16,
-                                       image_size=336, patch_size=14, projection_dim=768),
-}
-
 
 class UsageError(ValueError):
     pass
@@ -120,47 +105,7 @@ def topology_devices(topo: Topology):
     return devices
 
 
-# ------------------------------------------------------------------ the model, abstractly
-def model_config(config, vocab_size: int):
-    from llava_jax.config import LlavaConfig, RuntimeOptions, TextConfig, VisionConfig
-    from llava_jax.train import trainer
-
-    m = config.model
-    if m.init == "scratch":
-        return trainer.scratch_model_config(config, vocab_size, image_token_id=vocab_size - 1)
-    path = m.hf_path if m.init == "hf" else m.llm_path
-    if path and (Path(path) / "config.json").exists() and (m.init == "hf" or (Path(m.clip_path) / "config.json").exists()):
-        kw = dict(clip_path=m.clip_path or None, **trainer.runtime_options(config))
-        if m.init == "clip_llama":
-            kw.update(projector_type=m.projector_type, vision_feature_layer=m.vision_feature_layer)
-        return trainer._probe_config(path, kw)  # noqa: SLF001 - the trainer's own reader
-    text_key, vis_key = Path(path or "").name, Path(m.clip_path or "clip-vit-large-patch14-336").name
-    if text_key not in TEXT_ARCHS or vis_key not in VISION_ARCHS:
-        raise UsageError(f"no local config.json for {path!r} / {m.clip_path!r} and not a known architecture "
-                         f"({sorted(TEXT_ARCHS)}, {sorted(VISION_ARCHS)}); point the config at checkpoint dirs")
-    return LlavaConfig(vision=VisionConfig(**VISION_ARCHS[vis_key]),
-                       text=TextConfig(vocab_size=vocab_size, **TEXT_ARCHS[text_key]),
-                       image_token_id=32000, projector_type=m.projector_type,
-                       vision_feature_layer=m.vision_feature_layer,
-                       vision_feature_select_strategy=m.vision_feature_select_strategy,
-                       runtime=RuntimeOptions(**trainer.runtime_options(config)))
-
-
-def _abstract_sharded(state, mesh):
-    """nnx.State of abstract Params -> same tree with ShapeDtypeStruct values carrying shardings."""
-    import jax
-    from flax import nnx
-
-    from llava_jax.train import mesh as mesh_lib
-
-    def one(v):
-        val = v.get_value() if hasattr(v, "get_value") else v.value
-        sh = mesh_lib.named_sharding(v.get_metadata()["axes"], val.shape, mesh)
-        return v.replace(jax.ShapeDtypeStruct(val.shape, val.dtype, sharding=sh))
-
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
+# ------------------------------------------------------------------ the step, abstractly
 def compile_step(config, topo: Topology, vocab_size: int = 32064, devices=None, top: int = 8) -> dict:
     """Lower + compile the train step of `config` for `topo`; a report dict (see `main`)."""
     import jax
@@ -168,42 +113,33 @@ def compile_step(config, topo: Topology, vocab_size: int = 32064, devices=None, 
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec as P
 
+    from llava_jax import build
+    from llava_jax import sharding as shd
     from llava_jax.models.llava import LlavaModel
-    from llava_jax.train import mesh as mesh_lib
-    from llava_jax.train import trainer
-    from llava_jax.train.state import make_optimizer, make_train_step, opt_state_shardings, split_model, step_flops
+    from llava_jax.train.state import make_optimizer, opt_state_shardings, split_model, step_flops
 
     devices = topology_devices(topo) if devices is None else devices
-    mesh = mesh_lib.make_mesh(dict(config.train.mesh), devices=devices)
-    dp = mesh_lib.data_parallel_size(mesh)
+    mesh = shd.make_mesh(dict(config.train.mesh), devices=devices)
     pdb, gb = config.train.per_device_batch, config.train.global_batch
-    if gb % (pdb * dp):
-        raise UsageError(f"global_batch {gb} is not a multiple of per_device_batch {pdb} x {dp} data-parallel "
-                         f"devices; set --config.train.global_batch")
-    grad_accum = gb // (pdb * dp)
-
-    cfg = model_config(config, vocab_size)
+    try:
+        grad_accum = build.grad_accum_steps(config, mesh)
+        cfg = build.model_config(config, vocab_size, image_token_id=vocab_size - 1 if config.model.init == "scratch"
+                                 else None)
+    except ValueError as e:
+        raise UsageError(f"{e}; set --config.train.global_batch / the model paths") from None
     abs_model = nnx.eval_shape(lambda: LlavaModel(cfg, rngs=nnx.Rngs(0)))
     graphdef, trainable, frozen = split_model(abs_model, list(config.trainable))
-    trainable, frozen = _abstract_sharded(trainable, mesh), _abstract_sharded(frozen, mesh)
-    frozen = trainer.frozen_for_training(frozen, config)  # model.cast_frozen, as the trainer does
+    trainable, frozen = build.abstract_sharded(trainable, mesh), build.abstract_sharded(frozen, mesh)
+    frozen = build.frozen_for_training(frozen, config)  # model.cast_frozen, as the trainer does
     tx, schedule = make_optimizer(config.optim, 1000, trainable)
     t0 = time.perf_counter()
     replicated = NamedSharding(mesh, P())
     opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                              jax.eval_shape(tx.init, trainable), opt_state_shardings(tx, trainable, mesh))
-
-    L, M, S = config.data.max_length, config.data.max_images_per_row, cfg.vision.image_size
-    shapes = {"input_ids": ((gb, L), jnp.int32), "targets": ((gb, L), jnp.int32),
-              "segment_ids": ((gb, L), jnp.int32), "positions": ((gb, L), jnp.int32),
-              "images": ((gb, M, S, S, 3), jnp.uint8), "image_mask": ((gb, M), jnp.bool_)}
-    batch = {k: jax.ShapeDtypeStruct(s, d, sharding=mesh_lib.batch_sharding(mesh, len(s))) for k, (s, d) in shapes.items()}
-
-    sh = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
-    train_step = make_train_step(graphdef, tx, schedule, grad_accum)
-    step = jax.jit(mesh_lib.with_batch_sharded_activations(train_step, mesh),
-                   in_shardings=(sh(trainable), sh(opt_state), sh(frozen), sh(batch), replicated),
-                   out_shardings=(sh(trainable), sh(opt_state), replicated), donate_argnums=(0, 1))
+    batch = build.batch_spec(config, cfg, mesh)
+    L, M = config.data.max_length, config.data.max_images_per_row
+    # the trainer's own compiled step (build.compiled_train_step), lowered for the TPU topology
+    step = build.compiled_train_step(config, mesh, graphdef, tx, schedule, trainable, opt_state, frozen, batch)
     lowered = step.lower(trainable, opt_state, frozen, batch, jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated))
     report = {
         "config": config.name, "topology": topo.name, "topology_desc": topo.desc_name, "chips": topo.chips,
@@ -312,7 +248,9 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    from llava_jax.cli import run_absl
+
+    run_absl(main, sys.modules[__name__])
 
 
 if __name__ == "__main__":

@@ -57,21 +57,6 @@ from typing import Any
 RESULT_PREFIX = "BENCH_RESULT "
 
 # Dense bf16 peak TFLOP/s per device (MFU denominator); the first matching substring wins.
-PEAK_TFLOPS = (
-    ("h100 pcie", 756.0), ("h100", 989.0), ("h200", 989.0), ("h800", 989.0), ("gh200", 989.0),
-    ("b200", 2250.0), ("a100", 312.0), ("a10g", 125.0), ("l40s", 362.0), ("l4", 121.0),
-    ("tpu v4", 275.0), ("tpu v5 lite", 197.0), ("tpu v5e", 197.0), ("tpu v5p", 459.0), ("tpu v6", 918.0),
-)
-
-
-def peak_tflops(device_kind: str) -> float | None:
-    kind = device_kind.lower()
-    for name, tf in PEAK_TFLOPS:
-        if name in kind:
-            return tf
-    return None
-
-
 # ============================================================================ geometry / presets
 @dataclasses.dataclass(frozen=True)
 class Geometry:
@@ -268,8 +253,7 @@ def jax_train(geo: Geometry, stage: int, variant: dict, opts: dict) -> dict:
     from llava_jax.train.state import cast_frozen, make_optimizer, make_train_step, split_model
 
     rt = RuntimeOptions(dtype=jnp.bfloat16, param_dtype=getattr(jnp, variant["param_dtype"]),
-                        remat_policy=variant["remat"], attention_impl=variant["attention"],
-                        loss_chunk=variant["loss_chunk"])
+                        remat_policy=variant["remat"], attention_impl=variant["attention"])
     cfg = geo.llava_config(rt)
     t0 = time.perf_counter()
     model = _random_model(cfg)
@@ -285,7 +269,7 @@ def jax_train(geo: Geometry, stage: int, variant: dict, opts: dict) -> dict:
     total = geo.warmup + geo.steps
     tx, schedule = make_optimizer(ocfg, total, trainable)
     opt_state = jax.jit(tx.init)(trainable)
-    step_fn = jax.jit(make_train_step(graphdef, tx, schedule), donate_argnums=(0, 1))
+    step_fn = jax.jit(make_train_step(graphdef, tx, schedule, loss_chunk=variant["loss_chunk"]), donate_argnums=(0, 1))
 
     ids, labels = train_tokens(geo)
     targets = np.full_like(labels, -100)
@@ -557,6 +541,8 @@ def derive(r: dict, geo: Geometry, peak_override: float | None) -> dict:
         out["tokens_per_s"] = tokens / sec
         flops = step_flops(geo.llava_config(), {"projector"} | ({"llm"} if r["stage"] == 2 else set()),
                            tokens, geo.train_batch, geo.seq_len)
+        from llava_jax.train.metrics import peak_tflops  # the one table of device peaks
+
         peak = peak_override or peak_tflops(r.get("device_kind", ""))
         out["step_tflop"] = flops / 1e12
         out["mfu"] = flops / sec / (peak * 1e12) if peak else None

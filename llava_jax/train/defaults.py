@@ -21,6 +21,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.clip_path = ""
     c.model.llm_path = ""
     c.model.projector_path = ""  # a stage-1 projector file (mm_projector.bin / safetensors)
+    # A named geometry (llava_jax.config.PRESETS: llava_1_5_7b, llava_1_5_13b) for tools that need
+    # only shapes (tools/aot.py) when the checkpoint dirs are not on this machine; "" = the one
+    # the llm_path / hf_path directory name stands for.
+    c.model.preset = ""
     # A previous stage's workdir: its trained params (e.g. the stage-1 projector) are loaded
     # on top of the model above. Only params matching init_from_workdir_patterns are taken.
     # Several workdirs: comma-separated, applied in order (the demo: "tower,stage1").

@@ -1,5 +1,17 @@
-"""`python -m llava_jax.train --config=configs/llava_v1_5.py:7b_stage1 --workdir=DIR [--config.x=...]`"""
-from absl import app, flags
+"""Train one stage of LLaVA:
+
+    python -m llava_jax.train --config=configs/llava_v1_5.py:7b_stage1 --workdir=DIR [--config.x.y=VALUE ...]
+
+`--config` is an experiment file and its argument (configs/llava_v1_5.py: 7b_stage1, 7b_stage2,
+13b_stage1, 13b_stage2; configs/demo.py: stage1, stage2); every field of it can be overridden on
+the command line, e.g. --config.model.llm_path=/models/vicuna-7b-v1.5
+--config.data.sources=/data/blip_laion_cc_sbu_558k.json --config.train.global_batch=256 (all
+fields and their defaults: llava_jax/train/defaults.py). The workdir receives checkpoints,
+metrics.jsonl, TensorBoard logs, skipped rows and run_config.json; re-running the same command
+resumes from its newest checkpoint. On several hosts every host runs the same command (see
+launch/README.md).
+"""
+from absl import flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (path:arg)", lock_config=True)
@@ -17,4 +29,8 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    import sys
+
+    from llava_jax.cli import run_absl
+
+    run_absl(main, sys.modules[__name__])

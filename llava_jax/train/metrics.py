@@ -9,28 +9,38 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import sys
 import time
 
-import jax
-from absl import logging
-
 from llava_jax.fileio import as_path, is_remote
 
-# bf16 dense peak per device, for MFU.
-PEAK_TFLOPS = {
-    "h100": 989.0, "h200": 989.0, "a100": 312.0, "l4": 121.0,
-    "tpu v4": 275.0, "tpu v5 lite": 197.0, "tpu v5e": 197.0, "tpu v5p": 459.0, "tpu v5": 459.0,
-    "tpu v6 lite": 918.0, "tpu v6e": 918.0,
-}
+log = logging.getLogger(__name__)
+
+# bf16 dense peak TFLOP/s per device, for MFU; the first name found in the device kind wins
+# (so "h100 pcie" before "h100"). The one table: the trainer and tools/bench.py read it.
+PEAK_TFLOPS = (
+    ("h100 pcie", 756.0), ("h100", 989.0), ("h200", 989.0), ("h800", 989.0), ("gh200", 989.0),
+    ("b200", 2250.0), ("a100", 312.0), ("a10g", 125.0), ("l40s", 362.0), ("l4", 121.0),
+    ("tpu v4", 275.0), ("tpu v5 lite", 197.0), ("tpu v5e", 197.0), ("tpu v5p", 459.0), ("tpu v5", 459.0),
+    ("tpu v6 lite", 918.0), ("tpu v6e", 918.0), ("tpu v6", 918.0),
+)
+
+
+def peak_tflops(device_kind: str) -> float | None:
+    """Peak bf16 TFLOP/s of a device kind; None for CPUs and unknown devices (no MFU then)."""
+    kind = device_kind.lower()
+    for name, tf in PEAK_TFLOPS:
+        if name in kind:
+            return tf
+    return None
 
 
 def peak_flops_per_device() -> float | None:
-    kind = jax.devices()[0].device_kind.lower()
-    for name, tf in PEAK_TFLOPS.items():
-        if name in kind:
-            return tf * 1e12
-    return None  # CPU and unknown devices: MFU not reported
+    import jax
+
+    tf = peak_tflops(jax.devices()[0].device_kind)
+    return None if tf is None else tf * 1e12
 
 
 class MetricsWriter:
@@ -54,7 +64,7 @@ class MetricsWriter:
                     _register_epath_event_writer(str(workdir).split("://")[0])
                 self.tb = SummaryWriter(str(as_path(workdir) / "tensorboard"))
             except ImportError:  # pragma: no cover
-                logging.warning("tensorboardX not installed: no TensorBoard logs")
+                log.warning("tensorboardX not installed: no TensorBoard logs")
         if progress_bar and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -73,28 +83,31 @@ class MetricsWriter:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):
                     self.tb.add_scalar(f"train/{k}", v, step)
-        done = step - self.start
-        elapsed = time.perf_counter() - self.t0
-        eta = elapsed / max(done, 1) * (self.total - step)
         text = (f"step {step}/{self.total} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
                 f"gnorm {metrics['grad_norm']:.3f} tok/s {metrics['tokens_per_s']:.0f} "
                 f"pack {metrics['packing_efficiency']:.2f}"
-                + (f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else "")
-                + f" eta {eta / 60:.1f}min")
-        if self.bar is not None:
+                + (f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else ""))
+        if self.bar is not None:  # the bar shows the one ETA
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix_str(f"loss {metrics['loss']:.4f}")
             self.bar.write(text)
         else:
-            logging.info(text)
-            print(text, flush=True)
+            done = step - self.start
+            eta = (time.perf_counter() - self.t0) / max(done, 1) * max(self.total - step, 0)
+            print(f"{text} eta {eta / 60:.1f} min", flush=True)
 
-    def close(self):
+    def close(self, final_step: int | None = None):
+        """`final_step`: where the run really ended (e.g. the data ran out before the estimated
+        total): the bar ends there, at 100%."""
         if self.jsonl:
             self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
         if self.bar is not None:
+            if final_step is not None and final_step != self.bar.total:
+                self.bar.total = final_step
+                self.bar.update(final_step - self.bar.n)
+                self.bar.refresh()
             self.bar.close()
 
 

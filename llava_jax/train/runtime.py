@@ -1,10 +1,12 @@
 """Process start-up: multi-host initialisation and logging from process 0 only."""
 from __future__ import annotations
 
+import logging
 import os
 
 import jax
-from absl import logging
+
+log = logging.getLogger(__name__)
 
 
 def distributed_mode(env=None) -> str:
@@ -45,7 +47,7 @@ def maybe_initialize_distributed():
     elif mode == "auto":
         jax.distributed.initialize()
     if jax.process_index() != 0:
-        logging.set_verbosity(logging.WARNING)
+        logging.getLogger("llava_jax").setLevel(logging.WARNING)
     elif mode != "none":
-        logging.info("distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
+        log.info("distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
                      jax.process_count(), jax.local_device_count(), jax.device_count())

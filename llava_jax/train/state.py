@@ -126,20 +126,21 @@ def opt_state_shardings(tx, trainable, mesh):
 
 
 # ---------------------------------------------------------------- loss / step
-def batch_loss(trainable, frozen, graphdef, batch):
+def batch_loss(trainable, frozen, graphdef, batch, loss_chunk: int = 0):
     """(sum of token losses, number of supervised tokens) for one (micro-)batch.
 
-    `batch["targets"]` is already shifted (target of token t at position t, -100 = ignore)."""
+    `batch["targets"]` is already shifted (target of token t at position t, -100 = ignore).
+    `loss_chunk`: the vocabulary loss over chunks of this many positions (0 = the full [B, L, V]
+    logits); equal loss and gradients (`llava_jax.models.llava.chunked_loss_fn`)."""
     model = nnx.merge(graphdef, trainable, jax.lax.stop_gradient(frozen))
-    chunk = model.config.runtime.loss_chunk
     out = model(batch["input_ids"], images=batch.get("images"), image_mask=batch.get("image_mask"),
-                positions=batch["positions"], segment_ids=batch["segment_ids"], return_hidden=bool(chunk))
-    if chunk:  # logits over the vocabulary a chunk of positions at a time (no [B, L, V] buffer)
-        return chunked_loss_fn(out, batch["targets"], model.llm.logits, chunk)
+                positions=batch["positions"], segment_ids=batch["segment_ids"], return_hidden=bool(loss_chunk))
+    if loss_chunk:  # logits over the vocabulary a chunk of positions at a time (no [B, L, V] buffer)
+        return chunked_loss_fn(out, batch["targets"], model.llm.logits, loss_chunk)
     return loss_fn_from_logits(out, batch["targets"])
 
 
-def make_train_step(graphdef, tx, schedule, grad_accum: int = 1):
+def make_train_step(graphdef, tx, schedule, grad_accum: int = 1, loss_chunk: int = 0):
     """step(trainable, opt_state, frozen, batch, step) -> (trainable, opt_state, metrics).
 
     The batch is split into `grad_accum` micro-batches (strided, so each stays spread over the
@@ -148,7 +149,7 @@ def make_train_step(graphdef, tx, schedule, grad_accum: int = 1):
     """
 
     def grads_of(trainable, frozen, mb):
-        (s, n), g = jax.value_and_grad(batch_loss, has_aux=True)(trainable, frozen, graphdef, mb)
+        (s, n), g = jax.value_and_grad(batch_loss, has_aux=True)(trainable, frozen, graphdef, mb, loss_chunk)
         return s, n, g
 
     def step_fn(trainable, opt_state, frozen, batch, step):

@@ -6,160 +6,36 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import json
+import logging
 import math
 import signal
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
-from flax import nnx
 
-from llava_jax.config import LlavaConfig, RopeConfig, RuntimeOptions, TextConfig, VisionConfig
+from llava_jax import build
+from llava_jax import sharding as shd
+from llava_jax.config import LlavaConfig
 from llava_jax.fileio import as_path
-from llava_jax.models.llava import LlavaModel
-from llava_jax.train import mesh as mesh_lib
 from llava_jax.train.checkpoint import Checkpointer
 from llava_jax.train.metrics import MetricsWriter, peak_flops_per_device
 from llava_jax.train.state import (
-    cast_frozen,
     count_params,
     make_optimizer,
-    make_train_step,
     opt_state_shardings,
     param_count_by_subtree,
     split_model,
     step_flops,
 )
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
+log = logging.getLogger(__name__)
 
 class TrainingStopped(RuntimeError):
     """The run stopped early (non-finite loss); the last good checkpoint is kept."""
-
-
-# =============================================================================== tokenizer
-def load_run_tokenizer(config):
-    from llava_jax.data.tokenize import add_llava_special_tokens, load_tokenizer
-
-    path = config.tokenizer_path or config.model.llm_path or config.model.hf_path
-    if not path:
-        raise ValueError("set config.tokenizer_path (or model.llm_path / model.hf_path)")
-    tok = load_tokenizer(path)
-    ids = add_llava_special_tokens(tok)
-    return tok, ids
-
-
-# =============================================================================== model
-def runtime_options(config) -> dict:
-    m = config.model
-    return dict(dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype], remat_policy=m.remat,
-                attention_impl=m.attention_impl, loss_chunk=m.loss_chunk)
-
-
-def frozen_for_training(frozen, config):
-    """The frozen params as the train step holds them: in model.dtype when model.cast_frozen
-    (`state.cast_frozen`: every use casts them to it anyway), else as loaded."""
-    return cast_frozen(frozen, DTYPES[config.model.dtype]) if config.model.cast_frozen else frozen
-
-
-def scratch_model_config(config, vocab_size: int, image_token_id: int) -> LlavaConfig:
-    s = config.model.scratch
-    v, t = s.vision, s.text
-    return LlavaConfig(
-        vision=VisionConfig(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
-                            num_layers=v.num_layers, num_heads=v.num_heads, image_size=v.image_size,
-                            patch_size=v.patch_size),
-        text=TextConfig(vocab_size=vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-                        num_layers=t.num_layers, num_heads=t.num_heads, num_kv_heads=t.num_kv_heads,
-                        head_dim=t.head_dim, rope=RopeConfig(theta=t.rope_theta),
-                        max_position_embeddings=t.max_position_embeddings),
-        image_token_id=image_token_id,
-        projector_type=config.model.projector_type,
-        vision_feature_layer=config.model.vision_feature_layer,
-        vision_feature_select_strategy=config.model.vision_feature_select_strategy,
-        runtime=RuntimeOptions(**runtime_options(config)),
-    )
-
-
-def build_model(config, mesh, tokenizer_ids=None, vocab_size: int | None = None) -> LlavaModel:
-    """The model with every param created or loaded directly into its shard (no full copy on
-    one device), then the previous stage's trained params applied on top."""
-    m = config.model
-    rt = runtime_options(config)
-    if m.init == "scratch":
-        cfg = scratch_model_config(config, vocab_size, tokenizer_ids.image_token_id)
-        abs_model = nnx.eval_shape(lambda: LlavaModel(cfg, rngs=nnx.Rngs(m.seed)))
-        graphdef, abs_state = nnx.split(abs_model)
-        shardings = mesh_lib.state_shardings(abs_state, mesh)
-
-        @jax.jit
-        def init():
-            return nnx.split(LlavaModel(cfg, rngs=nnx.Rngs(m.seed)))[1]
-
-        # Init runs once: on CPU, skip LLVM's optimisations (the random-number graphs of ~40
-        # params otherwise take most of a tiny model's start-up to compile; 3x faster measured).
-        opts = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-        state = jax.jit(init, out_shardings=shardings, compiler_options=opts)()
-        model = nnx.merge(graphdef, state)
-    else:
-        from llava_jax.convert.hf import from_pretrained
-
-        path = m.hf_path if m.init == "hf" else m.llm_path
-        if not path:
-            raise ValueError(f"model.init={m.init!r} needs model.{'hf_path' if m.init == 'hf' else 'llm_path'}")
-        kw: dict[str, Any] = dict(clip_path=m.clip_path or None, projector_path=m.projector_path or None, **rt)
-        if m.init == "clip_llama":
-            kw.update(projector_type=m.projector_type, vision_feature_layer=m.vision_feature_layer)
-        if tokenizer_ids is not None and m.init != "hf":
-            kw["image_token_id"] = tokenizer_ids.image_token_id
-        # Build the abstract model once to derive shardings from its param metadata.
-        probe = _probe_config(path, kw)
-        abs_model = nnx.eval_shape(lambda: LlavaModel(probe, rngs=None))
-        model = from_pretrained(path, sharding_fn=mesh_lib.param_sharding_fn(abs_model, mesh), **kw)
-    # Several previous stages: comma-separated workdirs, applied in order (later ones win).
-    for wd in [w.strip() for w in str(m.init_from_workdir or "").split(",") if w.strip()]:
-        model = apply_workdir_params(model, wd, m.init_from_workdir_patterns)
-    return model
-
-
-def _probe_config(path, kw) -> LlavaConfig:
-    from llava_jax.convert.hf import _resolve_config
-
-    cfg, _, _ = _resolve_config(Path(path), kw.get("clip_path"), kw.get("projector_type"),
-                                kw.get("vision_feature_layer"), kw.get("image_token_id"))
-    # every RuntimeOptions field, as `runtime_options` put them in kw
-    return cfg.with_runtime(**{f.name: kw[f.name] for f in dataclasses.fields(RuntimeOptions)})
-
-
-def apply_workdir_params(model: LlavaModel, workdir: str, patterns) -> LlavaModel:
-    """Load a previous stage's trained params (its latest checkpoint) into `model`; only those
-    matching `patterns` are taken (e.g. just `projector/.*` from a stage-1 run)."""
-    import re
-
-    ck = Checkpointer(workdir, async_save=False)
-    step = ck.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"init_from_workdir: no checkpoint in {workdir}/checkpoints")
-    saved_patterns = ck.extra(step).get("meta", {}).get("trainable")
-    if not saved_patterns:
-        raise ValueError(f"init_from_workdir: checkpoint {workdir} step {step} does not record its trainable params")
-    _, saved_like, _ = split_model(model, saved_patterns)
-    restored = ck.restore_params(step, saved_like)
-    ck.close()
-    keep = [(p, v) for p, v in nnx.to_flat_state(restored)
-            if any(re.fullmatch(x, "/".join(map(str, p))) for x in patterns)]
-    if not keep:
-        raise ValueError(f"init_from_workdir: none of the saved params ({saved_patterns}) match {list(patterns)}")
-    nnx.update(model, nnx.from_flat_state(keep))
-    logging.info("loaded %d params from %s step %d", len(keep), workdir, step)
-    return model
 
 
 # =============================================================================== data
@@ -216,26 +92,24 @@ def train(config, workdir: str) -> dict:
     is_main = jax.process_index() == 0
 
     # ---------------------------------------------------------------- mesh & batch geometry
-    mesh = mesh_lib.make_mesh(dict(config.train.mesh))
-    dp = mesh_lib.data_parallel_size(mesh)
-    micro_global = config.train.per_device_batch * dp
-    if config.train.global_batch % micro_global:
-        raise ValueError(f"global_batch {config.train.global_batch} is not a multiple of per_device_batch "
-                         f"{config.train.per_device_batch} x {dp} data-parallel devices")
-    grad_accum = config.train.global_batch // micro_global
+    mesh = shd.make_mesh(dict(config.train.mesh))
+    dp = shd.data_parallel_size(mesh)
+    grad_accum = build.grad_accum_steps(config, mesh)
     # Each process reads the data shard whose rows its devices hold; the global batch is
     # assembled from the process-local rows (jax.make_array_from_process_local_data).
-    shard = mesh_lib.process_data_shard(mesh)
+    shard = shd.process_data_shard(mesh)
     num_shards = shard[1]
     process_batch = config.train.global_batch // num_shards
-    logging.info("mesh %s, global batch %d = %d per device x %d devices x %d accumulation; %d process(es), "
+    log.info("mesh %s, global batch %d = %d per device x %d devices x %d accumulation; %d process(es), "
                  "input shard %d of %d (%d rows each)", dict(mesh.shape), config.train.global_batch,
                  config.train.per_device_batch, dp, grad_accum, jax.process_count(), shard[0], num_shards,
                  process_batch)
+    if is_main:
+        build.record_run_config(config, workdir)
 
     # ---------------------------------------------------------------- tokenizer & model
-    tokenizer, tok_ids = load_run_tokenizer(config)
-    model = build_model(config, mesh, tok_ids, vocab_size=len(tokenizer))
+    tokenizer, tok_ids = build.tokenizer(config)
+    model = build.model(config, mesh, tok_ids, vocab_size=len(tokenizer))
     model_cfg: LlavaConfig = model.config
     if len(tokenizer) > model_cfg.text.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model vocab is {model_cfg.text.vocab_size}")
@@ -243,16 +117,16 @@ def train(config, workdir: str) -> dict:
     # ---------------------------------------------------------------- freezing & optimizer
     graphdef, trainable, frozen = split_model(model, list(config.trainable))
     del model
-    frozen = frozen_for_training(frozen, config)
+    frozen = build.frozen_for_training(frozen, config)
     counts = param_count_by_subtree(trainable)
     trains = set(counts)
-    logging.info("trainable params %s (%d); frozen %d", counts, count_params(trainable), count_params(frozen))
+    log.info("trainable params %s (%d); frozen %d", counts, count_params(trainable), count_params(frozen))
 
     data_iter, sources, pcfg = make_data_iterator(config, tokenizer, model_cfg, process_batch, workdir, shard)
     num_steps = config.train.num_steps
     if num_steps <= 0:  # one schedule over num_epochs of the data, in packed rows
         num_steps = estimate_num_steps(sources, tokenizer, pcfg, config.data.num_epochs, config.train.global_batch)
-        logging.info("num_steps estimated at %d for %d epochs", num_steps, config.data.num_epochs)
+        log.info("num_steps estimated at %d for %d epochs", num_steps, config.data.num_epochs)
     tx, schedule = make_optimizer(config.optim, num_steps, trainable)
     opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, trainable, mesh))(trainable)
 
@@ -265,17 +139,10 @@ def train(config, workdir: str) -> dict:
         trainable, opt_state, step, rng, data_state, _ = ckpt.restore(latest, trainable, opt_state)
         if data_state is not None:
             data_iter.set_state(data_state)
-        logging.info("resumed from %s at step %d", ckpt.directory, step)
+        log.info("resumed from %s at step %d", ckpt.directory, step)
 
     # ---------------------------------------------------------------- compiled step
-    tr_sh = jax.tree.map(lambda x: x.sharding, trainable)
-    fr_sh = jax.tree.map(lambda x: x.sharding, frozen)
-    os_sh = jax.tree.map(lambda x: x.sharding, opt_state)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())  # metrics: readable on every host
-    train_step = make_train_step(graphdef, tx, schedule, grad_accum)
-    step_fn = jax.jit(mesh_lib.with_batch_sharded_activations(train_step, mesh),
-                      in_shardings=(tr_sh, os_sh, fr_sh, None, None),
-                      out_shardings=(tr_sh, os_sh, replicated), donate_argnums=(0, 1))
+    step_fn = build.compiled_train_step(config, mesh, graphdef, tx, schedule, trainable, opt_state, frozen)
 
     def to_global(batch):
         arrays = {k: v for k, v in batch.items() if k != "stats"}
@@ -372,21 +239,21 @@ def train(config, workdir: str) -> dict:
     finally:
         ckpt.wait()
         ckpt.close()
-        writer.close()
+        writer.close(final_step=step if status == "data exhausted" else None)
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
     # `last` (the last logged metrics) must not override the step the run really ended at
     summary = {**last, "status": status, "step": step, "num_steps": num_steps}
     if is_main:
         (workdir_p / "train_summary.json").write_text(json.dumps(summary, indent=2))
-        logging.info("training %s at step %d", status, step)
+        log.info("training %s at step %d", status, step)
     return summary
 
 
 def _global_array(x, mesh, num_shards: int = 1):
     """Process-local rows -> one global array sharded over the batch axes."""
     x = np.asarray(x)
-    sharding = mesh_lib.batch_sharding(mesh, x.ndim)
+    sharding = shd.batch_sharding(mesh, x.ndim)
     if jax.process_count() == 1:
         return jax.device_put(x, sharding)
     return jax.make_array_from_process_local_data(sharding, x, (x.shape[0] * num_shards, *x.shape[1:]))

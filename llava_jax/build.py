@@ -1,0 +1,338 @@
+"""The one assembly path from a training config to running things. Every entry point calls it:
+the trainer (``train/trainer.py``, the loop), ``export``, ``eval.answer``, the demo and
+``tools/aot.py``.
+
+    config -> tokenizer()            the run's tokenizer + the <image>/<pad> ids
+           -> model_config()         scratch / HF dirs / CLIP + LLaMA dirs / a named preset
+           -> model()                params created or loaded straight into their shards, then the
+                                     previous stages' workdirs on top (`init_from_workdir`)
+           -> trained_model()        a training workdir's finished model, rebuilt from the config
+                                     the run recorded; refuses params no checkpoint provided
+           -> compiled_train_step()  the jitted step with donated buffers (the trainer runs it,
+                                     tools/aot.py compiles it for a TPU topology)
+           -> batch_spec()           the global batch's shapes, dtypes and shardings
+
+A run records its config in ``WORKDIR/run_config.json``; together with each workdir's
+checkpoint that is its provenance: where every param came from.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llava_jax import sharding as shd
+from llava_jax.config import (
+    PRESETS,
+    LlavaConfig,
+    RopeConfig,
+    RuntimeOptions,
+    TextConfig,
+    VisionConfig,
+)
+from llava_jax.models.llava import LlavaModel
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+RUN_CONFIG = "run_config.json"
+
+
+class ProvenanceError(ValueError):
+    """A model would be used with params that no checkpoint provided (random init)."""
+
+
+# =============================================================================== tokenizer
+def tokenizer(config):
+    """(tokenizer, LlavaTokenIds): `tokenizer_path`, else the LLM's or the HF checkpoint's dir,
+    with `<image>` and `<pad>` added as llava-hf has them."""
+    from llava_jax.data.tokenize import add_llava_special_tokens, load_tokenizer
+
+    path = config.tokenizer_path or config.model.llm_path or config.model.hf_path
+    if not path:
+        raise ValueError("set config.tokenizer_path (or model.llm_path / model.hf_path)")
+    tok = load_tokenizer(path)
+    return tok, add_llava_special_tokens(tok)
+
+
+# =============================================================================== model config
+def runtime(config) -> RuntimeOptions:
+    m = config.model
+    return RuntimeOptions(dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype], remat_policy=m.remat,
+                          attention_impl=m.attention_impl)
+
+
+def scratch_config(config, vocab_size: int, image_token_id: int) -> LlavaConfig:
+    s = config.model.scratch
+    v, t = s.vision, s.text
+    return LlavaConfig(
+        vision=VisionConfig(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+                            num_layers=v.num_layers, num_heads=v.num_heads, image_size=v.image_size,
+                            patch_size=v.patch_size),
+        text=TextConfig(vocab_size=vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                        num_layers=t.num_layers, num_heads=t.num_heads, num_kv_heads=t.num_kv_heads,
+                        head_dim=t.head_dim, rope=RopeConfig(theta=t.rope_theta),
+                        max_position_embeddings=t.max_position_embeddings),
+        image_token_id=image_token_id,
+        projector_type=config.model.projector_type,
+        vision_feature_layer=config.model.vision_feature_layer,
+        vision_feature_select_strategy=config.model.vision_feature_select_strategy,
+        runtime=runtime(config),
+    )
+
+
+def _checkpoint_kwargs(config, image_token_id: int | None) -> tuple[str, dict]:
+    """(checkpoint dir, `from_pretrained` keyword arguments) of an hf / clip_llama config."""
+    m = config.model
+    path = m.hf_path if m.init == "hf" else m.llm_path
+    if not path:
+        raise ValueError(f"model.init={m.init!r} needs model.{'hf_path' if m.init == 'hf' else 'llm_path'}")
+    kw: dict[str, Any] = dict(clip_path=m.clip_path or None, projector_path=m.projector_path or None)
+    if m.init == "clip_llama":
+        kw.update(projector_type=m.projector_type, vision_feature_layer=m.vision_feature_layer)
+    if image_token_id is not None and m.init != "hf":
+        kw["image_token_id"] = image_token_id
+    return path, kw
+
+
+def model_config(config, vocab_size: int | None = None, image_token_id: int | None = None) -> LlavaConfig:
+    """The model geometry of `config`, without loading a weight: `model.scratch` for
+    `init=scratch`, the checkpoints' config.json files for `hf` / `clip_llama`, else the named
+    preset `model.preset` (e.g. `llava_1_5_7b`; what tools/aot.py compiles for when the
+    checkpoints are not on this machine)."""
+    from llava_jax.convert.hf import resolve_config
+
+    m = config.model
+    if m.init == "scratch":
+        return scratch_config(config, vocab_size, image_token_id if image_token_id is not None else vocab_size - 1)
+    path, kw = _checkpoint_kwargs(config, image_token_id)
+    local = (Path(path) / "config.json").exists() and (m.init == "hf" or (Path(m.clip_path) / "config.json").exists())
+    if local:
+        kw.pop("projector_path")
+        return resolve_config(Path(path), **kw).replace(runtime=runtime(config))
+    preset = m.get("preset") or preset_for(path)
+    if preset not in PRESETS:
+        raise ValueError(f"no local config.json for {path!r} / {m.clip_path!r} and model.preset={preset!r} is not a "
+                         f"named preset ({sorted(PRESETS)}); point the config at checkpoint dirs or name a preset")
+    cfg = PRESETS[preset]()
+    if m.init == "clip_llama":
+        cfg = cfg.replace(projector_type=m.projector_type, vision_feature_layer=m.vision_feature_layer)
+    if vocab_size is not None:
+        cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=vocab_size))
+    return cfg.replace(runtime=runtime(config))
+
+
+def preset_for(path: str) -> str | None:
+    """The preset a checkpoint directory's name stands for (vicuna-7b-v1.5, llava-1.5-13b-hf, ...)."""
+    name = Path(path or "").name.lower()
+    for size in ("13b", "7b"):
+        if size in name and ("vicuna" in name or "llava" in name):
+            return f"llava_1_5_{size}"
+    return None
+
+
+# =============================================================================== model
+def model(config, mesh, tokenizer_ids=None, vocab_size: int | None = None) -> LlavaModel:
+    """The model of `config` with every param created or loaded directly into its shard (no full
+    copy on one device), then the previous stages' trained params applied on top."""
+    m = config.model
+    if m.init == "scratch":
+        cfg = scratch_config(config, vocab_size, tokenizer_ids.image_token_id)
+        abs_model = nnx.eval_shape(lambda: LlavaModel(cfg, rngs=nnx.Rngs(m.seed)))
+        graphdef, abs_state = nnx.split(abs_model)
+        shardings = shd.state_shardings(abs_state, mesh)
+
+        def init():
+            return nnx.split(LlavaModel(cfg, rngs=nnx.Rngs(m.seed)))[1]
+
+        # Init runs once: on CPU, skip LLVM's optimisations (the random-number graphs of ~40
+        # params otherwise take most of a tiny model's start-up to compile; 3x faster measured).
+        opts = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+        state = jax.jit(init, out_shardings=shardings, compiler_options=opts)()
+        built = nnx.merge(graphdef, state)
+    else:
+        from llava_jax.convert.hf import from_pretrained
+
+        path, kw = _checkpoint_kwargs(config, None if tokenizer_ids is None else tokenizer_ids.image_token_id)
+        rt = runtime(config)
+        built = from_pretrained(path, mesh=mesh, dtype=rt.dtype, param_dtype=rt.param_dtype,
+                                remat_policy=rt.remat_policy, attention_impl=rt.attention_impl, **kw)
+    for wd in previous_stages(config):
+        built, _ = apply_workdir_params(built, wd, m.init_from_workdir_patterns)
+    return built
+
+
+def previous_stages(config) -> list[str]:
+    """`model.init_from_workdir`: comma-separated workdirs, applied in order (later ones win)."""
+    return [w.strip() for w in str(config.model.init_from_workdir or "").split(",") if w.strip()]
+
+
+def apply_workdir_params(model: LlavaModel, workdir: str, patterns) -> tuple[LlavaModel, set[str]]:
+    """Load a training run's trained params (its latest checkpoint) into `model`; only those
+    matching `patterns` are taken (e.g. just `projector/.*` from a stage-1 run). Returns the
+    model and the param paths loaded."""
+    from llava_jax.train.checkpoint import Checkpointer
+    from llava_jax.train.state import split_model
+
+    ck = Checkpointer(workdir, async_save=False)
+    try:
+        step = ck.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: is {workdir} a training workdir "
+                                    "whose run saved at least once?")
+        saved_patterns = ck.extra(step).get("meta", {}).get("trainable")
+        if not saved_patterns:
+            raise ValueError(f"checkpoint {workdir} step {step} does not record its trainable params")
+        _, saved_like, _ = split_model(model, saved_patterns)
+        restored = ck.restore_params(step, saved_like)
+    finally:
+        ck.close()
+    keep = [(p, v) for p, v in nnx.to_flat_state(restored)
+            if any(re.fullmatch(x, "/".join(map(str, p))) for x in patterns)]
+    if not keep:
+        raise ValueError(f"none of the params saved in {workdir} ({saved_patterns}) match {list(patterns)}")
+    nnx.update(model, nnx.from_flat_state(keep))
+    log.info("loaded %d params from %s step %d", len(keep), workdir, step)
+    return model, {"/".join(map(str, p)) for p, _ in keep}
+
+
+def record_run_config(config, workdir) -> None:
+    """Write the run's config to `WORKDIR/run_config.json` (what `trained_model` rebuilds from)."""
+    from llava_jax.fileio import as_path
+
+    (as_path(workdir) / RUN_CONFIG).write_text(config.to_json_best_effort(indent=2))
+
+
+def run_config(workdir):
+    """The config a training run recorded in its workdir (an ml_collections ConfigDict)."""
+    import ml_collections
+
+    from llava_jax.fileio import as_path
+
+    path = as_path(workdir) / RUN_CONFIG
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: {workdir} is not a training workdir of llava-jax (or was "
+                                "trained before runs recorded their config; pass its --config)")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def provided_params(config, loaded_from_checkpoints: set[str], all_paths: Sequence[str]) -> set[str]:
+    """Param paths of `config`'s model that a checkpoint provided: the HF / CLIP / LLaMA
+    checkpoints (all but a fresh projector), plus `loaded_from_checkpoints` (workdirs)."""
+    m = config.model
+    if m.init == "scratch":
+        base: set[str] = set()
+    elif m.init == "clip_llama" and not m.projector_path:
+        base = {p for p in all_paths if not p.startswith("projector/")}
+    else:
+        base = set(all_paths)
+    return base | loaded_from_checkpoints
+
+
+def trained_model(workdir, config=None, mesh=None, *, allow_random_init: bool = False):
+    """(model, tokenizer, config) of a finished training workdir: the model rebuilt as the run
+    built it (from `config`, default the config the run recorded), every previous stage applied,
+    then the workdir's own trained params.
+
+    Raises ProvenanceError, naming the missing subtrees and the flag that supplies them, when a
+    param would keep its random initialisation (no checkpoint, previous stage or this workdir
+    provided it), unless `allow_random_init`."""
+    from llava_jax.train.state import path_str
+
+    config = run_config(workdir) if config is None else config
+    mesh = mesh or shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    tok, ids = tokenizer(config)
+    m = config.model
+    built = model(_without_previous_stages(config), mesh, ids, vocab_size=len(tok))
+    all_paths = [path_str(p) for p, _ in nnx.to_flat_state(nnx.state(built, nnx.Param))]
+    loaded: set[str] = set()
+    for wd in previous_stages(config):
+        built, got = apply_workdir_params(built, wd, m.init_from_workdir_patterns)
+        loaded |= got
+    built, got = apply_workdir_params(built, str(workdir), [r".*"])
+    loaded |= got
+    missing = sorted(set(all_paths) - provided_params(config, loaded, all_paths))
+    if missing and not allow_random_init:
+        subtrees: dict[str, int] = {}
+        for p in missing:
+            top = p.split("/")[0] + "/"
+            subtrees[top] = subtrees.get(top, 0) + 1
+        what = ", ".join(f"{k} ({n} tensors)" for k, n in sorted(subtrees.items()))
+        raise ProvenanceError(
+            f"no checkpoint provides {what} of the model trained in {workdir}: it would be exported or served "
+            f"with random weights there. The run's config (model.init={m.init!r}, model.init_from_workdir="
+            f"{m.init_from_workdir!r}) names no source for them. Give the workdirs that trained them, e.g. "
+            "--config.model.init_from_workdir=TOWER_WORKDIR,STAGE1_WORKDIR (in order), or the checkpoint dirs "
+            "(model.hf_path / clip_path / llm_path / projector_path); --allow_random_init if random is intended. "
+            f"First missing params: {missing[:5]}")
+    return built, tok, config
+
+
+def _without_previous_stages(config):
+    c = config.copy_and_resolve_references()
+    c.model.init_from_workdir = ""
+    return c
+
+
+# =============================================================================== step
+def frozen_for_training(frozen, config):
+    """The frozen params as the train step holds them: in model.dtype when model.cast_frozen
+    (`state.cast_frozen`: every use casts them to it anyway), else as loaded."""
+    from llava_jax.train.state import cast_frozen
+
+    return cast_frozen(frozen, DTYPES[config.model.dtype]) if config.model.cast_frozen else frozen
+
+
+def abstract_sharded(state, mesh):
+    """nnx.State of abstract Params -> the same tree with ShapeDtypeStruct values carrying the
+    rules' shardings (tools/aot.py compiles on these; nothing is materialised)."""
+    def one(v):
+        val = v.get_value() if hasattr(v, "get_value") else v.value
+        sh = shd.named_sharding(v.get_metadata()["axes"], val.shape, mesh)
+        return v.replace(jax.ShapeDtypeStruct(val.shape, val.dtype, sharding=sh))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def grad_accum_steps(config, mesh) -> int:
+    """Micro-batches per optimizer step: global_batch / (per_device_batch x data-parallel devices)."""
+    dp = shd.data_parallel_size(mesh)
+    micro = config.train.per_device_batch * dp
+    if config.train.global_batch % micro:
+        raise ValueError(f"global_batch {config.train.global_batch} is not a multiple of per_device_batch "
+                         f"{config.train.per_device_batch} x {dp} data-parallel devices")
+    return config.train.global_batch // micro
+
+
+def compiled_train_step(config, mesh, graphdef, tx, schedule, trainable, opt_state, frozen, batch=None):
+    """The jitted train step (`state.make_train_step`) with the run's shardings, activations
+    pinned to the batch sharding and the trainable params and optimizer state donated; the step
+    options (`model.loss_chunk`) are its arguments. `batch` (arrays or `batch_spec`) fixes the
+    batch shardings when given."""
+    from llava_jax.train.state import make_train_step
+
+    sh = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())  # metrics: readable on every host
+    step = make_train_step(graphdef, tx, schedule, grad_accum_steps(config, mesh), loss_chunk=config.model.loss_chunk)
+    return jax.jit(shd.with_batch_sharded_activations(step, mesh),
+                   in_shardings=(sh(trainable), sh(opt_state), sh(frozen), None if batch is None else sh(batch),
+                                 None if batch is None else replicated),
+                   out_shardings=(sh(trainable), sh(opt_state), replicated), donate_argnums=(0, 1))
+
+
+def batch_spec(config, model_cfg: LlavaConfig, mesh, rows: int | None = None) -> dict:
+    """The global batch as ShapeDtypeStructs with their shardings: `rows` (default
+    train.global_batch) packed rows of data.max_length tokens, data.max_images_per_row image slots."""
+    rows = rows or config.train.global_batch
+    L, M, S = config.data.max_length, config.data.max_images_per_row, model_cfg.vision.image_size
+    shapes = {"input_ids": ((rows, L), jnp.int32), "targets": ((rows, L), jnp.int32),
+              "segment_ids": ((rows, L), jnp.int32), "positions": ((rows, L), jnp.int32),
+              "images": ((rows, M, S, S, 3), jnp.uint8), "image_mask": ((rows, M), jnp.bool_)}
+    return {k: jax.ShapeDtypeStruct(s, d, sharding=shd.batch_sharding(mesh, len(s))) for k, (s, d) in shapes.items()}
