@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -38,6 +37,7 @@ from llava_jax.config import (
     VisionConfig,
 )
 from llava_jax.models.llava import LlavaModel
+from llava_jax.models.params import PathPatterns, path_str
 
 log = logging.getLogger(__name__)
 
@@ -194,13 +194,13 @@ def apply_workdir_params(model: LlavaModel, workdir: str, patterns) -> tuple[Lla
         restored = ck.restore_params(step, saved_like)
     finally:
         ck.close()
-    keep = [(p, v) for p, v in nnx.to_flat_state(restored)
-            if any(re.fullmatch(x, "/".join(map(str, p))) for x in patterns)]
+    wanted = PathPatterns(patterns)
+    keep = [(p, v) for p, v in nnx.to_flat_state(restored) if wanted(p)]
     if not keep:
         raise ValueError(f"none of the params saved in {workdir} ({saved_patterns}) match {list(patterns)}")
     nnx.update(model, nnx.from_flat_state(keep))
     log.info("loaded %d params from %s step %d", len(keep), workdir, step)
-    return model, {"/".join(map(str, p)) for p, _ in keep}
+    return model, {path_str(p) for p, _ in keep}
 
 
 def record_run_config(config, workdir) -> None:
@@ -244,8 +244,6 @@ def trained_model(workdir, config=None, mesh=None, *, allow_random_init: bool = 
     Raises ProvenanceError, naming the missing subtrees and the flag that supplies them, when a
     param would keep its random initialisation (no checkpoint, previous stage or this workdir
     provided it), unless `allow_random_init`."""
-    from llava_jax.train.state import path_str
-
     config = run_config(workdir) if config is None else config
     mesh = mesh or shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     tok, ids = tokenizer(config)

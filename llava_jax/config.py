@@ -16,6 +16,10 @@ from typing import Any
 
 import jax.numpy as jnp
 
+# The label of a position that is not supervised (HF's convention), shared by the data pipeline
+# and the loss.
+IGNORE_INDEX = -100
+
 SUPPORTED_TEXT_MODEL_TYPES = ("llama",)
 SUPPORTED_VISION_MODEL_TYPES = ("clip_vision_model", "clip")
 

@@ -88,7 +88,9 @@ def param_sharding_fn(model_abs, mesh: Mesh, rules=LOGICAL_RULES):
     model's param metadata."""
     from flax import nnx
 
-    axes = {"/".join(map(str, p)): v.get_metadata()["axes"] for p, v in nnx.to_flat_state(nnx.state(model_abs, nnx.Param))}
+    from llava_jax.models.params import path_str
+
+    axes = {path_str(p): v.get_metadata()["axes"] for p, v in nnx.to_flat_state(nnx.state(model_abs, nnx.Param))}
     return lambda path, shape: named_sharding(axes[path], shape, mesh, rules)
 
 

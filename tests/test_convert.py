@@ -228,3 +228,21 @@ def test_llava_config_json_round_trip(hf_dir):
         assert getattr(again.vision_config, k) == src["vision_config"][k]
     for k in ("hidden_size", "num_key_value_heads", "vocab_size", "intermediate_size"):
         assert getattr(again.text_config, k) == src["text_config"][k]
+
+
+def test_a_broken_weight_file_is_named_in_the_error(tmp_path):
+    import llava_jax
+
+    good = tmp_path / "ok.safetensors"
+    write_safetensors(good, [("a", np.ones((4, 4), np.float32))])
+    data = good.read_bytes()
+    for name, blob in {"truncated": data[:-8], "garbage": b"\x00" * 5, "header": b"\xff" * 64}.items():
+        bad = tmp_path / f"{name}.safetensors"
+        bad.write_bytes(blob)
+        with pytest.raises(ValueError, match=f"{bad}"):
+            SafetensorsFile(bad).get("a")
+    with pytest.raises(ValueError, match="broken.safetensors"):
+        (tmp_path / "m").mkdir()
+        (tmp_path / "m" / "config.json").write_text('{"model_type": "llava"}')
+        (tmp_path / "m" / "broken.safetensors").write_bytes(data[:20])
+        llava_jax.from_pretrained(tmp_path / "m")

@@ -25,6 +25,7 @@ from llava_jax.convert import keymap
 from llava_jax.convert.safetensors_io import checkpoint_files, write_sharded
 from llava_jax.data.tokenize import save_tokenizer
 from llava_jax.models.llava import LlavaModel
+from llava_jax.models.params import path_str
 from llava_jax.models.projector import Projector
 
 ShardingFn = Callable[[str, tuple[int, ...]], "jax.sharding.Sharding | None"]
@@ -42,7 +43,7 @@ def _read_json(path: Path) -> dict:
 
 def _flat_params(model_or_state) -> dict[str, nnx.Variable]:
     state = nnx.state(model_or_state, nnx.Param) if isinstance(model_or_state, nnx.Module) else model_or_state
-    return {"/".join(str(k) for k in path): v for path, v in nnx.to_flat_state(state)}
+    return {path_str(path): v for path, v in nnx.to_flat_state(state)}
 
 
 class _KeyIndex:
@@ -259,7 +260,9 @@ def save_pretrained(model: LlavaModel, out_dir, tokenizer=None, dtype=None, max_
     cfg: LlavaConfig = model.config
     hf_cfg = cfg.to_hf_dict()
     store_dtype = np.dtype(dtype) if dtype is not None else np.dtype(cfg.runtime.param_dtype)
-    hf_cfg["dtype"] = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[store_dtype.name]
+    if store_dtype.name not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"llava-hf weights are stored as float32, bfloat16 or float16, not {store_dtype.name}")
+    hf_cfg["dtype"] = store_dtype.name
     write_sharded(out, hf_tensors(model, store_dtype), max_shard_size)
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2))
     for name, content in processor_files(cfg).items():

@@ -1,54 +1,46 @@
-"""Streaming safetensors reader/writer (numpy, incl. bfloat16 via ml_dtypes) and checkpoint
-file discovery (single file, sharded `*.safetensors.index.json`, or pickle `.bin`).
+"""Checkpoint weight files: safetensors read and written with the `safetensors` library (numpy
+frontend, bfloat16 included), pickle `.bin` through torch when it is installed, and checkpoint
+file discovery (single file, sharded `*.safetensors.index.json`, or `.bin`).
 
-The reader memory-maps each file and hands out zero-copy views per tensor, so importing a
-checkpoint never holds a second full copy of it in host RAM. We parse the (simple, documented)
-format ourselves because safetensors' numpy frontend cannot return bfloat16.
+Files are opened lazily by `safe_open` (memory-mapped), one tensor at a time, so importing a
+checkpoint never holds a second full copy of it in host RAM. Errors name the file.
 """
 from __future__ import annotations
 
 import json
-import mmap
 import os
-import struct
 from pathlib import Path
 from typing import Iterator
 
 import ml_dtypes
 import numpy as np
 
-_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-}
-_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
-
 
 class SafetensorsFile:
-    """One memory-mapped .safetensors file: `keys()`, `shape(k)`, `get(k)` (a read-only view)."""
+    """One .safetensors file: `keys()`, `shape(k)`, `get(k)` (a numpy array, bf16 included)."""
 
     def __init__(self, path: str | os.PathLike):
+        from safetensors import safe_open
+
         self.path = str(path)
-        with open(self.path, "rb") as f:
-            n = struct.unpack("<Q", f.read(8))[0]
-            header = json.loads(f.read(n))
-            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        self.metadata = header.pop("__metadata__", {}) or {}
-        self._header = header
-        self._base = 8 + n
+        try:
+            self._f = safe_open(self.path, framework="numpy")
+            self.metadata = self._f.metadata() or {}
+            self._shapes = {k: tuple(self._f.get_slice(k).get_shape()) for k in self._f.keys()}
+        except Exception as e:  # noqa: BLE001 - the library's errors name no file
+            raise ValueError(f"{self.path} is not a readable safetensors file: {type(e).__name__}: {e}") from None
 
     def keys(self) -> list[str]:
-        return list(self._header)
+        return list(self._shapes)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._header[key]["shape"])
+        return self._shapes[key]
 
     def get(self, key: str) -> np.ndarray:
-        info = self._header[key]
-        dtype = np.dtype(_DTYPES[info["dtype"]])
-        start, end = info["data_offsets"]
-        arr = np.frombuffer(self._mm, dtype=dtype, count=(end - start) // dtype.itemsize, offset=self._base + start)
-        return arr.reshape(info["shape"])
+        try:
+            return self._f.get_tensor(key)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"{self.path}: tensor {key!r} could not be read: {type(e).__name__}: {e}") from None
 
 
 class TorchBinFile:
@@ -103,26 +95,11 @@ def checkpoint_files(path: str | os.PathLike) -> list:
     raise FileNotFoundError(f"no *.safetensors or *.bin weights in {p}")
 
 
-def _header_for(tensors: list[tuple[str, np.ndarray]]):
-    header, offset = {}, 0
-    for name, arr in tensors:
-        nbytes = arr.nbytes
-        header[name] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    return header
-
-
 def write_safetensors(path, tensors: list[tuple[str, np.ndarray]], metadata: dict | None = None):
-    """Write tensors (in the given order) to one .safetensors file."""
-    header = _header_for(tensors)
-    header["__metadata__"] = metadata or {"format": "pt"}
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * ((8 - len(blob) % 8) % 8)  # align the data section
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for _, arr in tensors:
-            f.write(np.ascontiguousarray(arr).tobytes())
+    """Write tensors to one .safetensors file (the `safetensors` library)."""
+    from safetensors.numpy import save_file
+
+    save_file({name: np.ascontiguousarray(arr) for name, arr in tensors}, str(path), metadata=metadata or {"format": "pt"})
 
 
 def write_sharded(out_dir, tensors: Iterator[tuple[str, np.ndarray]], max_shard_bytes: int = 5 * 10**9):

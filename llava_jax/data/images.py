@@ -29,12 +29,9 @@ from typing import Any, BinaryIO, Sequence, Union
 import numpy as np
 from PIL import Image
 
-try:  # jax is optional for this module: the host-side data workers need only numpy/PIL.
-    import jax
-    import jax.numpy as jnp
-except ImportError:  # pragma: no cover - jax is a project dependency, but keep workers light.
-    jax = None
-    jnp = None
+# The vision tower's pixel convention (CLIP mean/std, normalize) lives with the model; the
+# pipeline ships uint8 and the model normalizes on device.
+from llava_jax.models.pixels import CLIP_MEAN, CLIP_STD, normalize
 
 __all__ = [
     "CLIP_MEAN",
@@ -51,9 +48,6 @@ __all__ = [
     "decode_and_preprocess_uint8",
 ]
 
-# OpenAI CLIP statistics (transformers.image_utils.OPENAI_CLIP_MEAN / OPENAI_CLIP_STD).
-CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
 MODES = ("pad", "crop")
 
@@ -194,35 +188,6 @@ def _pad_and_resize(img: Image.Image, size: int) -> Image.Image:
     intermediate = Image.new("RGB", (size, width), background)
     intermediate.paste(rows, (0, (width - height) // 2))
     return intermediate.resize((size, size), resample=bicubic)  # vertical pass only
-
-
-# ---------------------------------------------------------------------------------------------
-# Normalization (host or device)
-# ---------------------------------------------------------------------------------------------
-
-
-def normalize(images_uint8, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD):
-    """``(x / 255 - mean) / std`` in float32 for uint8 ``[..., H, W, 3]`` numpy or jax arrays.
-
-    Returns the same array family as the input (numpy in → numpy out, jax in → jax out), so the
-    data pipeline can ship uint8 to the device and normalize inside the jitted step.
-
-    Arithmetic order matches transformers exactly: it rescales in float64 (``x * (1/255)``) and
-    casts to float32, then computes ``(x - mean) / std`` in float32 with float32 mean/std. For
-    all 256 uint8 values ``float32(x) / float32(255)`` is bit-identical to that float64 product
-    cast to float32 (checked exhaustively in the tests), so everything here stays in float32.
-    On CPU the numpy path is bit-exact; XLA may rewrite the divisions (e.g. as reciprocal
-    multiplies on TPU), which stays within ~1e-6.
-    """
-    is_jax = jax is not None and isinstance(images_uint8, jax.Array)
-    xp = jnp if is_jax else np
-    x = images_uint8 if is_jax else np.asarray(images_uint8)
-    if x.shape[-1:] != (3,):
-        raise ValueError(f"normalize expects [..., H, W, 3] images, got shape {tuple(x.shape)}")
-    mean_a = xp.asarray(np.asarray(mean, dtype=np.float32))
-    std_a = xp.asarray(np.asarray(std, dtype=np.float32))
-    x = x.astype(xp.float32) / xp.float32(255.0)
-    return (x - mean_a) / std_a
 
 
 def preprocess_images(

@@ -41,11 +41,10 @@ import dataclasses
 import logging
 from typing import Any, Sequence
 
+import grain
 import numpy as np
 
-import grain
-
-IGNORE_INDEX = -100
+from llava_jax.config import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 

@@ -66,7 +66,7 @@ import dataclasses
 import logging
 import os
 from collections.abc import Mapping
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

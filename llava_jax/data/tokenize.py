@@ -49,9 +49,9 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
+from llava_jax.config import IGNORE_INDEX
 from llava_jax.data.templates import CHAT_TEMPLATE, IMAGE_TOKEN, Template, get_template, render, render_chat_template
 
-IGNORE_INDEX = -100
 PAD_TOKEN = "<pad>"
 
 

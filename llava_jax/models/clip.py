@@ -56,8 +56,7 @@ class VisionTower(nnx.Module):
         self.dtype = dtype
         self.remat_policy = remat_policy
         self.attention_impl = attention_impl
-        d, f, h, hd, p, c, n = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.head_dim,
-                                cfg.patch_size, cfg.num_channels, cfg.num_layers)
+        d, p, c = cfg.hidden_size, cfg.patch_size, cfg.num_channels
         P = lambda shape, axes, init="normal": make_param(rngs, shape, axes, init, param_dtype)  # noqa: E731
         self.patch_embed = P((p, p, c, d), (None, None, None, "embed"))
         self.class_embed = P((d,), ("embed",))

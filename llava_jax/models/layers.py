@@ -183,7 +183,7 @@ def attention_mask(q_index, k_index, q_segment, k_segment, causal: bool):
 
 
 # Implementations (RuntimeOptions.attention_impl). All take the same inputs and give the same
-# outputs at every position a valid token reads (tests/test_attention_impls.py):
+# outputs at every position a valid token reads (tests/test_perf_levers.py):
 #   xla           einsum + materialised [B, Lq, Lk] mask, fp32 scores/softmax (the reference);
 #   dpa, cudnn    jax.nn.dot_product_attention(implementation=None | "cudnn"): is_causal plus the
 #                 same-segment mask passed as `mask` (cuDNN turns it into an additive bias), so

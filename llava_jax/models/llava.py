@@ -15,13 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llava_jax.config import LlavaConfig
-from llava_jax.data.images import normalize
+from llava_jax.config import IGNORE_INDEX, LlavaConfig
 from llava_jax.models.clip import VisionTower
 from llava_jax.models.llama import LlamaDecoder
+from llava_jax.models.pixels import normalize
 from llava_jax.models.projector import Projector
-
-IGNORE_INDEX = -100
 
 
 def _is_concrete(x) -> bool:

@@ -62,7 +62,6 @@ def warmup_groups(gen, max_batch: int, max_prompt_tokens: int) -> list:
 
 
 def load_generator(args):
-    import jax.numpy as jnp
 
     from llava_jax.cli import setup
 
@@ -74,7 +73,9 @@ def load_generator(args):
         from llava_jax.sharding import make_mesh
 
         mesh = make_mesh(tuple(int(x) for x in args.mesh.split(",")))
-    dtype = None if args.dtype == "auto" else {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    from llava_jax.build import DTYPES
+
+    dtype = None if args.dtype == "auto" else DTYPES[args.dtype]
     return ChatGenerator.from_pretrained(
         args.model, tokenizer_path=args.tokenizer, template=args.template, image_mode=args.image_mode, dtype=dtype,
         quantize=None if args.quantize == "none" else args.quantize, mesh=mesh, chunk_size=args.decode_chunk,

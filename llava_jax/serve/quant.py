@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llava_jax.models.params import path_str
+
 # kernel -> (input axes of the stacked [layers, ...] kernel, the axis int4 groups run along)
 KERNELS = {
     "q_kernel": ((1,), 1), "k_kernel": ((1,), 1), "v_kernel": ((1,), 1),
@@ -74,7 +76,6 @@ def quantize_model(model, mode: str = "int8", group_size: int = 64):
         setattr(layers, name + "_scale", nnx.Param(scale, axes=axes))
         names.append(name + "_scale")
     layers._names = tuple(names)
-    model.quantization = mode
     return model
 
 
@@ -88,7 +89,7 @@ def param_bytes(model, subtree: str | None = None, linear_only: bool = False) ->
     actually holds int4 in a byte each, TPU and GPU pack two per byte)."""
     total = 0
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        p = "/".join(map(str, path))
+        p = path_str(path)
         if subtree and not p.startswith(subtree):
             continue
         name = p.rsplit("/", 1)[-1]

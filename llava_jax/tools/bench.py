@@ -311,7 +311,6 @@ def jax_train(geo: Geometry, stage: int, variant: dict, opts: dict) -> dict:
 
 
 def jax_decode(geo: Geometry, batch: int, variant: dict, opts: dict) -> dict:
-    import jax
     import jax.numpy as jnp
     import numpy as np
 

@@ -15,7 +15,6 @@ stored together in the JSON part (written by process 0); on restore each process
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -126,6 +125,3 @@ def _this_process_data(data, step, directory):
             "model.init_from_workdir pointing at this one.")
     return data["per_process"][i] if n > 1 else data
 
-
-def write_json(path, obj):
-    Path(path).write_text(json.dumps(obj, indent=2, default=str))

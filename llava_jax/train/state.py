@@ -13,8 +13,7 @@ in the config, never `if name == ...` in code.
 from __future__ import annotations
 
 import math
-import re
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,25 +22,18 @@ from flax import nnx
 
 from llava_jax.config import projector_depth
 from llava_jax.models.llava import LlavaModel, chunked_loss_fn, loss_fn_from_logits
+from llava_jax.models.params import PathPatterns, path_str  # noqa: F401 - path_str: the public name
 
 # Params never decayed: norms and biases (as HF Trainer excludes LayerNorm weights and biases).
 NO_DECAY_PATTERNS = (r".*norm.*", r".*_scale$", r".*_bias$", r".*bias$")
 
 
-def path_str(path) -> str:
-    """'llm/layers/q_kernel' from an nnx path or a jax key path (a trailing `.value` dropped)."""
-    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-    if names and names[-1] == "value":
-        names = names[:-1]
-    return "/".join(names)
-
-
 def trainable_filter(patterns: Sequence[str]):
     """nnx filter: a Param whose path fully matches one of the regexes trains."""
-    compiled = [re.compile(p) for p in patterns]
+    trains = PathPatterns(patterns)
 
     def f(path, value):
-        return isinstance(value, nnx.Param) and any(c.fullmatch(path_str(path)) for c in compiled)
+        return isinstance(value, nnx.Param) and trains(path)
 
     return f
 
@@ -64,10 +56,10 @@ def cast_frozen(frozen, dtype, keep_patterns: Sequence[str] = FP32_FROZEN_PATTER
     (matmul kernels, biases, embeddings, RMSNorm weights), so results are unchanged while frozen
     memory halves and the per-step fp32->bf16 casts of e.g. the CLIP tower (stage 1 and 2) and the
     LLM (stage 1) disappear. Params matching `keep_patterns` stay as they are."""
-    compiled = [re.compile(p) for p in keep_patterns]
+    kept = PathPatterns(keep_patterns)
 
     def cast(path, x):
-        keep = any(c.fullmatch(path_str(path)) for c in compiled) or not jnp.issubdtype(x.dtype, jnp.floating)
+        keep = kept(path) or not jnp.issubdtype(x.dtype, jnp.floating)
         if keep:
             return x
         if isinstance(x, jax.ShapeDtypeStruct):  # abstract params (tools/aot.py's will-it-fit)
@@ -94,10 +86,10 @@ def lr_schedule(lr: float, total_steps: int, warmup_ratio: float = 0.03, warmup_
 
 
 def decay_mask(trainable_state):
-    compiled = [re.compile(p) for p in NO_DECAY_PATTERNS]
+    no_decay = PathPatterns(NO_DECAY_PATTERNS)
 
     def mask(path, _):
-        return not any(c.fullmatch(path_str(path)) for c in compiled)
+        return not no_decay(path)
 
     return jax.tree_util.tree_map_with_path(mask, trainable_state)
 
