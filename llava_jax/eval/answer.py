@@ -1,6 +1,7 @@
 """Answer generation for a question file (`question_id`, `image`, `text`, `category`): batched
-decoding through the KV-cache engine (greedy by default), written as JSONL (`question_id`,
-`prompt`, `text`, `answer_id`, `model_id`). A rerun skips ids already answered in the output file.
+decoding through the serving `ChatGenerator` (greedy by default; the same prompts, image
+preprocessing and stop tokens as the server), written as JSONL (`question_id`, `prompt`,
+`text`, `answer_id`, `model_id`). A rerun skips ids already answered in the output file.
 
     python -m llava_jax.eval.answer --model HF_DIR --questions qa90_questions.jsonl \\
         --image_folder coco/val2014 --out answers.jsonl
@@ -16,21 +17,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import numpy as np
-
 from llava_jax.cli import VERBOSE_HELP, setup
-from llava_jax.data.images import load_image, preprocess_image_uint8
-from llava_jax.data.templates import default_template
-from llava_jax.data.tokenize import tokenize_conversation
-from llava_jax.serve.engine import Engine, SamplingParams
-
-
-def build_prompt(tokenizer, model_cfg, template: str, question: str, has_image: bool):
-    text = ("<image>\n" + question) if has_image else question
-    enc = tokenize_conversation(tokenizer, template, [("human", text)],
-                                image_token_id=model_cfg.image_token_id,
-                                num_image_tokens=model_cfg.num_image_tokens, add_generation_prompt=True)
-    return enc["input_ids"]
+from llava_jax.data.images import load_image
+from llava_jax.serve.engine import SamplingParams
+from llava_jax.serve.generator import ChatGenerator, Completion
 
 
 def read_answers(path) -> dict:
@@ -49,14 +39,15 @@ def read_answers(path) -> dict:
 
 def answer_questions(model, tokenizer, questions: Iterable[dict], image_folder=None, *, template="vicuna_v1",
                      image_mode="pad", max_new_tokens=32, batch_size=16, out_path=None, model_id="llava-jax",
-                     engine: Engine | None = None, progress: bool = False,
+                     generator: ChatGenerator | None = None, progress: bool = False,
                      sampling: SamplingParams | None = None, prompt_suffix: str = "") -> list[dict]:
-    """Answers in question order. `sampling` overrides greedy decoding (its max_new_tokens wins);
-    `prompt_suffix` is appended to every question (e.g. "\\nAnswer the question using a single word
-    or phrase."). With `out_path`, answers are appended as each batch finishes and ids already
-    in the file are not asked again."""
-    cfg = model.config
-    engine = engine or Engine(model)
+    """Answers in question order, generated through the same `ChatGenerator` as the server (its
+    prompt, image preprocessing and stop tokens); `generator` (e.g. `ChatGenerator.from_pretrained`)
+    replaces the one built from model/tokenizer/template/image_mode. `sampling` overrides greedy
+    decoding (its max_new_tokens wins); `prompt_suffix` is appended to every question (e.g.
+    "\\nAnswer the question using a single word or phrase."). With `out_path`, answers are
+    appended as each batch finishes and ids already in the file are not asked again."""
+    gen = generator or ChatGenerator(model, tokenizer, template=template, image_mode=image_mode)
     params = sampling or SamplingParams(max_new_tokens=max_new_tokens)
     questions = list(questions)
     counts = Counter(q["question_id"] for q in questions)
@@ -65,8 +56,6 @@ def answer_questions(model, tokenizer, questions: Iterable[dict], image_folder=N
         raise ValueError(f"duplicate question_id in the question file: {dup}")
     done: dict = read_answers(out_path) if out_path is not None and Path(out_path).exists() else {}
     todo = [q for q in questions if q["question_id"] not in done]
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    size = cfg.vision.image_size
     out_f = open(out_path, "a", encoding="utf-8") if out_path is not None else None
     bar = None
     if progress:
@@ -76,25 +65,15 @@ def answer_questions(model, tokenizer, questions: Iterable[dict], image_folder=N
     try:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
-            prompts, imgs = [], np.zeros((len(chunk), 1, size, size, 3), np.uint8)
-            mask = np.zeros((len(chunk), 1), bool)
-            for i, q in enumerate(chunk):
-                has_image = bool(q.get("image"))
-                prompts.append(build_prompt(tokenizer, cfg, template, q["text"] + prompt_suffix, has_image))
-                if has_image:
-                    path = Path(image_folder or ".") / q["image"]
-                    imgs[i, 0] = preprocess_image_uint8(load_image(path), image_mode, size)
-                    mask[i, 0] = True
-            if len(todo) > batch_size and len(chunk) < batch_size:
+            comps = [Completion(gen.encode([question_message(q, image_folder, prompt_suffix)]), params) for q in chunk]
+            if len(todo) > batch_size:
                 # pad the last batch to the full size: the same compiled shapes serve every batch
-                pad = batch_size - len(chunk)
-                prompts += [prompts[0]] * pad
-                imgs = np.concatenate([imgs, np.repeat(imgs[:1], pad, 0)])
-                mask = np.concatenate([mask, np.repeat(mask[:1], pad, 0)])
-            outs = engine.generate(prompts, imgs, mask, params, eos_ids=eos)[:len(chunk)]
-            for q, out_ids in zip(chunk, outs):
-                rec = {"question_id": q["question_id"], "prompt": q["text"] + prompt_suffix,
-                       "text": tokenizer.decode(out_ids, skip_special_tokens=True).strip(),
+                comps += [Completion(comps[0].encoded, params) for _ in range(batch_size - len(comps))]
+            gen.run(comps)
+            for q, c in zip(chunk, comps):
+                if c.error:
+                    raise RuntimeError(f"question {q['question_id']}: generation failed: {c.error}")
+                rec = {"question_id": q["question_id"], "prompt": q["text"] + prompt_suffix, "text": c.text.strip(),
                        "answer_id": uuid.uuid4().hex, "model_id": model_id}
                 if "category" in q:
                     rec["category"] = q["category"]
@@ -112,21 +91,16 @@ def answer_questions(model, tokenizer, questions: Iterable[dict], image_folder=N
     return [done[q["question_id"]] for q in questions]
 
 
+def question_message(q: dict, image_folder, prompt_suffix: str = "") -> dict:
+    """A question row as one user message: its image (if any) before its text."""
+    content = []
+    if q.get("image"):
+        content.append({"type": "image", "image": load_image(Path(image_folder or ".") / q["image"])})
+    content.append({"type": "text", "text": q["text"] + prompt_suffix})
+    return {"role": "user", "content": content}
+
+
 # ----------------------------------------------------------------------------- loading
-
-def load_model(path, dtype: str = "float32"):
-    """(model, tokenizer) from a llava-hf directory (config, weights and tokenizer, as written
-    by `llava_jax.save_pretrained` / `python -m llava_jax.export`)."""
-    import jax.numpy as jnp
-
-    from llava_jax.convert.hf import from_pretrained
-    from llava_jax.data.tokenize import add_llava_special_tokens, load_tokenizer
-
-    tok = load_tokenizer(path)
-    add_llava_special_tokens(tok)
-    model = from_pretrained(path, dtype=getattr(jnp, dtype))
-    return model, tok
-
 
 def load_from_workdir(workdir, config=None):
     """(model, tokenizer, template, image_mode) of a training workdir (its latest checkpoint), built
@@ -149,7 +123,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument("--out", required=True, help="answers JSONL (appended; answered ids are skipped)")
     p.add_argument("--template", default=None, help="conversation template (default: the checkpoint tokenizer's chat template if it has one, else "
                    "vicuna_v1; with --workdir the run's data.template)")
-    p.add_argument("--image_mode", default=None, help="pad or crop (default pad, or the config's)")
+    p.add_argument("--image_mode", default=None, help="pad or crop (default: config.json's image_aspect_ratio, else pad; "
+                   "with --workdir the run's data.image_mode)")
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -163,20 +138,23 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     setup(a.verbose)
     if bool(a.model) == bool(a.workdir):
         p.error("give exactly one of --model or --workdir")
-    if a.model:
-        model, tok = load_model(a.model, a.dtype)
-        template, image_mode, model_id = default_template(tok), "pad", Path(a.model).name
+    if a.model:  # loaded exactly as the server loads it (template, image mode, stop tokens)
+        import jax.numpy as jnp
+
+        gen = ChatGenerator.from_pretrained(a.model, template=a.template, image_mode=a.image_mode,
+                                            dtype=getattr(jnp, a.dtype))
+        model_id = Path(a.model).name
     else:
         model, tok, template, image_mode = load_from_workdir(a.workdir)
+        gen = ChatGenerator(model, tok, template=a.template or template, image_mode=a.image_mode or image_mode)
         model_id = Path(a.workdir).name
     from llava_jax.eval.report import read_jsonl
 
     questions = read_jsonl(a.questions, "questions")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     sampling = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed)
-    answers = answer_questions(model, tok, questions, a.image_folder, template=a.template or template,
-                               image_mode=a.image_mode or image_mode, batch_size=a.batch_size, out_path=a.out,
-                               model_id=a.model_id or model_id, progress=True, sampling=sampling,
+    answers = answer_questions(None, None, questions, a.image_folder, generator=gen, batch_size=a.batch_size,
+                               out_path=a.out, model_id=a.model_id or model_id, progress=True, sampling=sampling,
                                prompt_suffix=a.prompt_suffix.replace("\\n", "\n"))
     print(f"{len(answers)} answers in {a.out}")
     return answers

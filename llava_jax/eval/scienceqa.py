@@ -211,12 +211,13 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     if a.model:
         if not a.out_dir and not a.answers:
             p.error("--model needs --out_dir or --answers (where the answers go)")
-        from llava_jax.eval.answer import answer_questions, load_model
+        from llava_jax.eval.answer import answer_questions
+        from llava_jax.serve.generator import ChatGenerator
 
-        model, tok = load_model(a.model)
+        gen = ChatGenerator.from_pretrained(a.model, template=a.template)  # as the server loads it
         a.answers = a.answers or str(Path(a.out_dir) / "answers.jsonl")
         Path(a.answers).parent.mkdir(parents=True, exist_ok=True)
-        answer_questions(model, tok, questions, a.image_folder, template=a.template, batch_size=a.batch_size,
+        answer_questions(None, None, questions, a.image_folder, generator=gen, batch_size=a.batch_size,
                          max_new_tokens=a.max_new_tokens, out_path=a.answers, model_id=Path(a.model).name,
                          progress=True)
     if not a.answers:

@@ -150,9 +150,9 @@ class Engine:
         self.traces: collections.Counter = collections.Counter()
         self.stats: collections.Counter = collections.Counter()
         self._lock = threading.Lock()
-        self._prefill_jit = jax.jit(self._prefill, static_argnames=("max_len",))
-        self._decode_jit = jax.jit(self._decode_chunk, donate_argnames=("carry",) if donate else ())
-        self._join_jit = jax.jit(self._join, donate_argnames=("carry",) if donate else ())
+        self.prefill = jax.jit(self._prefill, static_argnames=("max_len",))
+        self.decode_chunk = jax.jit(self._decode_chunk, donate_argnames=("carry",) if donate else ())
+        self.join_cache = jax.jit(self._join, donate_argnames=("carry",) if donate else ())
 
     # ------------------------------------------------------------------ compiled parts
     def _constrain(self, x, axes):
@@ -258,7 +258,7 @@ class Engine:
         return jnp.where(emit, tok, -1), carry
 
     # ------------------------------------------------------------------ host side
-    def _put(self, x):
+    def put(self, x):
         """Place a batch array: leading dim over the mesh's batch axes when it divides, else
         replicated."""
         if self.mesh is None:
@@ -271,7 +271,7 @@ class Engine:
             return jax.device_put(x, batch_sharding(self.mesh, x.ndim))
         return jax.device_put(x, NamedSharding(self.mesh, PartitionSpec()))
 
-    def _pack(self, requests: Sequence[Request], eos_ids, b: int | None = None, min_new: int = 1):
+    def pack(self, requests: Sequence[Request], eos_ids, b: int | None = None, min_new: int = 1):
         n = len(requests)
         if n == 0:
             raise ValueError("no requests")
@@ -345,8 +345,7 @@ class Engine:
                 if cancelled is not None:
                     for i in range(n):
                         if finish[i] is None and cancelled(i):
-                            batch.cancel(i)
-                            finish[i] = FINISH_CANCELLED
+                            finish[i] = batch.cancel(i)
 
     def generate(self, prompts: Sequence[Sequence[int]], images=None, image_mask=None,
                  params: SamplingParams | Sequence[SamplingParams] = SamplingParams(), eos_ids: Sequence[int] = (),
@@ -389,7 +388,7 @@ class DecodeBatch:
         self.engine = engine
         n = len(requests)
         b = bucket(max(n, slots or n), engine.batch_buckets)
-        pk = engine._pack(requests, eos_ids, b=b, min_new=reserve_new_tokens)
+        pk = engine.pack(requests, eos_ids, b=b, min_new=reserve_new_tokens)
         self.b, self.max_len, self.index = b, pk["max_len"], pk["p"]
         self.eos_ids = list(eos_ids)
         self.eos_set = {int(e) for e in eos_ids}
@@ -397,9 +396,9 @@ class DecodeBatch:
         self.samp = pk["samp"]
         self._samp_dev = None
         e = engine
-        images = None if pk["images"] is None else e._put(pk["images"])
-        image_mask = None if pk["image_mask"] is None else e._put(pk["image_mask"])
-        tok, self.carry = e._prefill_jit(e.state, e._put(pk["ids"]), e._put(pk["seg"]), images, image_mask,
+        images = None if pk["images"] is None else e.put(pk["images"])
+        image_mask = None if pk["image_mask"] is None else e.put(pk["image_mask"])
+        tok, self.carry = e.prefill(e.state, e.put(pk["ids"]), e.put(pk["seg"]), images, image_mask,
                                          self._samp(), self.eos, max_len=pk["max_len"])
         e.stats["batches"] += 1
         e.stats["rows"] += n
@@ -411,7 +410,7 @@ class DecodeBatch:
 
     def _samp(self):
         if self._samp_dev is None:
-            self._samp_dev = {k: self.engine._put(v) for k, v in self.samp.items()}
+            self._samp_dev = {k: self.engine.put(v) for k, v in self.samp.items()}
         return self._samp_dev
 
     @property
@@ -437,13 +436,13 @@ class DecodeBatch:
                 raise ValueError("a request does not fit this batch (see can_join)")
         e = self.engine
         k = bucket(len(requests), e.batch_buckets)
-        pk = e._pack(requests, self.eos_ids, b=k)
+        pk = e.pack(requests, self.eos_ids, b=k)
         slots = free[:len(requests)]
         slot_arr = np.array(slots + [self.b] * (k - len(slots)), np.int32)
-        images = None if pk["images"] is None else e._put(pk["images"])
-        image_mask = None if pk["image_mask"] is None else e._put(pk["image_mask"])
-        samp_k = {key: e._put(v) for key, v in pk["samp"].items()}
-        tok, self.carry = e._join_jit(e.state, self.carry, e._put(pk["ids"]), e._put(pk["seg"]), images, image_mask,
+        images = None if pk["images"] is None else e.put(pk["images"])
+        image_mask = None if pk["image_mask"] is None else e.put(pk["image_mask"])
+        samp_k = {key: e.put(v) for key, v in pk["samp"].items()}
+        tok, self.carry = e.join_cache(e.state, self.carry, e.put(pk["ids"]), e.put(pk["seg"]), images, image_mask,
                                       samp_k, self.eos, jnp.asarray(slot_arr))
         for key in self.samp:
             self.samp[key][slots] = pk["samp"][key][:len(slots)]
@@ -456,9 +455,17 @@ class DecodeBatch:
         e.stats["rows"] += len(slots)
         return slots
 
-    def cancel(self, slot: int):
-        """End a row now (its output so far stands); the row is free for a new request."""
+    def finish(self, slot: int, reason: str = FINISH_CANCELLED) -> str:
+        """End a row now, for `reason` (a cancelled request, or a stop string the caller found in
+        the text); its output so far stands and the row is free for a new request. Every finish
+        reason of a row is decided here or in `step` (EOS, length). Returns the reason."""
+        if reason not in (FINISH_EOS, FINISH_LENGTH, FINISH_CANCELLED):
+            raise ValueError(f"unknown finish reason {reason!r}")
         self.active[slot] = False
+        return reason
+
+    def cancel(self, slot: int) -> str:
+        return self.finish(slot, FINISH_CANCELLED)
 
     def _take(self, slot, toks, out):
         fin = None
@@ -495,7 +502,7 @@ class DecodeBatch:
         if not first and self.active.any():
             e = self.engine
             cancel = ~self.active
-            toks, self.carry = e._decode_jit(e.state, self.carry, self._samp(), self.eos, e._put(cancel))
+            toks, self.carry = e.decode_chunk(e.state, self.carry, self._samp(), self.eos, e.put(cancel))
             toks = np.asarray(toks)
             self.index = int(self.carry["cache"]["index"])
             for s in np.flatnonzero(self.active):

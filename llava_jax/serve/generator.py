@@ -35,7 +35,7 @@ from PIL import Image
 from llava_jax.data.images import preprocess_image_uint8, to_rgb
 from llava_jax.data.templates import CHAT_TEMPLATE, IMAGE_TOKEN, default_template, resolve_template
 from llava_jax.data.tokenize import end_of_turn_ids, tokenize_conversation
-from llava_jax.serve.engine import FINISH_CANCELLED, FINISH_EOS, Engine, Request, SamplingParams
+from llava_jax.serve.engine import FINISH_EOS, Engine, Request, SamplingParams
 
 
 
@@ -380,8 +380,7 @@ class ChatSession:
         """One engine step; delivers text to the completions' callbacks."""
         for slot, (c, _) in list(self.rows.items()):
             if c.cancelled:
-                self.batch.cancel(slot)
-                self._end(slot, FINISH_CANCELLED)
+                self._end(slot, self.batch.cancel(slot))
         if not self.rows:
             return
         try:
@@ -402,9 +401,8 @@ class ChatSession:
                     c.text += delta
                     if c.on_delta:
                         c.on_delta(delta)
-                if ts.stopped:
-                    self.batch.cancel(slot)
-                    self._end(slot, FINISH_EOS)
+                if ts.stopped:  # a stop string in the text: finished, as for EOS
+                    self._end(slot, self.batch.finish(slot, FINISH_EOS))
                     continue
             if fin is not None:
                 self._end(slot, fin)

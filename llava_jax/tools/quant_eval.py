@@ -31,19 +31,21 @@ def load_demo(out: Path):
 
 
 def encode_questions(model, tokenizer, questions, image_folder, template, image_mode):
-    from llava_jax.data.images import load_image, preprocess_image_uint8
-    from llava_jax.eval.answer import build_prompt
+    """(prompt ids, (images [1, S, S, 3], has_image)) per question, encoded as the server and
+    eval.answer encode them (`ChatGenerator.encode`)."""
+    from llava_jax.eval.answer import question_message
+    from llava_jax.serve.generator import ChatGenerator
 
-    cfg = model.config
+    gen = ChatGenerator(model, tokenizer, template=template, image_mode=image_mode)
+    size = model.config.vision.image_size
     prompts, images = [], []
     for q in questions:
-        has = bool(q.get("image"))
-        prompts.append(build_prompt(tokenizer, cfg, template, q["text"], has))
-        img = np.zeros((1, cfg.vision.image_size, cfg.vision.image_size, 3), np.uint8)
-        if has:
-            img[0] = preprocess_image_uint8(load_image(Path(image_folder) / q["image"]), image_mode,
-                                            cfg.vision.image_size)
-        images.append((img, has))
+        enc = gen.encode([question_message(q, image_folder)])
+        prompts.append(enc.ids)
+        img = np.zeros((1, size, size, 3), np.uint8)
+        if enc.images is not None:
+            img[0] = enc.images[0]
+        images.append((img, enc.images is not None))
     return prompts, images
 
 
@@ -83,10 +85,7 @@ def answer_logits(model, prompts, images, answers, batch=16):
     return np.concatenate(rows) if rows else np.zeros((0, 1))
 
 
-LLAVA_15 = {  # llava-1.5-{7b,13b}-hf shapes (CLIP ViT-L/14-336 + Vicuna), for memory figures only
-    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
-    "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
-}
+LLAVA_15 = ("7b", "13b")  # llava_jax.config presets llava_1_5_7b / llava_1_5_13b
 
 
 def shapes_memory(size: str, modes, group_size: int, dtype="bfloat16") -> dict:
@@ -95,17 +94,12 @@ def shapes_memory(size: str, modes, group_size: int, dtype="bfloat16") -> dict:
     import jax.numpy as jnp
     from flax import nnx
 
-    from llava_jax.config import LlavaConfig
+    from llava_jax.config import PRESETS
     from llava_jax.models.llava import LlavaModel
     from llava_jax.serve.quant import param_bytes, quantize_model
 
-    t = LLAVA_15[size]
-    cfg = LlavaConfig.from_hf_dict({"model_type": "llava", "vision_config": {
-        "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
-        "image_size": 336, "patch_size": 14}, "text_config": {"model_type": "llama", "vocab_size": 32064,
-        "num_key_value_heads": t["num_attention_heads"], **t}})
     dt = jnp.dtype(dtype)
-    cfg = cfg.with_runtime(param_dtype=dt, dtype=dt)
+    cfg = PRESETS[f"llava_1_5_{size}"]().with_runtime(param_dtype=dt, dtype=dt)
     out = {}
     for mode in [None, *modes]:
         model = nnx.eval_shape(lambda m=mode: (lambda x: quantize_model(x, m, group_size) if m else x)(
