@@ -22,8 +22,8 @@ from llava_jax.data.tokenize import (
     supervised_mask,
     tokenize_conversation,
 )
-from tests.test_templates import SYS_L2, SYS_V1
-from tests.tokenizer_util import make_bytelevel_tokenizer, make_llama_tokenizer, segment_ids
+from test_templates import SYS_L2, SYS_V1
+from tokenizer_util import make_bytelevel_tokenizer, make_llama_tokenizer, segment_ids
 
 REF = Path(__file__).resolve().parents[2] / "shared" / "llava_reference"
 N_IMG = 576  # CLIP ViT-L/14 at 336 px
