@@ -42,11 +42,12 @@ def original_env() -> Path:
     return target
 
 
-def run_original(tokenizer_dir, version: str, rows: list) -> dict:
-    """The original's (input_ids, labels, mismatch) for each row (LLaVA ``conversations`` lists)."""
+def run_original(tokenizer_dir, version: str, rows: list, **mode) -> dict:
+    """The original's (input_ids, labels, mismatch) for each row (LLaVA ``conversations`` lists);
+    with ``mode="prompts"`` its rendered prompt text (see original_llava_runner.py)."""
     env = dict(os.environ, PYTHONPATH=str(original_env()), TRANSFORMERS_VERBOSITY="error",
                TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    req = json.dumps({"tokenizer_dir": str(tokenizer_dir), "version": version, "rows": rows})
+    req = json.dumps({"tokenizer_dir": str(tokenizer_dir), "version": version, "rows": rows, **mode})
     proc = subprocess.run([sys.executable, str(RUNNER)], input=req, capture_output=True, text=True,
                           env=env, timeout=900)
     if proc.returncode != 0:

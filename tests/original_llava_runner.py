@@ -8,7 +8,10 @@ to the repository's last commit c121f04) and that commit's pins: transformers 4.
 the way its ``train.py`` does (slow tokenizer, ``pad_token = unk_token``, ``--version`` picks
 ``conversation_lib.default_conversation``, ``preprocess_multimodal`` then ``preprocess``).
 
-stdin: JSON ``{"tokenizer_dir", "version", "rows": [[{"from", "value"}, ...], ...]}``
+stdin: JSON ``{"tokenizer_dir", "version", "rows": [[{"from", "value"}, ...], ...]}``; with
+``"mode": "prompts"`` (no tokenizer needed) the result per row is ``{"prompt": conv.get_prompt()}``
+for the conversation after ``preprocess_multimodal`` (and, with ``"generation": true``, the
+last gpt turn replaced by the empty assistant message the original's CLI appends).
 stdout: JSON ``{"versions": {...}, "legacy": bool, "results": [{"input_ids", "labels",
 "mismatch"}, ...]}``; the image token is the original's ``IMAGE_TOKEN_INDEX`` (-200);
 ``mismatch`` is True when the original printed its "tokenization mismatch" warning (it then
@@ -30,6 +33,23 @@ def main() -> None:
 
     from llava import conversation as conversation_lib
     from llava.train import train as llava_train
+
+    if req.get("mode") == "prompts":
+        data_args = llava_train.DataArguments(is_multimodal=True)
+        data_args.mm_use_im_start_end = False
+        conversation_lib.default_conversation = conversation_lib.conv_templates[req["version"]]
+        out = []
+        for conv in req["rows"]:
+            (source,) = llava_train.preprocess_multimodal(copy.deepcopy([conv]), data_args)
+            c = conversation_lib.default_conversation.copy()
+            c.messages = []
+            for j, turn in enumerate(source):
+                c.append_message(c.roles[j % 2], turn["value"])
+            if req.get("generation"):
+                c.append_message(c.roles[1], None)
+            out.append({"prompt": c.get_prompt()})
+        json.dump({"results": out}, sys.stdout)
+        return
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(
         req["tokenizer_dir"], model_max_length=2048, padding_side="right", use_fast=False

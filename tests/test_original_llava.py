@@ -135,3 +135,23 @@ def test_deliberate_differences(llama):
     # the rest of the row is tokenized alike: one more "<image>\n" segment
     first = ids.index(ORIGINAL_IMAGE)
     assert ids[:first] == ref["two_images"]["input_ids"][:first]
+
+
+@pytest.mark.parametrize("ours_name,version", [("vicuna_v1", "v1"), ("llava_v1", "llava_v1"),
+                                               ("llama_2", "llava_llama_2"), ("chatml", "chatml_direct")])
+def test_templates_render_the_original_conversation_text(ours_name, version):
+    """Each template's text (training and generation prompt) equals the original's
+    `conv_templates[version].get_prompt()` on the real conversations. (`plain` is not rendered
+    by get_prompt in the original: preprocess_plain joins image, caption and "\n" itself, which
+    the ids test above covers.)"""
+    from llava_jax.data.templates import render
+
+    rows = conversation_rows()
+    ref = run_original(None, version, rows, mode="prompts")["results"]
+    for i, (row, want) in enumerate(zip(rows, ref)):
+        assert render(ours_name, [(t["from"], t["value"]) for t in row]).text == want["prompt"], f"row {i}"
+    first = [row[:1] for row in rows]  # the first question as a generation prompt (the original's CLI)
+    ref = run_original(None, version, first, mode="prompts", generation=True)["results"]
+    for i, (row, want) in enumerate(zip(first, ref)):
+        got = render(ours_name, [(t["from"], t["value"]) for t in row], add_generation_prompt=True).text
+        assert got == want["prompt"], f"row {i}: {got[-40:]!r} vs {want['prompt'][-40:]!r}"
