@@ -9,8 +9,6 @@ import grain
 
 from llava_jax.data.packing import (
     IGNORE_INDEX,
-    SKIP_REASONS,
-    DropSample,
     PackIterDataset,
     RowSpec,
     apply_length_policy,
@@ -20,6 +18,7 @@ from llava_jax.data.packing import (
     shift_labels,
     ungroup,
 )
+from llava_jax.data.skips import SKIP_REASONS, DropSample
 
 IMG = 7  # image token id in the pure-numpy tests
 T = 3  # tokens per image in the pure-numpy tests

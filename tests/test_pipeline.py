@@ -9,8 +9,9 @@ import pytest
 from PIL import Image
 
 from llava_jax.data.images import preprocess_image_uint8
-from llava_jax.data.packing import IGNORE_INDEX, SKIP_REASONS, ungroup
+from llava_jax.data.packing import IGNORE_INDEX, ungroup
 from llava_jax.data.pipeline import PipelineConfig, make_iterator, make_pipeline, make_sample_dataset
+from llava_jax.data.skips import SKIP_REASONS
 from llava_jax.data.tokenize import tokenize_conversation
 
 T_IMG = 4  # image tokens per image in these tests

@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llava_jax.data import sources as sources_mod
-from llava_jax.data.sources import ConcatSource, LlavaJsonSource, SkipLog, TfdsSource, error_kind
+from llava_jax.data import json_index as sources_mod
+from llava_jax.data.skips import SkipLog, error_kind
+from llava_jax.data.sources import ConcatSource, LlavaJsonSource
+from llava_jax.data.tfds_source import TfdsSource
 from llava_jax.data.templates import render
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "llava_reference"

@@ -8,7 +8,7 @@ with ``targets`` ALREADY SHIFTED (``targets[t]`` = label of token ``t + 1``, ``-
 last token; see :func:`shift_labels`). Records that could not be used arrive as *skip markers*
 ``{"skip": reason, "source", "row", "id", "detail"}`` in the same stream, so that the counts are
 made in ONE place (the main process, after Grain's worker processes) and are exact whatever the
-number of workers.
+number of workers (the reasons, markers and counters are in :mod:`llava_jax.data.skips`).
 
 A *row* (what :class:`PackIterDataset` yields) holds one or more samples back to back::
 
@@ -45,42 +45,20 @@ import grain
 import numpy as np
 
 from llava_jax.config import IGNORE_INDEX
-
-logger = logging.getLogger(__name__)
-
-# Why a record was skipped. The set is fixed so that every stats dict has the same structure
-# (static pytrees for the trainer; Grain checkpoints prefer fixed-shape states).
-SKIP_REASONS: tuple[str, ...] = (
-    "malformed",  # the source flagged the row ("error" key) or the record could not be read
-    "conversation",  # templates rejected the conversation (empty, wrong roles, no <image> for plain...)
-    "tokenize",  # any other error while rendering/tokenizing
-    "image_missing",  # the image file does not exist
-    "image_corrupt",  # the image could not be decoded
-    "image_mismatch",  # number of <image> tokens != number of images of the record
-    "too_many_images",  # more images than max_images_per_row
-    "too_long",  # over max_length and the length policy drops it
-    "no_targets",  # nothing supervised (e.g. only prompt tokens)
+from llava_jax.data.skips import (
+    MARKER_KEYS,
+    DropSample,
+    count_skip,
+    empty_counters,
+    is_skip_marker,
+    marker_reason,
 )
 
-
-def empty_counters() -> dict[str, int]:
-    return {"samples": 0, "truncated": 0, **{f"skipped/{r}": 0 for r in SKIP_REASONS}}
-
+logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
 # Per-sample helpers (run in the Grain workers)
 # ---------------------------------------------------------------------------------------------
-
-
-class DropSample(Exception):
-    """Raised by the per-sample steps: the sample is skipped and counted under ``reason``."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        if reason not in SKIP_REASONS:
-            raise ValueError(f"unknown skip reason {reason!r}; known: {SKIP_REASONS}")
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
 
 
 def shift_labels(labels: np.ndarray) -> np.ndarray:
@@ -283,11 +261,11 @@ def group_elements(elements: Sequence[dict]) -> dict[str, Any]:
     shared-memory segment per large array plus a pickled message (measured ~2.5 ms CPU per
     element on the benchmark machine, as much as decoding the image); grouping 8 samples
     amortizes that. :func:`ungroup` restores the elements, in order."""
-    samples = [e for e in elements if "skip" not in e]
+    samples = [e for e in elements if not is_skip_marker(e)]
     meta = []
     for e in elements:
-        if "skip" in e:
-            meta.append({k: e.get(k) for k in ("skip", "detail", "id", "source", "row")})
+        if is_skip_marker(e):
+            meta.append({k: e.get(k) for k in MARKER_KEYS})
         else:
             meta.append({"n_tok": int(len(e["input_ids"])), "n_img": num_images(e),
                          **{k: e.get(k) for k in _META_KEYS}})
@@ -305,7 +283,7 @@ def ungroup(element: dict) -> list[dict]:
         return [element]
     out, t, m = [], 0, 0
     for meta in element["meta"]:
-        if "skip" in meta:
+        if is_skip_marker(meta):
             out.append(dict(meta))
             continue
         n, k = meta["n_tok"], meta["n_img"]
@@ -424,10 +402,8 @@ class PackDatasetIterator(grain.DatasetIterator):
     def _consume(self, element: dict) -> bool:
         """Adds one element to the open bins. Returns False when it does not fit (the caller
         closes the window and retries it in a fresh one)."""
-        if "skip" in element:
-            reason = element["skip"]
-            key = f"skipped/{reason}" if f"skipped/{reason}" in self._counters else "skipped/malformed"
-            self._counters[key] += 1
+        if is_skip_marker(element):
+            count_skip(self._counters, element["skip"])
             if not self._replaying:
                 self._log_skip(element)
             self._consecutive_skips += 1
@@ -463,8 +439,7 @@ class PackDatasetIterator(grain.DatasetIterator):
 
     def _log_skip(self, el: dict) -> None:
         if self._skip_log is not None:
-            detail = el.get("detail") or ""
-            reason = f"{el['skip']}: {detail}" if detail else el["skip"]
+            reason = marker_reason(el)
             try:
                 self._skip_log.record(el.get("source", "?"), el.get("row", -1), el.get("id", ""), reason)
             except Exception:  # noqa: BLE001 - a log must never stop training

@@ -33,7 +33,7 @@ Batch (numpy, per process, B = batch_size, L = max_length, M = max_images_per_ro
     stats       dict of numpy scalars (pop it before device_put; see packing.batch_rows):
                 num_rows, num_samples, num_tokens, num_target_tokens, num_images,
                 packing_efficiency, row_efficiency [B], total/samples, total/truncated,
-                total/skipped, total/skipped/<reason> for reason in packing.SKIP_REASONS
+                total/skipped, total/skipped/<reason> for reason in skips.SKIP_REASONS
 
 Skipped records (counted by reason, never a crash): the source's error records
 (``malformed``), conversations the templates reject (``conversation``), other tokenization
@@ -44,7 +44,7 @@ than a row holds (``too_many_images``), over-long samples (``too_long``, see
 a small *skip marker* that travels in the sample stream; the packer (main process) counts them,
 so counts are exact and independent of the number of workers, are part of the checkpointed
 iterator state, and reach the trainer in every batch's ``stats``. Each skip is also reported to
-a :class:`llava_jax.data.sources.SkipLog` (file/source, row, id, reason) once.
+a :class:`llava_jax.data.skips.SkipLog` (file/source, row, id, reason) once.
 
 Determinism: for a given config (seed, worker_count, process_index/count, ...), the batches are
 a pure function of the data. The per-sample stream is even independent of ``worker_count`` and
@@ -74,13 +74,13 @@ import grain
 
 from llava_jax.data import images as imglib
 from llava_jax.data.packing import (
-    DropSample,
     PackIterDataset,
     RowSpec,
     apply_length_policy,
     batch_rows,
     group_elements,
 )
+from llava_jax.data.skips import DropSample, SkipLog, skip_marker
 from llava_jax.data.templates import IMAGE_TOKEN, resolve_template
 from llava_jax.data.tokenize import tokenize_conversation
 
@@ -263,9 +263,7 @@ def as_source(sources: Any) -> Any:
 
 
 def make_skip_log(path: str | os.PathLike | None = None):
-    """The project's :class:`llava_jax.data.sources.SkipLog` (imported lazily)."""
-    from llava_jax.data.sources import SkipLog
-
+    """The project's :class:`llava_jax.data.skips.SkipLog`."""
     return SkipLog(path)
 
 
@@ -401,9 +399,9 @@ class SampleProcessor:
         try:
             return {**self.process(rec), **meta}
         except DropSample as e:
-            return {"skip": e.reason, "detail": e.detail, **meta}
+            return skip_marker(e.reason, e.detail, meta)
         except Exception as e:  # noqa: BLE001 - bad data must never kill a worker
-            return {"skip": "malformed", "detail": f"unexpected {type(e).__name__}: {e}", **meta}
+            return skip_marker("malformed", f"unexpected {type(e).__name__}: {e}", meta)
 
 
 def _int_or(x: Any, default: int) -> int:
@@ -522,7 +520,7 @@ def make_pipeline(
       cfg: :class:`PipelineConfig`.
       process_index, process_count: this host's shard (default: ``jax.process_index()`` /
         ``jax.process_count()``). Shards are disjoint and cover each epoch.
-      skip_log: a :class:`~llava_jax.data.sources.SkipLog` (or any object with
+      skip_log: a :class:`~llava_jax.data.skips.SkipLog` (or any object with
         ``record(source, row, id, reason)``); default: a new SkipLog. Each skipped record is
         reported once, from the main process.
     """

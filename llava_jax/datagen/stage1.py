@@ -13,7 +13,7 @@ Inputs
 * TSV: with a header naming the columns (the names above), or without one in CC3M's order
   ``caption<TAB>image`` (``--tsv-columns image,caption`` for the other order).
 * A prepared TFDS data set (array_record; read without TensorFlow through
-  :class:`llava_jax.data.sources.TfdsSource`): its encoded images are written to
+  :class:`llava_jax.data.tfds_source.TfdsSource`): its encoded images are written to
   ``--image-folder`` as ``<id>.<jpg|png|...>`` and the rows point at them.
 
 The image value is used as is (a path relative to the training ``image_folder``). The row id is
@@ -204,7 +204,8 @@ def tfds_pairs(name_or_dir: str, split: str, image_folder: str | os.PathLike, *,
                image_key: str | None = None, text_key: str | None = None, id_key: str | None = None,
                errors: Counter | None = None) -> list[Pair]:
     """Pairs from a prepared TFDS data set; the images are written under ``image_folder``."""
-    from llava_jax.data.sources import TfdsSource, error_kind
+    from llava_jax.data.skips import error_kind
+    from llava_jax.data.tfds_source import TfdsSource
 
     src = TfdsSource(name_or_dir, split, image_key=image_key, text_key=text_key, data_dir=data_dir, id_key=id_key)
     folder = Path(image_folder)

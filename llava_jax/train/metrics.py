@@ -18,7 +18,7 @@ from llava_jax.fileio import as_path, is_remote
 log = logging.getLogger(__name__)
 
 # bf16 dense peak TFLOP/s per device, for MFU; the first name found in the device kind wins
-# (so "h100 pcie" before "h100"). The one table: the trainer and tools/bench.py read it.
+# (so "h100 pcie" before "h100"). The one table: the trainer and tools/bench (report.py) read it.
 PEAK_TFLOPS = (
     ("h100 pcie", 756.0), ("h100", 989.0), ("h200", 989.0), ("h800", 989.0), ("gh200", 989.0),
     ("b200", 2250.0), ("a100", 312.0), ("a10g", 125.0), ("l40s", 362.0), ("l4", 121.0),
