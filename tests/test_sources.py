@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llava_jax.data import json_index as sources_mod
+from llava_jax.data import json_index
 from llava_jax.data.skips import SkipLog, error_kind
 from llava_jax.data.sources import ConcatSource, LlavaJsonSource
 from llava_jax.data.tfds_source import TfdsSource
@@ -211,7 +211,7 @@ def test_invalid_json_list_raises_at_construction(tmp_path, text, match):
 def test_index_window_boundaries(tmp_path, monkeypatch, chunk):
     """Tiny read windows: every element boundary, number, escape and multi-byte char falls
     across a window edge somewhere; the spans must still be exact."""
-    monkeypatch.setattr(sources_mod, "_CHUNK", chunk)
+    monkeypatch.setattr(json_index, "_CHUNK", chunk)
     rows = GOOD_ROWS + [12345, -1.5e3, "s\"\\\u00e9", None, True, [1, [2]], {"id": "z"}]
     for fmt, indent in (("json", None), ("json", 2), ("jsonl", None)):
         path = tmp_path / f"w{indent}.{fmt}"
@@ -235,7 +235,7 @@ def test_pickle_round_trip_and_changed_file(tmp_path, monkeypatch):
     blob = pickle.dumps(src)
     assert len(blob) < 2000  # the index travels, no rows, no open file
     # Unpickling must not index again.
-    monkeypatch.setattr(sources_mod, "_index_json_list", lambda p: pytest.fail("re-indexed"))
+    monkeypatch.setattr(json_index, "_index_json_list", lambda p: pytest.fail("re-indexed"))
     clone = pickle.loads(blob)
     assert clone._fd is None
     assert [clone[i] for i in range(len(clone))] == before
@@ -322,7 +322,7 @@ def test_memory_per_row(tmp_path, capsys):
     tracemalloc.stop()
     assert len(src) == n and src.index_nbytes == 12 * n
     assert retained < 20 * n  # index + a few small objects
-    assert peak < 4 * sources_mod._CHUNK + 24 * n  # a window (bytes, str, concat) + offsets
+    assert peak < 4 * json_index._CHUNK + 24 * n  # a window (bytes, str, concat) + offsets
     assert src[n - 1]["id"] == f"{n - 1:09d}" and src[0]["image_path"] is None
     with capsys.disabled():
         print(f"\n[memory] {n} rows, {size / 2**20:.1f} MiB JSON: index {src.index_nbytes / n:.1f} "

@@ -416,7 +416,7 @@ def _int_or(x: Any, default: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def _resolve_ids(tokenizer: Any, cfg: PipelineConfig) -> tuple[int, int]:
+def resolve_ids(tokenizer: Any, cfg: PipelineConfig) -> tuple[int, int]:
     image_id = cfg.image_token_id
     if image_id is None:
         vocab = tokenizer.get_vocab()
@@ -476,7 +476,7 @@ def make_sample_dataset(
 ) -> grain.IterDataset:
     """The stream before packing: shuffled, sharded, processed samples and skip markers."""
     tokenizer = _load_tokenizer(tokenizer)
-    image_id, _ = _resolve_ids(tokenizer, cfg)
+    image_id, _ = resolve_ids(tokenizer, cfg)
     pi, pc = _default_process(process_index, process_count)
     ds = grain.MapDataset.source(SafeSource(as_source(sources)))
     if cfg.shuffle:
@@ -525,7 +525,7 @@ def make_pipeline(
         reported once, from the main process.
     """
     tokenizer = _load_tokenizer(tokenizer)
-    image_id, pad_id = _resolve_ids(tokenizer, cfg)
+    image_id, pad_id = resolve_ids(tokenizer, cfg)
     pi, pc = _default_process(process_index, process_count)
     ds = make_sample_dataset(sources, tokenizer, cfg, pi, pc)
     spec = RowSpec(

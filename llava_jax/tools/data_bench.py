@@ -307,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     a = p.parse_args(argv)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from llava_jax.data.pipeline import PipelineConfig, SampleProcessor, _resolve_ids
+    from llava_jax.data.pipeline import PipelineConfig, SampleProcessor, resolve_ids
     from llava_jax.data.tokenize import add_llava_special_tokens, load_tokenizer
 
     info = machine_info()
@@ -332,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     modes = ["exact", "fast", "draft"]
     cfgs = {m: base.replace(image_decode=m) for m in modes}
-    image_id, _ = _resolve_ids(tok, base)
+    image_id, _ = resolve_ids(tok, base)
     procs = {m: SampleProcessor(tok, cfgs[m], image_id) for m in modes}
     clip = original_processor(a.size)
     single = {"original": lambda r: original_path(r["image_path"], clip)}
