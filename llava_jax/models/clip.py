@@ -140,12 +140,9 @@ class VisionLayers(nnx.Module):
         self.fc2_kernel = P((L, f, d), ("layers", "mlp", "embed"))
         self.fc2_bias = P((L, d), ("layers", "embed"), "zeros")
 
-    _NAMES = ("ln1_scale", "ln1_bias", "q_kernel", "q_bias", "k_kernel", "k_bias", "v_kernel", "v_bias",
-              "o_kernel", "o_bias", "ln2_scale", "ln2_bias", "fc1_kernel", "fc1_bias", "fc2_kernel", "fc2_bias")
-
     def __call__(self, x, n_layers: int, dtype, remat_policy: str, attention_impl: str, collect: bool = False):
         eps = self.cfg.layer_norm_eps
-        stacked = {k: getattr(self, k).value[:n_layers] for k in self._NAMES}
+        stacked = {k: v[...][:n_layers] for k, v in nnx.state(self, nnx.Param).items()}  # every stacked param
 
         def layer(x, p):
             c = lambda name: p[name].astype(dtype)  # noqa: E731

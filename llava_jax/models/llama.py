@@ -100,14 +100,11 @@ class LlamaLayers(nnx.Module):
         self.k_kernel = P((L, d, kv, hd), ("layers", "embed", "kv_heads", "head_dim"))
         self.v_kernel = P((L, d, kv, hd), ("layers", "embed", "kv_heads", "head_dim"))
         self.o_kernel = P((L, h, hd, d), ("layers", "heads", "head_dim", "embed"))
-        names = ["attn_norm", "q_kernel", "k_kernel", "v_kernel", "o_kernel", "mlp_norm",
-                 "gate_kernel", "up_kernel", "down_kernel"]
         if cfg.attention_bias:
             self.q_bias = P((L, h, hd), ("layers", "heads", "head_dim"), "zeros")
             self.k_bias = P((L, kv, hd), ("layers", "kv_heads", "head_dim"), "zeros")
             self.v_bias = P((L, kv, hd), ("layers", "kv_heads", "head_dim"), "zeros")
             self.o_bias = P((L, d), ("layers", "embed"), "zeros")
-            names += ["q_bias", "k_bias", "v_bias", "o_bias"]
         self.mlp_norm = P((L, d), ("layers", "embed"), "ones")
         self.gate_kernel = P((L, d, f), ("layers", "embed", "mlp"))
         self.up_kernel = P((L, d, f), ("layers", "embed", "mlp"))
@@ -116,8 +113,7 @@ class LlamaLayers(nnx.Module):
             self.gate_bias = P((L, f), ("layers", "mlp"), "zeros")
             self.up_bias = P((L, f), ("layers", "mlp"), "zeros")
             self.down_bias = P((L, d), ("layers", "embed"), "zeros")
-            names += ["gate_bias", "up_bias", "down_bias"]
-        self._names = tuple(names)
+
 
     def __call__(self, x, cos, sin, mask, kv_cache, cache_index, dtype, remat_policy, attention_impl,
                  segment_ids=None):
@@ -125,7 +121,8 @@ class LlamaLayers(nnx.Module):
         attention impl use the segments instead (layers.dot_product_attention)."""
         cfg = self.cfg
         eps = cfg.rms_norm_eps
-        stacked = {k: getattr(self, k).value for k in self._names}
+        # every stacked param, whatever the config added (biases) or quantization (`*_scale`)
+        stacked = {k: v[...] for k, v in nnx.state(self, nnx.Param).items()}
 
         def bias(p, name):
             return p[name].astype(dtype) if name in p else 0

@@ -65,17 +65,14 @@ def quantize_model(model, mode: str = "int8", group_size: int = 64):
     if mode not in MODES:
         raise ValueError(f"unknown quantization {mode!r}; use one of {MODES}")
     layers = model.llm.layers
-    names = list(layers._names)
     for name, (in_axes, group_axis) in KERNELS.items():
         var = getattr(layers, name)
-        if name + "_scale" in names:
+        if hasattr(layers, name + "_scale"):
             raise ValueError("the model is already quantized")
         axes = var.get_metadata().get("axes")
         q, scale = quantize_array(var[...], mode, in_axes, group_axis, group_size)
         setattr(layers, name, nnx.Param(q, axes=axes))
         setattr(layers, name + "_scale", nnx.Param(scale, axes=axes))
-        names.append(name + "_scale")
-    layers._names = tuple(names)
     return model
 
 
