@@ -422,3 +422,19 @@ def test_data_bench_smoke(capsys):
     assert res["pipeline"]["fast/0"]["samples_per_s"] > 0
     # "exact" equals transformers' CLIPImageProcessorPil (at 56 px "fast" already drafts 640x480)
     assert res["exactness"]["exact"]["float_max_vs_transformers"] < 1e-5
+
+
+def test_pipeline_config_from_a_training_config_takes_every_data_field():
+    """`config.data` is the one source of the trainer's pipeline settings: every field it shares
+    with PipelineConfig arrives (no hand-kept list of fields), the geometry comes from the model."""
+    from llava_jax.config import llava_1_5_7b
+    from llava_jax.train.defaults import base_config
+
+    d = base_config().data
+    d.update(template="vicuna_v1", image_mode="pad", max_length=999, max_images_per_row=3, pack=False, seed=7,
+             shuffle=False, num_epochs=2, worker_count=1, length_policy="truncate")
+    pcfg = PipelineConfig.from_config(d, llava_1_5_7b(), batch_size=5)
+    for key in ("template", "image_mode", "max_length", "max_images_per_row", "pack", "seed", "shuffle", "num_epochs",
+                "worker_count", "length_policy"):
+        assert getattr(pcfg, key) == d[key], key
+    assert (pcfg.image_size, pcfg.num_image_tokens, pcfg.image_token_id, pcfg.batch_size) == (336, 576, 32000, 5)

@@ -205,6 +205,17 @@ class PipelineConfig:
             bad("draft_gap must be >= 1 and draft_min_ratio in (0, 1]")
         resolve_template(self.template)  # KeyError with the known names
 
+    @classmethod
+    def from_config(cls, data_config, model_cfg, batch_size: int) -> "PipelineConfig":
+        """The pipeline of a training config: every field of `config.data` that is a pipeline
+        field (same name), the image and token geometry from the model config, and the rows per
+        batch. The training config is the one source of settings; the defaults here serve
+        direct library use."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        given = {k: v for k, v in dict(data_config).items() if k in names}
+        return cls(**given, image_size=model_cfg.vision.image_size, num_image_tokens=model_cfg.num_image_tokens,
+                   image_token_id=model_cfg.image_token_id, batch_size=batch_size)
+
     def replace(self, **kw) -> "PipelineConfig":
         return dataclasses.replace(self, **kw)
 

@@ -48,12 +48,7 @@ def make_data_iterator(config, tokenizer, model_cfg: LlavaConfig, process_batch:
     from llava_jax.data.sources import ConcatSource, sources_from_config
 
     d = config.data
-    pcfg = PipelineConfig(
-        max_length=d.max_length, max_images_per_row=d.max_images_per_row, image_size=model_cfg.vision.image_size,
-        image_mode=d.image_mode, template=d.template, num_image_tokens=model_cfg.num_image_tokens,
-        image_token_id=model_cfg.image_token_id, batch_size=process_batch, pack=d.pack, seed=d.seed,
-        shuffle=d.shuffle, num_epochs=d.num_epochs, worker_count=d.worker_count, length_policy=d.length_policy,
-    )
+    pcfg = PipelineConfig.from_config(d, model_cfg, process_batch)
     sources = ConcatSource(sources_from_config(d.sources, d.image_folder))
     skip_path = None
     if d.skip_log:
