@@ -257,9 +257,13 @@ def _open(src: ImageSource, name: str | None):
 
 
 def _unreadable(src: Any, name: str | None, err: BaseException) -> ValueError:
+    """The error of an unusable image, for every caller (the pipeline counts and skips the
+    sample, the chat and the server report it): what it was and why."""
+    if isinstance(err, FileNotFoundError):
+        return ValueError(f"cannot read image {_source_name(src, name)!r}: no such file")
     return ValueError(
         f"cannot read image {_source_name(src, name)!r}: {type(err).__name__}: {err} "
-        "(corrupt, truncated or not an image; skip this sample)"
+        "(corrupt, truncated or not an image)"
     )
 
 
