@@ -36,3 +36,13 @@ def test_help_exits_0_and_shows_the_commands_flags(module, must):
     assert "(default: None)" not in text
     for line in text.splitlines():  # each default shown once
         assert line.count("(default:") <= 1, line
+
+
+@pytest.mark.parametrize("module", ["llava_jax.chat", "llava_jax.serve"])
+def test_a_model_that_cannot_be_opened_is_one_error_line(module, tmp_path):
+    (tmp_path / "data").mkdir()
+    for model in (tmp_path / "missing", tmp_path / "data"):
+        p = subprocess.run([sys.executable, "-m", module, "--model", str(model)], capture_output=True, text=True,
+                           cwd=REPO, env=ENV, timeout=300, input="")
+        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+        assert p.stderr.strip().splitlines()[-1].startswith(f"error: cannot open {model}")

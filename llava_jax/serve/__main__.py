@@ -14,7 +14,8 @@ from llava_jax.cli import VERBOSE_HELP
 
 
 def add_model_args(p: argparse.ArgumentParser):
-    p.add_argument("--model", required=True, help="llava-hf style directory (weights, config.json, tokenizer)")
+    p.add_argument("--model", required=True, help="a llava-hf style directory (weights, config.json, tokenizer) or a "
+                   "llava-jax training workdir")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory, if not inside --model")
     from llava_jax.data.templates import TEMPLATES
 
@@ -62,24 +63,27 @@ def warmup_groups(gen, max_batch: int, max_prompt_tokens: int) -> list:
 
 
 def load_generator(args):
-
+    """The ChatGenerator of --model (a llava-hf directory or a training workdir); a model that
+    cannot be opened ends the command with one error line, not a traceback."""
+    from llava_jax.build import DTYPES, ProvenanceError
     from llava_jax.cli import setup
-
-    setup(args.verbose)
+    from llava_jax.convert.hf import CheckpointError
     from llava_jax.serve.generator import ChatGenerator
 
+    setup(args.verbose)
     mesh = None
     if args.mesh:
         from llava_jax.sharding import make_mesh
 
         mesh = make_mesh(tuple(int(x) for x in args.mesh.split(",")))
-    from llava_jax.build import DTYPES
-
     dtype = None if args.dtype == "auto" else DTYPES[args.dtype]
-    return ChatGenerator.from_pretrained(
-        args.model, tokenizer_path=args.tokenizer, template=args.template, image_mode=args.image_mode, dtype=dtype,
-        quantize=None if args.quantize == "none" else args.quantize, mesh=mesh, chunk_size=args.decode_chunk,
-        name=getattr(args, "served_model_name", None))
+    try:
+        return ChatGenerator.from_pretrained(
+            args.model, tokenizer_path=args.tokenizer, template=args.template, image_mode=args.image_mode,
+            dtype=dtype, quantize=None if args.quantize == "none" else args.quantize, mesh=mesh,
+            chunk_size=args.decode_chunk, name=getattr(args, "served_model_name", None))
+    except (FileNotFoundError, CheckpointError, ProvenanceError, ValueError) as e:
+        sys.exit(f"error: cannot open {args.model}: {e}")
 
 
 def main(argv=None):

@@ -214,17 +214,29 @@ class ChatGenerator:
     def from_pretrained(cls, path, *, tokenizer_path=None, template: str | None = None, image_mode: str | None = None,
                         dtype=None, quantize: str | None = None, mesh=None, chunk_size: int = 8, name=None,
                         **load_kw) -> "ChatGenerator":
-        """Load a llava-hf style directory (weights + tokenizer) for chat. `quantize`: None,
-        "int8" or "int4" (weight-only, LLM linear layers). `mesh`: shard the params over it."""
+        """Load a llava-hf style directory (weights + tokenizer) for chat, or a llava-jax training
+        workdir (its latest checkpoint, rebuilt from the config the run recorded; template and
+        image mode default to the run's). `quantize`: None, "int8" or "int4" (weight-only, LLM
+        linear layers). `mesh`: shard the params over it."""
         import jax
         import jax.numpy as jnp
 
         import llava_jax
+        from llava_jax.build import RUN_CONFIG
         from llava_jax.data.tokenize import load_tokenizer
 
         path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path} is not a directory: give a llava-hf model directory (e.g. the OUT/hf "
+                                    "that the demo and `python -m llava_jax.export` write) or a training workdir")
         if dtype is None:
             dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+        if not (path / "config.json").exists() and (path / RUN_CONFIG).exists():
+            return cls._from_workdir(path, template, image_mode, dtype, quantize, mesh, chunk_size, name)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path} has no config.json: not a llava-hf model directory (nor a training workdir "
+                                    f"with {RUN_CONFIG}); export a workdir with `python -m llava_jax.export --workdir "
+                                    "DIR --out HF_DIR`")
         model = llava_jax.from_pretrained(path, dtype=dtype, mesh=mesh, **load_kw)
         if quantize:
             from llava_jax.serve.quant import quantize_model
@@ -241,6 +253,21 @@ class ChatGenerator:
             eos = [e] if isinstance(e, int) else e
         return cls(model, tokenizer, template=template, image_mode=image_mode, eos_ids=eos,
                    engine=Engine(model, mesh=mesh, chunk_size=chunk_size), name=name or path.name)
+
+    @classmethod
+    def _from_workdir(cls, workdir: Path, template, image_mode, dtype, quantize, mesh, chunk_size, name):
+        from llava_jax import build
+
+        config = build.run_config(workdir)
+        config.model.dtype = {v: k for k, v in build.DTYPES.items()}[dtype]
+        model, tokenizer, config = build.trained_model(workdir, config, mesh)
+        if quantize:
+            from llava_jax.serve.quant import quantize_model
+
+            model = quantize_model(model, quantize)
+        return cls(model, tokenizer, template=template or config.data.template,
+                   image_mode=image_mode or config.data.image_mode,
+                   engine=Engine(model, mesh=mesh, chunk_size=chunk_size), name=name or workdir.name)
 
     # ------------------------------------------------------------------ prompts
     def encode(self, messages: Sequence[dict]) -> Encoded:
