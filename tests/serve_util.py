@@ -75,3 +75,20 @@ def png_bytes(img) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def http_request(srv, method, path, body=None, headers=None, timeout=120):
+    """(status, body bytes) of one request to a test server; dict/list bodies are sent as JSON,
+    with a JSON content type unless `headers` are given."""
+    import http.client
+    import json
+
+    host, port = srv.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    if isinstance(body, (dict, list)):
+        body = json.dumps(body)
+    conn.request(method, path, body=body, headers={"Content-Type": "application/json"} if headers is None else headers)
+    r = conn.getresponse()
+    data = r.read()
+    conn.close()
+    return r.status, data

@@ -13,6 +13,7 @@ import pytest
 pytest.importorskip("torch")
 openai = pytest.importorskip("openai")
 
+from serve_util import http_request as _raw  # noqa: E402
 from serve_util import make_chat_checkpoint, png_bytes, rand_image  # noqa: E402
 
 from llava_jax.serve.engine import SamplingParams  # noqa: E402
@@ -46,18 +47,6 @@ def server(gen):
 def _client(srv, key="none"):
     host, port = srv.server_address[:2]
     return openai.OpenAI(base_url=f"http://{host}:{port}/v1", api_key=key, max_retries=0, timeout=120)
-
-
-def _raw(srv, method, path, body=None, headers=None):
-    host, port = srv.server_address[:2]
-    conn = http.client.HTTPConnection(host, port, timeout=120)
-    if isinstance(body, (dict, list)):
-        body = json.dumps(body)
-    conn.request(method, path, body=body, headers=headers or {"Content-Type": "application/json"})
-    r = conn.getresponse()
-    data = r.read()
-    conn.close()
-    return r.status, data
 
 
 def _data_url(img) -> str:
