@@ -36,11 +36,50 @@ def _is_int(x) -> bool:
 
 
 def _is_num(x) -> bool:
-    return (isinstance(x, (int, float)) and not isinstance(x, bool)) and math.isfinite(x)
+    # ints are compared as ints: math.isfinite(10**400) would raise OverflowError
+    return _is_int(x) or (isinstance(x, float) and math.isfinite(x))
 
 
 def reject(msg, param=None, code="invalid_value", status=400):
     raise RequestError(msg, param, code, status)
+
+
+def _text(s: str, param: str) -> str:
+    """A JSON string as text the tokenizer can take: JSON may escape a lone surrogate ("\\ud800"),
+    which is no Unicode character and cannot be encoded (the tokenizer would raise)."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        reject(f"{param} is not valid Unicode text: it contains a lone surrogate (\\ud800-\\udfff)", param,
+               "invalid_string")
+    return s
+
+
+INT32_MAX = 2**31 - 1  # the engine's per-row sampling arrays are int32 (top_k, max_new_tokens)
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # OpenAI's seed is an int64; the engine reduces it mod 2**32
+
+
+def _field(body: dict, name: str, lo, hi, *, integer: bool = False, what: str | None = None):
+    """body[name] (None when absent or null) checked to be a number, or an integer, in [lo, hi]:
+    every sampling field is checked here, against the engine's type and range, so that no value
+    reaches a batch that the engine cannot take (one bad row would fail its whole batch)."""
+    x = body.get(name)
+    if x is None:
+        return None
+    kind = "an integer" if integer else "a number"
+    if not (_is_int(x) if integer else _is_num(x)):
+        reject(f"{name} must be {kind}", name, "invalid_type")
+    if not lo <= x <= hi:
+        reject(f"{name} must be {kind} between {lo} and {hi}" + (f" ({what})" if what else ""), name)
+    return x
+
+
+def _unsupported(body: dict, name: str, lo, hi, *, integer: bool = False):
+    """An OpenAI field this server does not implement: accepted only at its neutral value (0),
+    after the same type and range check as OpenAI's, so a request that needs it is refused rather
+    than silently answered without it."""
+    if _field(body, name, lo, hi, integer=integer):
+        reject(f"{name} is not supported by this server (only 0)", name, "unsupported_value")
 
 
 def _data_url_bytes(url: str, param: str, limits: Limits) -> bytes:
@@ -81,7 +120,7 @@ def parse_messages(raw, limits: Limits) -> list[dict]:
         content = m.get("content")
         parts = []
         if isinstance(content, str):
-            parts.append({"type": "text", "text": content})
+            parts.append({"type": "text", "text": _text(content, f"{p}.content")})
         elif isinstance(content, list):
             if not content:
                 reject(f"{p}.content must not be empty", f"{p}.content")
@@ -93,7 +132,7 @@ def parse_messages(raw, limits: Limits) -> list[dict]:
                 if kind == "text":
                     if not isinstance(part.get("text"), str):
                         reject(f"{pp}.text must be a string", f"{pp}.text", "invalid_type")
-                    parts.append({"type": "text", "text": part["text"]})
+                    parts.append({"type": "text", "text": _text(part["text"], f"{pp}.text")})
                 elif kind == "image_url":
                     iu = part.get("image_url")
                     url = iu.get("url") if isinstance(iu, dict) else iu
@@ -120,28 +159,30 @@ def parse_messages(raw, limits: Limits) -> list[dict]:
 
 
 def parse_sampling(body: dict, limits: Limits) -> tuple[SamplingParams | None, list[str]]:
-    """SamplingParams (max_new_tokens None-able: resolved against the prompt later) and stops."""
-    mt = body.get("max_completion_tokens", body.get("max_tokens"))
-    if mt is not None:
-        if not _is_int(mt):
-            reject("max_tokens must be an integer", "max_tokens", "invalid_type")
-        if mt < 1:
-            reject("max_tokens must be >= 1", "max_tokens")
-        if mt > limits.max_tokens:
-            reject(f"max_tokens is {mt}; this server allows at most {limits.max_tokens}", "max_tokens",
-                 "max_tokens_exceeded")
-    t = body.get("temperature")
-    if t is not None and (not _is_num(t) or not 0 <= t <= 2):
-        reject("temperature must be a number between 0 and 2", "temperature")
-    top_p = body.get("top_p")
-    if top_p is not None and (not _is_num(top_p) or not 0 <= top_p <= 1):
-        reject("top_p must be a number between 0 and 1", "top_p")
-    top_k = body.get("top_k")
-    if top_k is not None and (not _is_int(top_k) or top_k < 0):
-        reject("top_k must be a non-negative integer", "top_k")
-    seed = body.get("seed")
-    if seed is not None and not _is_int(seed):
-        reject("seed must be an integer", "seed", "invalid_type")
+    """SamplingParams (max_new_tokens -1 when not given: resolved against the prompt later) and stops."""
+    mt = None
+    for name in ("max_tokens", "max_completion_tokens"):  # the newer name wins when both are given
+        x = body.get(name)
+        if x is None:
+            continue
+        if not _is_int(x):
+            reject(f"{name} must be an integer", name, "invalid_type")
+        if x < 1:
+            reject(f"{name} must be >= 1", name)
+        if x > limits.max_tokens:
+            reject(f"{name} is {x}; this server allows at most {limits.max_tokens}", name, "max_tokens_exceeded")
+        mt = x
+    t = _field(body, "temperature", 0, 2)
+    top_p = _field(body, "top_p", 0, 1)
+    top_k = _field(body, "top_k", 0, INT32_MAX, integer=True, what="0: off")
+    seed = _field(body, "seed", INT64_MIN, INT64_MAX, integer=True)
+    _unsupported(body, "presence_penalty", -2, 2)
+    _unsupported(body, "frequency_penalty", -2, 2)
+    lb = body.get("logit_bias")
+    if lb is not None and not isinstance(lb, dict):
+        reject("logit_bias must be an object (token id -> bias)", "logit_bias", "invalid_type")
+    if lb:
+        reject("logit_bias is not supported by this server", "logit_bias", "unsupported_value")
     stop = body.get("stop")
     if stop is None:
         stops = []
@@ -155,6 +196,7 @@ def parse_sampling(body: dict, limits: Limits) -> tuple[SamplingParams | None, l
         reject(f"at most {limits.max_stop} stop sequences", "stop")
     if any(len(s) > limits.max_stop_chars for s in stops):
         reject(f"stop sequences are limited to {limits.max_stop_chars} characters", "stop")
+    stops = [_text(s, "stop") for s in stops]
     params = SamplingParams(
         max_new_tokens=-1 if mt is None else int(mt),
         temperature=1.0 if t is None else float(t),  # OpenAI's default temperature is 1
@@ -183,8 +225,12 @@ def parse_request(body: Any, limits: Limits, model_names: list[str]) -> dict:
     n = body.get("n")
     if n is not None and (not _is_int(n) or n != 1):
         reject("only n=1 is supported", "n")
-    if body.get("logprobs") not in (None, False):
+    lp = body.get("logprobs")
+    if lp is not None and not isinstance(lp, bool):
+        reject("logprobs must be a boolean", "logprobs", "invalid_type")
+    if lp:
         reject("logprobs are not supported", "logprobs")
+    _unsupported(body, "top_logprobs", 0, 20, integer=True)
     if body.get("tools"):
         reject("tools are not supported", "tools")
     params, stops = parse_sampling(body, limits)

@@ -226,9 +226,9 @@ class Handler(BaseHTTPRequestHandler):
             return self._error(e.status, str(e), param=e.param, code=e.code)
         except RecursionError:
             return self._error(400, "request is nested too deeply", code="invalid_request")
-        except Exception as e:  # noqa: BLE001 - a bug, not the client's fault: say so, keep serving
+        except Exception:  # noqa: BLE001 - a bug, not the client's fault: say so (details in the log only), keep serving
             log.exception("could not prepare a request")
-            return self._error(500, f"internal error while reading the request: {type(e).__name__}: {e}")
+            return self._error(500, "internal error while reading the request (the server log has the details)")
         events: queue.Queue = queue.Queue()
         comp.on_delta = lambda text: events.put(("delta", text))
         comp.on_done = lambda c: events.put(("done", None))
