@@ -14,7 +14,9 @@ pytest.importorskip("torch")
 
 from serve_util import http_request, make_chat_checkpoint  # noqa: E402
 
-from llava_jax.serve.generator import ChatGenerator  # noqa: E402
+from llava_jax.serve.engine import DecodeBatch, SamplingParams  # noqa: E402
+from llava_jax.serve.generator import ChatGenerator, Completion  # noqa: E402
+from llava_jax.serve.scheduler import BatchScheduler  # noqa: E402
 from llava_jax.serve.server import Limits, make_server, serve_in_thread  # noqa: E402
 
 URL = "/v1/chat/completions"
@@ -111,6 +113,103 @@ def test_fields_at_the_edge_of_their_range_are_served(server):
     status, data = http_request(server, "POST", URL, body(**ok))
     assert status == 200, data
     assert json.loads(data)["usage"]["completion_tokens"] == 1
+
+
+# ---------------------------------------------------------------------------- 1. failures inside a batch
+def test_poison_request_joining_a_running_batch_fails_alone(gen):
+    """top_k = 2**31 (which the server refuses now) overflows the engine's int32 when it joins a
+    running batch: it alone fails, the batch runs on, and both queue slots are free again."""
+    sched = BatchScheduler(gen, max_batch=4, window_s=0.0, max_pending=2, reserve_new_tokens=16)
+    try:
+        msgs = [{"role": "user", "content": LONG_PROMPT}]
+        p = SamplingParams(max_new_tokens=12)
+        done = {k: threading.Event() for k in "ab"}
+        bad = Completion(gen.encode([{"role": "user", "content": "What color is it?"}]),
+                         SamplingParams(max_new_tokens=4, temperature=1.0, top_k=2**31), on_done=lambda c: done["b"].set())
+
+        def on_delta(_text):  # on the batching thread, while `a` runs: `bad` joins at the next step
+            if not sent:
+                sent.append(sched.submit(bad))
+
+        sent = []
+        a = Completion(gen.encode(msgs), p, on_delta=on_delta, on_done=lambda c: done["a"].set())
+        sched.submit(a)
+        assert done["b"].wait(30) and done["a"].wait(30), "a request of the batch was dropped without an answer"
+        assert bad.finish_reason == "error" and bad.error
+        assert a.error is None and a.finish_reason == "length" and a.text == gen.chat(msgs, p).text
+        st = sched.stats()
+        assert st["running"] == 0 and st["queued"] == 0 and st["request_errors"] == 1, st
+        more = [threading.Event() for _ in range(2)]  # max_pending=2: both slots were freed
+        for ev in more:
+            sched.submit(Completion(gen.encode(msgs), SamplingParams(max_new_tokens=2), on_done=lambda c, ev=ev: ev.set()))
+        assert all(ev.wait(30) for ev in more)
+    finally:
+        sched.close()
+
+
+def test_failed_batch_tells_every_client_and_frees_their_slots(gen, monkeypatch):
+    with serving(gen, window_s=0.5, max_batch=4, max_pending=2) as srv:
+        step = DecodeBatch.step
+        failed = []
+
+        def failing_step(self):  # the engine fails once, when the batch holds both requests
+            if not failed and self.active.sum() == 2:
+                failed.append(1)
+                raise RuntimeError("injected engine failure /secret/path")
+            return step(self)
+
+        monkeypatch.setattr(DecodeBatch, "step", failing_step)
+        streamed = in_thread(sse_events, srv, body(LONG_PROMPT, max_tokens=16, stream=True))
+        plain = in_thread(http_request, srv, "POST", URL, body(LONG_PROMPT, max_tokens=16), timeout=30)
+        streamed.join(40)
+        plain.join(40)
+        status, events = streamed.result
+        assert status == 200 and events[-1] == "[DONE]", events  # the stream ends properly
+        err = json.loads(events[-2])["error"]
+        assert err["type"] == "server_error" and "injected" not in err["message"]  # no internals leak
+        status, data = plain.result
+        assert status == 500 and "injected" not in error(data)["message"]
+        st = stats(srv)
+        assert failed and st["running"] == 0 and st["queued"] == 0 and st["request_errors"] == 2, st
+        monkeypatch.setattr(DecodeBatch, "step", step)
+        again = [in_thread(http_request, srv, "POST", URL, body(), timeout=30) for _ in range(2)]
+        for t in again:  # max_pending=2: both slots were freed
+            t.join(40)
+            assert t.result[0] == 200, t.result
+
+
+def test_failed_join_fails_only_the_joiner(gen, monkeypatch):
+    with serving(gen, window_s=0.0, max_batch=4, max_pending=2) as srv:
+        alone = http_request(srv, "POST", URL, body(LONG_PROMPT, max_tokens=16))
+        assert alone[0] == 200
+        sched, step, held = srv.app.scheduler, DecodeBatch.step, threading.Event()
+
+        def held_step(self):  # hold the first batch's first step until the second request is queued
+            if not held.is_set():
+                wait_for(lambda: sched.stats()["queued"] >= 1)
+                held.set()
+            return step(self)
+
+        def failing_join(self, requests):
+            raise RuntimeError("injected join failure")
+
+        monkeypatch.setattr(DecodeBatch, "step", held_step)
+        monkeypatch.setattr(DecodeBatch, "join", failing_join)
+        first = in_thread(http_request, srv, "POST", URL, body(LONG_PROMPT, max_tokens=16), timeout=30)
+        assert wait_for(lambda: sched.stats()["running"] == 1)
+        joiner = in_thread(http_request, srv, "POST", URL, body("What color is it?", max_tokens=4), timeout=30)
+        first.join(40)
+        joiner.join(40)
+        assert joiner.result[0] == 500 and "injected" not in error(joiner.result[1])["message"]
+        assert first.result[0] == 200, first.result  # the running batch was not dropped
+        assert json.loads(first.result[1])["choices"] == json.loads(alone[1])["choices"]
+        st = stats(srv)
+        assert st["running"] == 0 and st["queued"] == 0, st
+        monkeypatch.undo()
+        again = [in_thread(http_request, srv, "POST", URL, body(), timeout=30) for _ in range(2)]
+        for t in again:
+            t.join(40)
+            assert t.result[0] == 200, t.result
 
 
 # ---------------------------------------------------------------------------- 2. text

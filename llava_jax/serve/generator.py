@@ -174,6 +174,16 @@ class Completion:
     def prompt_tokens(self) -> int:
         return len(self.encoded.ids)
 
+    def fail(self, error: BaseException | str):
+        """End this request with an error and tell its client (`on_done`); a request that has
+        already ended keeps its result, so failing everything a broken batch held is safe."""
+        if self.finish_reason is not None:
+            return
+        self.error = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        self.finish_reason = "error"
+        if self.on_done:
+            self.on_done(self)
+
 
 def _parts(content: Any) -> list[dict]:
     """A message's content as a list of parts {"type": "text", "text"} / {"type": "image", "image"}."""
@@ -396,12 +406,10 @@ class ChatSession:
         if c.on_done:
             c.on_done(c)
 
-    def _fail(self, comps, e):
+    @staticmethod
+    def _fail(comps, e):
         for c in comps:
-            c.error = f"{type(e).__name__}: {e}"
-            c.finish_reason = "error"
-            if c.on_done:
-                c.on_done(c)
+            c.fail(e)
 
     def step(self):
         """One engine step; delivers text to the completions' callbacks."""

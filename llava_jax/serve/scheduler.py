@@ -13,6 +13,12 @@ for `max_batch` rows. Its cache holds `reserve_new_tokens` new tokens past its f
 (default: twice the largest max_tokens among them), which bounds how long it can keep admitting
 requests. At most `max_pending` requests may be queued or running; `submit` raises `QueueFull`
 beyond that (HTTP 429).
+
+A failure fails only the requests it belongs to, and every one of them hears of it (`on_done`
+with `error` set), which also frees its slot: a batch that cannot start fails its requests; a
+request that cannot join fails alone and the running batch goes on; any other error fails every
+request the worker holds (the running batch), none of the queue. `stats()["running"]` counts
+the requests taken from the queue and not yet finished.
 """
 from __future__ import annotations
 
@@ -45,8 +51,7 @@ class BatchScheduler:
         self.joined = 0
         self._queue: collections.deque[Completion] = collections.deque()
         self._cv = threading.Condition()
-        self._pending = 0
-        self._running = 0
+        self._live: dict[int, Completion] = {}  # id -> every request queued or running, until its on_done
         self._stop = False
         self.batch_sizes: collections.Counter = collections.Counter()
         self.completed = 0
@@ -61,22 +66,24 @@ class BatchScheduler:
         with self._cv:
             if self._stop:
                 raise QueueFull("the server is shutting down")
-            if self._pending >= self.max_pending:
+            if len(self._live) >= self.max_pending:
                 self.rejected += 1
-                raise QueueFull(f"{self._pending} requests are queued or running (limit {self.max_pending}); "
+                raise QueueFull(f"{len(self._live)} requests are queued or running (limit {self.max_pending}); "
                                 "retry later")
-            self._pending += 1
             user_done = completion.on_done
 
-            def done(c, user_done=user_done):  # free the slot before the client hears back
+            def done(c, user_done=user_done):  # free the slot before the client hears back; once only
                 with self._cv:
-                    self._pending -= 1
+                    if self._live.pop(id(c), None) is None:
+                        return
                     self.completed += 1
+                    self.errors += c.error is not None
                     self.generated_tokens += c.completion_tokens
                 if user_done:
                     user_done(c)
 
             completion.on_done = done
+            self._live[id(completion)] = completion
             self._queue.append(completion)
             self._cv.notify_all()
         return completion
@@ -84,7 +91,7 @@ class BatchScheduler:
     def full(self) -> bool:
         """True (and counted as a rejection) when a new request would be refused."""
         with self._cv:
-            if self._pending >= self.max_pending:
+            if len(self._live) >= self.max_pending:
                 self.rejected += 1
                 return True
             return False
@@ -102,10 +109,10 @@ class BatchScheduler:
                 "max_rows_per_step": max(self.rows_per_step) if self.rows_per_step else 0,
                 "requests_completed": self.completed,
                 "requests_rejected": self.rejected,
-                "request_errors": self.errors,
+                "request_errors": self.errors,  # requests answered with an error
                 "generated_tokens": self.generated_tokens,
                 "queued": len(self._queue),
-                "running": self._running,
+                "running": len(self._live) - len(self._queue),
                 "limits": {"max_batch": self.max_batch, "max_pending": self.max_pending,
                            "window_ms": self.window_s * 1000},
                 "compilations": dict(self.generator.engine.traces),
@@ -166,9 +173,7 @@ class BatchScheduler:
                     break
                 self._cv.wait(left)
             n = min(len(self._queue), self.max_batch)
-            batch = [self._queue.popleft() for _ in range(n)]
-            self._running = n
-            return batch
+            return [self._queue.popleft() for _ in range(n)]
 
     def _drop_cancelled(self, batch):
         live = []
@@ -194,9 +199,17 @@ class BatchScheduler:
                 if not session.can_join(c):
                     break
                 out.append(self._queue.popleft())
-            self._running += len(out)
         self._drop_cancelled(dropped)
         return out
+
+    def _fail_taken(self, error: BaseException):
+        """Fail every request taken from the queue and not finished: after an unexpected error the
+        running batch's state is unknown, and its clients must not wait for it forever."""
+        with self._cv:
+            queued = {id(c) for c in self._queue}
+            taken = [c for key, c in self._live.items() if key not in queued]
+        for c in taken:
+            c.fail(error)
 
     def _loop(self):
         session = None
@@ -221,20 +234,20 @@ class BatchScheduler:
                 elif self.continuous:
                     joiners = self._admit(session)
                     if joiners:
-                        with self._cv:
-                            self.joined += len(joiners)
-                        session.join(joiners)
+                        try:
+                            session.join(joiners)
+                        except Exception:  # noqa: BLE001 - the session failed the joiners; the batch goes on
+                            log.exception("requests could not join the running batch")
+                        else:
+                            with self._cv:
+                                self.joined += len(joiners)
                 n_rows = len(session.rows)
                 session.step()
                 with self._cv:
                     self.rows_per_step[n_rows] += 1
                 if not session.running:
                     session = None
-                with self._cv:
-                    self._running = len(session.rows) if session is not None else 0
-            except Exception:  # noqa: BLE001 - the session reported it to its requests; keep serving
+            except Exception as e:  # noqa: BLE001 - fail this batch's requests (told), keep serving the queue
                 log.exception("generation failed")
-                with self._cv:
-                    self.errors += 1
-                    self._running = 0
                 session = None
+                self._fail_taken(e)

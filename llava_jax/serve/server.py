@@ -80,6 +80,13 @@ class App:
         return req, Completion(enc, params, req["stop"])
 
 
+def _generation_failed(rid: str, comp: Completion) -> str:
+    """The client's error message for a request whose batch failed: the exception (which may name
+    paths or internals) goes to the log only, under the request's id."""
+    log.error("request %s failed: %s", rid, comp.error)
+    return f"generation failed (internal error; the server log has the details under {rid})"
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "llava-jax"
@@ -255,7 +262,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _complete(self, rid, created, comp: Completion):
         if comp.error:
-            return self._error(500, f"generation failed: {comp.error}", etype="server_error")
+            return self._error(500, _generation_failed(rid, comp), etype="server_error")
         self._send_json(200, {
             "id": rid, "object": "chat.completion", "created": created, "model": self.app.model_name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": comp.text},
@@ -288,7 +295,7 @@ class Handler(BaseHTTPRequestHandler):
                 break
             self._sse(choice({"content": text}))
         if comp.error:
-            self._sse(error_body(f"generation failed: {comp.error}", "server_error"))
+            self._sse(error_body(_generation_failed(rid, comp), "server_error"))
         else:
             self._sse(choice({}, comp.finish_reason))
             if include_usage:
