@@ -5,6 +5,7 @@ Host headers and non-JSON bodies are refused before any expensive work; a client
 cancels its generation."""
 import contextlib
 import json
+import socket
 import threading
 import time
 
@@ -230,5 +231,33 @@ def test_image_token_split_over_two_text_parts_is_400(server):
     content = [{"type": "text", "text": "look <ima"}, {"type": "text", "text": "ge> here"}]
     status, data = http_request(server, "POST", URL, body(content))
     assert status == 400 and "<image>" in error(data)["message"]
+
+
+# ---------------------------------------------------------------------------- 3. cheap checks first
+def test_huge_prompt_is_refused_without_tokenizing(server, monkeypatch):
+    calls = []
+    encode = ChatGenerator.encode
+    monkeypatch.setattr(ChatGenerator, "encode", lambda self, m: (calls.append(1), encode(self, m))[1])
+    t0 = time.perf_counter()
+    status, data = http_request(server, "POST", URL, body("word " * 400_000))  # 2 MB of text
+    took = time.perf_counter() - t0
+    assert status == 400 and error(data)["code"] == "context_length_exceeded"
+    assert not calls, "the prompt was tokenized"
+    print(f"\n2 MB prompt refused in {took * 1000:.0f} ms")
+    status, data = http_request(server, "POST", URL, body("word " * 200))  # under the bound: counted in tokens
+    assert status == 400 and error(data)["code"] == "context_length_exceeded" and calls
+
+
+def test_api_key_is_checked_before_the_body_is_read(gen):
+    with serving(gen, api_key="sekret") as srv:
+        host, port = srv.server_address[:2]
+        with socket.create_connection((host, port), timeout=5) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
+                      b"Authorization: Bearer wrong\r\nContent-Length: 40000000\r\n\r\n" % (host.encode(), port))
+            reply = b""
+            while chunk := s.recv(65536):  # answered, and closed, with none of the 40 MB sent
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.1 401"), reply
+        assert error(reply.split(b"\r\n\r\n", 1)[1])["code"] == "invalid_api_key"
 
 

@@ -23,6 +23,7 @@ text that could still become a stop string is held back from the stream until it
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import threading
@@ -326,6 +327,19 @@ class ChatGenerator:
             raise RequestError(f"bad conversation: {e}", "messages") from None
         imgs = np.stack(images) if images else None
         return Encoded([int(x) for x in enc["input_ids"]], imgs, enc["text"])
+
+    @functools.cached_property
+    def _longest_token_chars(self) -> int:
+        with self.tokenizer_lock:
+            return max(1, max((len(t) for t in self.tokenizer.get_vocab()), default=1))
+
+    def max_text_chars(self, n_tokens: int) -> int:
+        """More characters of text than this cannot tokenize to `n_tokens` or fewer, so a longer
+        text can be refused without tokenizing it. One token stands for at most as many
+        characters as its vocabulary entry has (byte-level entries: one character per byte;
+        byte-fallback entries like <0x0A> are longer than the byte they stand for); x2 leaves
+        room for normalizers that compose characters (NFC: a letter and its accent become one)."""
+        return 2 * n_tokens * self._longest_token_chars
 
     # ------------------------------------------------------------------ generation
     def run(self, completions: Sequence[Completion]) -> Sequence[Completion]:

@@ -104,12 +104,24 @@ def _data_url_bytes(url: str, param: str, limits: Limits) -> bytes:
         reject("image data is not valid base64", param, "invalid_base64")
 
 
-def parse_messages(raw, limits: Limits) -> list[dict]:
+def parse_messages(raw, limits: Limits, max_chars: int | None = None) -> list[dict]:
+    """`max_chars`: more characters of text than any prompt the server accepts can hold (see
+    `ChatGenerator.max_text_chars`); refused here, before tokenization, which every request
+    waits for under one tokenizer lock."""
     if not isinstance(raw, list) or not raw:
         reject("'messages' must be a non-empty array", "messages", "invalid_type")
     if len(raw) > limits.max_messages:
         reject(f"{len(raw)} messages; the limit is {limits.max_messages}", "messages")
-    out, n_images = [], 0
+    out, n_images, chars = [], 0, 0
+
+    def text_part(text, param) -> dict:
+        nonlocal chars
+        chars += len(text)
+        if max_chars is not None and chars > max_chars:
+            reject(f"the messages hold more than {max_chars} characters of text: longer than any prompt this "
+                   "server accepts", "messages", "context_length_exceeded")
+        return {"type": "text", "text": _text(text, param)}
+
     for i, m in enumerate(raw):
         p = f"messages[{i}]"
         if not isinstance(m, dict):
@@ -120,7 +132,7 @@ def parse_messages(raw, limits: Limits) -> list[dict]:
         content = m.get("content")
         parts = []
         if isinstance(content, str):
-            parts.append({"type": "text", "text": _text(content, f"{p}.content")})
+            parts.append(text_part(content, f"{p}.content"))
         elif isinstance(content, list):
             if not content:
                 reject(f"{p}.content must not be empty", f"{p}.content")
@@ -132,7 +144,7 @@ def parse_messages(raw, limits: Limits) -> list[dict]:
                 if kind == "text":
                     if not isinstance(part.get("text"), str):
                         reject(f"{pp}.text must be a string", f"{pp}.text", "invalid_type")
-                    parts.append({"type": "text", "text": _text(part["text"], f"{pp}.text")})
+                    parts.append(text_part(part["text"], f"{pp}.text"))
                 elif kind == "image_url":
                     iu = part.get("image_url")
                     url = iu.get("url") if isinstance(iu, dict) else iu
@@ -207,7 +219,7 @@ def parse_sampling(body: dict, limits: Limits) -> tuple[SamplingParams | None, l
     return params, [s for s in stops if s]
 
 
-def parse_request(body: Any, limits: Limits, model_names: list[str]) -> dict:
+def parse_request(body: Any, limits: Limits, model_names: list[str], max_chars: int | None = None) -> dict:
     if not isinstance(body, dict):
         reject("the request body must be a JSON object", None, "invalid_type")
     model = body.get("model")
@@ -234,7 +246,7 @@ def parse_request(body: Any, limits: Limits, model_names: list[str]) -> dict:
     if body.get("tools"):
         reject("tools are not supported", "tools")
     params, stops = parse_sampling(body, limits)
-    messages = parse_messages(body.get("messages"), limits)
+    messages = parse_messages(body.get("messages"), limits, max_chars)
     return {"model": model, "stream": stream, "include_usage": bool((so or {}).get("include_usage")),
             "params": params, "stop": stops, "messages": messages}
 

@@ -53,6 +53,7 @@ class App:
         self._preparing = threading.BoundedSemaphore(4)
         lim = self.limits.max_prompt_tokens
         self.max_prompt_tokens = generator.context_length - 1 if lim is None else min(lim, generator.context_length - 1)
+        self.max_prompt_chars = generator.max_text_chars(self.max_prompt_tokens)
 
     def models(self) -> dict:
         return {"object": "list", "data": [self.model_card()]}
@@ -62,7 +63,7 @@ class App:
 
     def prepare(self, body) -> tuple[dict, Completion]:
         with self._preparing:  # bounds the memory of images being decoded at once
-            req = parse_request(body, self.limits, [self.model_name])
+            req = parse_request(body, self.limits, [self.model_name], self.max_prompt_chars)
             enc = self.generator.encode(req["messages"])
         n = len(enc.ids)
         ctx = self.generator.context_length
@@ -136,8 +137,16 @@ class Handler(BaseHTTPRequestHandler):
         got = self.headers.get("Authorization", "")
         ok = got.startswith("Bearer ") and hmac.compare_digest(got[7:].strip().encode(), key.encode())
         if not ok:
+            self._body_unread()
             self._error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
         return ok
+
+    def _body_unread(self):
+        """Answering before reading the body (refusals are decided on the headers, so a client
+        cannot make the server read, or wait for, a large body first): close the connection
+        after the answer, or the unread body would be taken for the next request."""
+        if self.headers.get("Content-Length") not in (None, "0") or "Transfer-Encoding" in self.headers:
+            self.close_connection = True
 
     # ------------------------------------------------------------------ routes
     def do_GET(self):
@@ -176,7 +185,7 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
 
     def _method_not_allowed(self):
-        self.close_connection = self.headers.get("Content-Length") not in (None, "0")
+        self._body_unread()
         self._error(405, f"method {self.command} not allowed on {self.path.split('?', 1)[0]}",
                     code="method_not_allowed", headers={"Allow": "GET, POST"})
 
@@ -211,12 +220,13 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         path = self.path.split("?", 1)[0]
-        body = self._read_body()
-        if body is None:
-            return
         if path not in ("/v1/chat/completions", "/chat/completions"):
+            self._body_unread()
             return self._error(404, f"no route for POST {path}", code="not_found")
         if not self._authorized():
+            return
+        body = self._read_body()
+        if body is None:
             return
         if self.app.scheduler.full():  # before decoding anything
             return self._error(429, "the server is busy (request queue full); retry later", code="too_many_requests",
