@@ -261,3 +261,41 @@ def test_api_key_is_checked_before_the_body_is_read(gen):
         assert error(reply.split(b"\r\n\r\n", 1)[1])["code"] == "invalid_api_key"
 
 
+# ---------------------------------------------------------------------------- 4. Host and content type
+HOSTS = [("127.0.0.1:{port}", True), ("localhost:{port}", True), ("LocalHost:{port}", True), ("[::1]:{port}", True),
+         ("evil.example:{port}", False), ("localhost.evil.example:{port}", False), ("localhost:1", False),
+         ("127.0.0.1", False), ("", False)]
+
+
+@pytest.mark.parametrize("host,ok", HOSTS)
+def test_without_api_key_only_local_host_headers_are_served(server, host, ok):
+    """DNS rebinding: a web page whose name resolves to 127.0.0.1 sends its own name as Host."""
+    h = host.format(port=server.server_address[1])
+    for method, path, b in (("GET", "/v1/models", None), ("POST", URL, body())):
+        status, data = http_request(server, method, path, b, headers={"Host": h, "Content-Type": "application/json"})
+        if ok:
+            assert status == 200, data
+        else:
+            assert status == 403 and error(data)["code"] == "host_not_allowed", data
+
+
+def test_with_api_key_any_host_is_served(gen):
+    with serving(gen, api_key="sekret") as srv:
+        status, _ = http_request(srv, "GET", "/v1/models", headers={"Host": "llava.example:443",
+                                                                    "Authorization": "Bearer sekret"})
+        assert status == 200
+
+
+@pytest.mark.parametrize("ctype,ok", [
+    (None, False), ("text/plain", False), ("application/x-www-form-urlencoded", False),
+    ("multipart/form-data; boundary=x", False), ("application/jsonp", False), ("application/json", True),
+    ("application/json; charset=utf-8", True), ("Application/JSON;charset=UTF-8", True)])
+def test_post_bodies_must_be_json(server, ctype, ok):
+    """A page on another origin can POST a form or text/plain without a CORS preflight; not JSON."""
+    status, data = http_request(server, "POST", URL, body(max_tokens=1), headers={} if ctype is None else
+                                {"Content-Type": ctype})
+    assert status == (200 if ok else 415), data
+    if not ok:
+        assert error(data)["code"] == "unsupported_media_type"
+
+

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
+import ipaddress
 import json
 import logging
 import queue
+import re
 import threading
 import time
 import uuid
@@ -81,6 +83,30 @@ class App:
         return req, Completion(enc, params, req["stop"])
 
 
+_HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^\[\]:]+)(?::(\d{1,5}))?")
+
+
+def host_allowed(host: str | None, bound_host: str, port: int) -> bool:
+    """Whether a Host header names this server, checked when it has no API key. DNS rebinding: a
+    web page whose owner points its name at 127.0.0.1 is then same-origin with a local server and
+    can read its answers, and its requests carry that name as Host. An IP address, `localhost` or
+    the name the server was bound to, with its port, can only come from a client that addressed
+    this server itself."""
+    if host is None:
+        return True  # every browser sends Host: a client without one is no web page
+    m = _HOST.fullmatch(host.strip())
+    if not m or int(m.group(2) or 80) != port:
+        return False
+    name = m.group(1).strip("[]").lower()
+    if name in ("localhost", bound_host.lower()):
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
 def _generation_failed(rid: str, comp: Completion) -> str:
     """The client's error message for a request whose batch failed: the exception (which may name
     paths or internals) goes to the log only, under the request's id."""
@@ -100,6 +126,20 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):  # through logging, not stderr
         log.info("%s " + fmt, self.address_string(), *args)
 
+    def parse_request(self) -> bool:
+        """http.server's request line and headers, then, for every route of a server without an
+        API key, the Host check (`host_allowed`)."""
+        if not super().parse_request():
+            return False
+        host = self.headers.get("Host")
+        if self.app.api_key is None and not host_allowed(host, self.server.bound_host, self.server.server_address[1]):
+            self.close_connection = True
+            self._error(403, f"Host {host!r} does not name this server: without an API key it answers only requests "
+                        "addressed to an IP address, localhost or its --host name, with its port (a protection "
+                        "against DNS rebinding)", code="host_not_allowed")
+            return False
+        return True
+
     # ------------------------------------------------------------------ responses
     def _send_json(self, status: int, obj, headers: dict | None = None):
         data = json.dumps(obj).encode()
@@ -116,7 +156,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _error(self, status: int, message: str, etype=None, param=None, code=None, headers=None):
         if etype is None:
-            etype = {401: "authentication_error", 404: "invalid_request_error", 429: "rate_limit_exceeded",
+            etype = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error", 429: "rate_limit_exceeded",
                      413: "invalid_request_error"}.get(status, "invalid_request_error" if status < 500 else "server_error")
         self._send_json(status, error_body(message, etype, param, code), headers)
 
@@ -215,6 +255,14 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self._error(413, f"request body is {n} bytes; the limit is {self.app.limits.max_body_bytes}",
                         code="request_too_large")
+            return None
+        ctype = self.headers.get("Content-Type", "")
+        if ctype.split(";", 1)[0].strip().lower() != "application/json":
+            # a page on another site may POST a form or text/plain here without the browser asking
+            # first (CORS preflight); application/json it may not
+            self._body_unread()
+            self._error(415, f"the request body must be JSON sent with Content-Type: application/json (got "
+                        f"{ctype or 'none'!r})", code="unsupported_media_type")
             return None
         return self.rfile.read(n) if n else b""
 
@@ -320,6 +368,7 @@ class Server(ThreadingHTTPServer):
 
     def __init__(self, addr, app: App):
         self.app = app
+        self.bound_host = addr[0]  # as given (server_address holds the address it resolved to)
         super().__init__(addr, Handler)
 
     def server_close(self):
