@@ -16,7 +16,7 @@ pytest.importorskip("torch")
 from serve_util import http_request, make_chat_checkpoint  # noqa: E402
 
 from llava_jax.serve.engine import DecodeBatch, SamplingParams  # noqa: E402
-from llava_jax.serve.generator import ChatGenerator, Completion  # noqa: E402
+from llava_jax.serve.generator import ChatGenerator, ChatSession, Completion  # noqa: E402
 from llava_jax.serve.scheduler import BatchScheduler  # noqa: E402
 from llava_jax.serve.server import Limits, make_server, serve_in_thread  # noqa: E402
 
@@ -299,3 +299,20 @@ def test_post_bodies_must_be_json(server, ctype, ok):
         assert error(data)["code"] == "unsupported_media_type"
 
 
+# ---------------------------------------------------------------------------- 5. disconnects
+def test_client_disconnect_cancels_a_non_streaming_request(gen, monkeypatch):
+    with serving(gen, window_s=0.0) as srv:
+        b = json.dumps(body(LONG_PROMPT, max_tokens=16)).encode()
+        status, data = http_request(srv, "POST", URL, b)
+        assert status == 200 and json.loads(data)["choices"][0]["finish_reason"] == "length"  # 16 tokens, no EOS
+        reasons, end, step = [], ChatSession._end, DecodeBatch.step
+        monkeypatch.setattr(ChatSession, "_end", lambda self, slot, reason: (reasons.append(reason),
+                                                                              end(self, slot, reason))[1])
+        monkeypatch.setattr(DecodeBatch, "step", lambda self: (time.sleep(0.3), step(self))[1])  # a slow model
+        host, port = srv.server_address[:2]
+        with socket.create_connection((host, port), timeout=5) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (host.encode(), port, len(b), b))
+            assert wait_for(lambda: stats(srv)["running"] == 1)
+        assert wait_for(lambda: reasons, 10) and reasons == ["cancelled"], reasons
+        assert wait_for(lambda: stats(srv)["running"] == 0, 5) and stats(srv)["requests_cancelled"] == 1

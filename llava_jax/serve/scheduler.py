@@ -57,6 +57,7 @@ class BatchScheduler:
         self.completed = 0
         self.rejected = 0
         self.errors = 0
+        self.cancelled = 0
         self.generated_tokens = 0
         self._thread = threading.Thread(target=self._loop, name="llava-batcher", daemon=True)
         self._thread.start()
@@ -78,6 +79,7 @@ class BatchScheduler:
                         return
                     self.completed += 1
                     self.errors += c.error is not None
+                    self.cancelled += c.finish_reason == "cancelled"
                     self.generated_tokens += c.completion_tokens
                 if user_done:
                     user_done(c)
@@ -110,6 +112,7 @@ class BatchScheduler:
                 "requests_completed": self.completed,
                 "requests_rejected": self.rejected,
                 "request_errors": self.errors,  # requests answered with an error
+                "requests_cancelled": self.cancelled,  # their clients hung up
                 "generated_tokens": self.generated_tokens,
                 "queued": len(self._queue),
                 "running": len(self._live) - len(self._queue),
@@ -150,7 +153,7 @@ class BatchScheduler:
         with self._cv:  # warm-up requests are not traffic
             self.batch_sizes.clear()
             self.rows_per_step.clear()
-            self.completed = self.generated_tokens = self.joined = 0
+            self.completed = self.generated_tokens = self.joined = self.cancelled = 0
         return {"compilations": dict(self.generator.engine.traces), "seconds": time.perf_counter() - t0}
 
     def close(self, timeout: float | None = 5.0):

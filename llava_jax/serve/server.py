@@ -24,6 +24,8 @@ import json
 import logging
 import queue
 import re
+import select
+import socket
 import threading
 import time
 import uuid
@@ -307,12 +309,36 @@ class Handler(BaseHTTPRequestHandler):
             if req["stream"]:
                 self._stream(rid, created, comp, events, req["include_usage"])
             else:
-                while events.get()[0] != "done":
+                while (event := self._next_event(events, comp)) and event[0] != "done":
                     pass
-                self._complete(rid, created, comp)
+                if event:
+                    self._complete(rid, created, comp)
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             comp.cancelled = True
             self.close_connection = True
+
+    def _next_event(self, events: queue.Queue, comp: Completion):
+        """The next event of `comp`, or None when its client has hung up meanwhile (`comp` is then
+        cancelled, which frees its batch row and queue slot)."""
+        while True:
+            try:
+                return events.get(timeout=0.2)
+            except queue.Empty:
+                if self._client_gone():
+                    comp.cancelled = True
+                    self.close_connection = True
+                    return None
+
+    def _client_gone(self) -> bool:
+        """Whether the client closed the connection. Until a non-streaming answer (or a stream's
+        next piece) is written, no write can fail, so ask the socket: readable with nothing to
+        read is its end. (A client that half-closes after its request counts as gone.)"""
+        try:
+            if not select.select([self.connection], [], [], 0)[0]:
+                return False
+            return not self.connection.recv(1, socket.MSG_PEEK)
+        except (OSError, ValueError):
+            return True
 
     def _usage(self, comp: Completion) -> dict:
         return {"prompt_tokens": comp.prompt_tokens, "completion_tokens": comp.completion_tokens,
@@ -348,7 +374,10 @@ class Handler(BaseHTTPRequestHandler):
 
         self._sse(choice({"role": "assistant", "content": ""}))
         while True:
-            kind, text = events.get()
+            event = self._next_event(events, comp)
+            if event is None:
+                return
+            kind, text = event
             if kind == "done":
                 break
             self._sse(choice({"content": text}))
