@@ -4,7 +4,8 @@ Endpoints:
   POST /v1/chat/completions   messages with `text` and `image_url` (data: base64) parts;
                               `stream` (server-sent events), `max_tokens` /
                               `max_completion_tokens`, `temperature`, `top_p`, `top_k` (extension),
-                              `stop`, `seed`, `stream_options.include_usage`
+                              `stop`, `seed`, `stream_options.include_usage` (checked in
+                              `request.py`, against the engine's types and ranges)
   GET  /v1/models, /v1/models/{id}
   GET  /health                liveness (no API key needed)
   GET  /stats                 batching statistics (batch sizes served, queue, compilations)
@@ -13,7 +14,14 @@ Endpoints:
 Every error is an OpenAI-style JSON body `{"error": {"message", "type", "param", "code"}}` with
 a 4xx status for anything the client sent (bad JSON, types, base64, images, unknown model,
 too many tokens, too many requests), so a bad request can never take the server down. Requests
-go through `BatchScheduler`, which batches those that arrive together.
+go through `BatchScheduler`, which batches those that arrive together; a failure inside a batch
+is a 500 (or a stream's error event, then `[DONE]`) for that batch's requests only, naming the
+request id under which the server log has the details.
+
+Cheap checks come first: the Host header (without an API key: `host_allowed`), the route, the
+API key, the body's size and JSON content type - all before the body is read - then the queue
+(429), then the fields, and text longer than any accepted prompt can hold before tokenization.
+A client that hangs up cancels its request.
 """
 from __future__ import annotations
 
