@@ -12,8 +12,8 @@ feature layer LLaVA reads: "what is where", which is what LLaVA relies on CLIP's
 for. Measured on the demo (2026-11-22): without the row/column heads the features lost their
 position and position questions stayed at chance; without the pair head ("red circle" as one
 feature, as CLIP has from captions) existence questions ("Is there a red circle?") ended
-between 44% and 88% in four demo runs, with it up to 95-97% (not for every seed: see the
-README's known limits). The tower is then frozen in stages 1 and 2, as in the
+between 44% and 88% in four demo runs (figures: BENCHMARKS.md, "Offline demo"). The tower is
+then frozen in stages 1 and 2, as in the
 real recipe. The checkpoint is an ordinary trainer workdir (trainable = `vision/.*`), so stage 1
 takes it with `model.init_from_workdir` like any previous stage.
 """
