@@ -118,6 +118,9 @@ def test_sampling_seeded_batch_independent(pair):
     assert top1 == g
     tiny_p = eng.generate([a.prompt], a.images[None], params=SamplingParams(12, temperature=1.5, top_p=1e-6, seed=5))
     assert tiny_p[0] == g
+    # a k beyond int32 (a library caller; the server refuses it) is "every token", not an overflow
+    huge_k = eng.generate([a.prompt], a.images[None], params=SamplingParams(12, temperature=1.5, top_k=2**40, seed=11))
+    assert huge_k[0] == alone
 
 
 def test_sample_rows_top_k_top_p_sets():

@@ -47,6 +47,7 @@ NEW_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 IMAGE_BUCKETS = (1, 2, 4, 8, 16)
 MAX_EOS_IDS = 8
 
+INT32_MAX = 2**31 - 1
 FINISH_EOS = "stop"  # OpenAI's finish_reason for an end-of-sequence token or a stop string
 FINISH_LENGTH = "length"
 FINISH_CANCELLED = "cancelled"
@@ -311,7 +312,9 @@ class Engine:
         pad = b - n
         samp = {
             "temperature": np.array([max(float(s.temperature), 0.0) for s in sp] + [0.0] * pad, np.float32),
-            "top_k": np.array([max(int(s.top_k), 0) for s in sp] + [0] * pad, np.int32),
+            # any k >= the vocabulary means "all tokens": clamp so a huge k from a library
+            # caller cannot overflow int32 (the server also refuses it, request.py)
+            "top_k": np.array([min(max(int(s.top_k), 0), INT32_MAX) for s in sp] + [0] * pad, np.int32),
             "top_p": np.array([min(max(float(s.top_p), 1e-9), 1.0) for s in sp] + [1.0] * pad, np.float32),
             "seed": np.array([int(s.seed) % 2**32 for s in sp] + [0] * pad, np.uint32),
             "max_new": np.array(max_new + [0] * pad, np.int32),
