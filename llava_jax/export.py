@@ -46,10 +46,11 @@ def export(workdir: str, out: str, config=None, dtype: str = "float32", allow_ra
 def main(argv):
     del argv
     from llava_jax.build import ProvenanceError
+    from llava_jax.convert.hf import CheckpointError
 
     try:
         export(_WORKDIR.value, _OUT.value, _CONFIG.value, _DTYPE.value, _RANDOM.value)
-    except (ProvenanceError, FileNotFoundError) as e:
+    except (ProvenanceError, CheckpointError, FileNotFoundError) as e:  # e.g. a damaged checkpoint
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     if jax.process_index() == 0:

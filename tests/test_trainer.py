@@ -187,6 +187,33 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(world, tmp_path):
         assert all(np.isfinite(v) for s, v in losses(w).items())
 
 
+def test_damaged_latest_checkpoint_resumes_from_the_one_before(world, tmp_path):
+    """Flipped bytes in the newest params used to resume silently from the garbage (exit 0);
+    now the step is reported in one line, the run resumes from the step before and trains the
+    same losses again. With every step damaged: one error line, exit 1."""
+    from train_util import flip_params_data, truncate
+
+    w = tmp_path / "run"
+    args = cmd(world, w, "tiny_stage1", "--config.train.num_steps=6", "--config.train.ckpt_every=3")
+    run(args)
+    ref = losses(w)
+    flip_params_data(w / "checkpoints" / "6")
+    p = run(args)
+    report = [x for x in p.stderr.splitlines() if "step 6 is damaged" in x]
+    assert len(report) == 1 and "checkpoints/6/params" in report[0], p.stderr[-3000:]
+    assert "resuming from step 3" in p.stderr, p.stderr[-3000:]
+    got = losses(w)
+    assert [got[s] for s in range(1, 7)] == [ref[s] for s in range(1, 7)]
+    # every step damaged: nothing to resume from
+    flip_params_data(w / "checkpoints" / "6")
+    truncate("opt_state/_METADATA")(w / "checkpoints" / "3")
+    bad = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env(), cwd=REPO)
+    assert bad.returncode == 1, bad.stderr[-3000:]
+    last = bad.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "step 6" in last and "checkpoints/3/opt_state/_METADATA" in last, last
+    assert "Traceback" not in bad.stderr, bad.stderr[-3000:]
+
+
 def test_stage2_from_stage1_workdir_and_export_loads_in_transformers(world, tmp_path):
     torch = pytest.importorskip("torch")
     from transformers import LlavaForConditionalGeneration

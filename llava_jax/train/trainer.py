@@ -129,9 +129,9 @@ def train(config, workdir: str) -> dict:
     ckpt = Checkpointer(workdir, keep=config.train.keep, async_save=config.train.async_checkpoint)
     rng = jax.random.key(config.train.seed)
     step = 0
-    latest = ckpt.latest_step()
-    if latest is not None:
-        trainable, opt_state, step, rng, data_state, _ = ckpt.restore(latest, trainable, opt_state)
+    restored = ckpt.restore_latest(trainable, opt_state)  # a damaged newest step: the one before
+    if restored is not None:
+        trainable, opt_state, step, rng, data_state, _ = restored
         if data_state is not None:
             data_iter.set_state(data_state)
         log.info("resumed from %s at step %d", ckpt.directory, step)
