@@ -23,15 +23,15 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
+    from llava_jax.convert.hf import CheckpointError
+    from llava_jax.data.skips import NoTrainingData
     from llava_jax.train.runtime import maybe_initialize_distributed
     from llava_jax.train.trainer import train
-
-    from llava_jax.convert.hf import CheckpointError
 
     maybe_initialize_distributed()
     try:
         train(_CONFIG.value, _WORKDIR.value)
-    except CheckpointError as e:  # e.g. no intact checkpoint to resume from: its one line says why
+    except (CheckpointError, NoTrainingData) as e:  # no intact checkpoint, no usable data: one line says why
         sys.exit(f"error: {e}")
 
 
