@@ -1,6 +1,6 @@
 """Export a training run's model to a llava-hf directory:
 
-    python -m llava_jax.export --workdir=DIR --out=HF_DIR [--dtype=bfloat16]
+    python -m llava_jax.export --workdir=DIR --out=HF_DIR [--dtype=bfloat16] [--overwrite]
 
 The model is rebuilt exactly as the trainer built it, from the config the run recorded in
 `DIR/run_config.json` (its checkpoints / seeded init + the previous stages' workdirs), the
@@ -12,6 +12,10 @@ overrides) replaces the recorded config, e.g. for a run whose checkpoints moved.
 A param that no checkpoint provided (neither the base checkpoints, nor a previous stage, nor the
 workdir) would be exported with its random initialisation: the export refuses, naming the missing
 subtrees and the flag that supplies them; `--allow_random_init` exports anyway.
+
+HF_DIR must be empty or new: old weight files left next to the new ones would be read back
+instead of them (a stale shard index). `--overwrite` writes into a non-empty HF_DIR, removing
+the weight files there (*.safetensors, model.safetensors.index.json) first; other files stay.
 """
 from __future__ import annotations
 
@@ -30,26 +34,31 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "the training workdir to export 
 _OUT = flags.DEFINE_string("out", None, "the llava-hf directory to write")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "stored weight dtype")
 _RANDOM = flags.DEFINE_bool("allow_random_init", False, "export even if some params were never trained or loaded")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "write into a non-empty --out, removing the weight files there first")
 flags.mark_flags_as_required(["workdir", "out"])
 
 
-def export(workdir: str, out: str, config=None, dtype: str = "float32", allow_random_init: bool = False):
+def export(workdir: str, out: str, config=None, dtype: str = "float32", allow_random_init: bool = False,
+           overwrite: bool = False):
     from llava_jax import build, sharding
     from llava_jax.convert.hf import save_pretrained
+    from llava_jax.convert.safetensors_io import check_output_dir
 
+    check_output_dir(out, overwrite)  # refuse now, not after building the model
     mesh = sharding.make_mesh(dict((config or build.run_config(workdir)).train.mesh))
     model, tokenizer, _ = build.trained_model(workdir, config, mesh, allow_random_init=allow_random_init)
-    save_pretrained(model, out, tokenizer=tokenizer, dtype=dtype)
+    save_pretrained(model, out, tokenizer=tokenizer, dtype=dtype, overwrite=overwrite)
     return model
 
 
 def main(argv):
     del argv
     from llava_jax.build import ProvenanceError
+    from llava_jax.convert.hf import CheckpointError
 
     try:
-        export(_WORKDIR.value, _OUT.value, _CONFIG.value, _DTYPE.value, _RANDOM.value)
-    except (ProvenanceError, FileNotFoundError) as e:
+        export(_WORKDIR.value, _OUT.value, _CONFIG.value, _DTYPE.value, _RANDOM.value, _OVERWRITE.value)
+    except (ProvenanceError, CheckpointError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     if jax.process_index() == 0:

@@ -92,3 +92,28 @@ def test_model_config_names_a_preset_when_the_checkpoints_are_elsewhere():
         build.model_config(c, vocab_size=32064)
     c.model.preset = "llava_1_5_7b"
     assert build.model_config(c, vocab_size=32064).text.hidden_size == 4096
+
+
+def test_export_refuses_a_folder_holding_a_model_unless_overwrite(stages, tmp_path):
+    """Refused before the model is built, in one line naming the flag; `overwrite` replaces
+    the weight files and leaves the user's other files."""
+    from llava_jax.convert.safetensors_io import SafetensorsFile
+    from llava_jax.export import export
+
+    root, _, _ = stages
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "model-00001-of-00002.safetensors").write_bytes(b"old shard")
+    (out / "model.safetensors.index.json").write_text('{"weight_map": {"x": "model-00001-of-00002.safetensors"}}')
+    (out / "notes.txt").write_text("mine")
+    env = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
+    p = subprocess.run([sys.executable, "-m", "llava_jax.export", f"--workdir={root / 'stage2'}", f"--out={out}"],
+                       capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert p.stderr.strip().splitlines()[-1] == (f"error: {out} is not empty: pass --overwrite (overwrite=True) to "
+                                                 "replace the model in it (its weight files are removed first, "
+                                                 "other files are kept)")
+    assert (out / "model-00001-of-00002.safetensors").read_bytes() == b"old shard"
+    export(str(root / "stage2"), str(out), overwrite=True)
+    assert sorted(x.name for x in out.glob("*.safetensors*")) == ["model.safetensors"]
+    assert (out / "notes.txt").read_text() == "mine" and SafetensorsFile(out / "model.safetensors").keys()

@@ -1,5 +1,6 @@
 """HF checkpoints in and out: every layout transformers reads, original LLaVA, CLIP + LLaMA,
-stage-1 projector files, sharded export, and the errors for bad checkpoints."""
+stage-1 projector files, sharded export (never into a folder holding an old model unless asked),
+and the errors for bad checkpoints."""
 import json
 import re
 
@@ -174,6 +175,27 @@ def test_bf16_export_loads_in_transformers(hf_dir, tmp_path):
     LlavaForConditionalGeneration.from_pretrained(tmp_path / "bf16")
 
 
+def test_export_over_an_old_model_needs_overwrite_and_leaves_no_stale_shards(hf_dir, tmp_path):
+    """A single-file export over a sharded one used to leave the old shards and their index,
+    which the loader then read instead of the new file."""
+    _, d = hf_dir
+    old = llava_jax.from_pretrained(d)
+    out = tmp_path / "out"
+    llava_jax.save_pretrained(old, out, max_shard_size=20_000)
+    assert (out / "model.safetensors.index.json").exists()
+    (out / "notes.txt").write_text("the user's own file")
+    new = llava_jax.from_pretrained(d)
+    new.llm.embed.value = new.llm.embed.value + 1.0
+    with pytest.raises(FileExistsError, match="not empty: pass --overwrite"):
+        llava_jax.save_pretrained(new, out)
+    assert (out / "model.safetensors.index.json").exists()  # refused: nothing touched
+    llava_jax.save_pretrained(new, out, overwrite=True)
+    assert sorted(p.name for p in out.glob("*.safetensors*")) == ["model.safetensors"]
+    assert (out / "notes.txt").read_text() == "the user's own file"
+    back = llava_jax.from_pretrained(out)
+    np.testing.assert_array_equal(np.asarray(back.llm.embed.value), np.asarray(new.llm.embed.value))
+
+
 # ------------------------------------------------------------------ bad checkpoints
 def _rewrite(d, out, edit):
     out.mkdir()
@@ -246,3 +268,28 @@ def test_a_broken_weight_file_is_named_in_the_error(tmp_path):
         (tmp_path / "m" / "config.json").write_text('{"model_type": "llava"}')
         (tmp_path / "m" / "broken.safetensors").write_bytes(data[:20])
         llava_jax.from_pretrained(tmp_path / "m")
+
+
+def test_a_broken_header_or_index_is_named_in_the_error(tmp_path):
+    """The header length is checked against the file size before anything is read; a broken
+    index names the index file (it was a bare JSONDecodeError / KeyError)."""
+    import struct
+
+    blobs = {
+        "huge": (struct.pack("<Q", 2**62) + b"{}", "header length 4611686018427387904 does not fit"),
+        "longer_than_file": (struct.pack("<Q", 1000) + b'{"a": 1}', "header length 1000 does not fit"),
+        "short": (b"\x01\x02\x03", "too short"),
+        "not_json": (struct.pack("<Q", 4) + b"abcd", "header is not JSON"),
+    }
+    for name, (blob, why) in blobs.items():
+        bad = tmp_path / f"{name}.safetensors"
+        bad.write_bytes(blob)
+        with pytest.raises(ValueError, match=f"{re.escape(str(bad))}.*{why}"):
+            SafetensorsFile(bad)
+    for name, text in {"not_json": "{not json", "no_map": "{}", "a_list": "[1, 2]"}.items():
+        d = tmp_path / f"index_{name}"
+        d.mkdir()
+        (d / "config.json").write_text('{"model_type": "llava"}')
+        (d / "model.safetensors.index.json").write_text(text)
+        with pytest.raises(ValueError, match=f"{re.escape(str(d / 'model.safetensors.index.json'))} is not a readable"):
+            llava_jax.from_pretrained(d)

@@ -347,6 +347,38 @@ def test_all_bad_data_with_repeat_raises_not_hangs(tokenizer, image_dir):
         run(recs, tokenizer, cfg(num_epochs=None), n=1)
 
 
+def _bad_rows(n, start=0):
+    return [{"id": f"bad{i}", "source": "m", "row": i, "image_path": None, "conversations": [], "error": "bad_json"}
+            for i in range(start, start + n)]
+
+
+def test_one_usable_row_in_51_trains_across_epoch_boundaries(tokenizer, image_dir):
+    """Reshuffled per epoch, the usable row can come first in one epoch and last in the next:
+    ~100 skipped rows in a row, which tripped a guard set at one epoch (51). The guard counts
+    skipped rows against twice a shard's epoch; every skip is still counted and logged."""
+    recs = make_records(image_dir, n=1) + _bad_rows(50, start=1)
+    batches, it = run(recs, tokenizer, cfg(num_epochs=8, batch_size=1, drop_remainder=False))
+    st = batches[-1]["stats"]
+    assert int(st["total/samples"]) == 8 and int(st["total/skipped/malformed"]) == 400
+    assert it.skip_log.summary()["total"] == 400
+
+
+def test_all_bad_data_in_a_single_epoch_raises_at_its_end(tokenizer):
+    """Once through data with no usable row (the guard's run of skips never gets long enough)
+    used to end quietly with nothing trained."""
+    from llava_jax.data.skips import NoTrainingData
+
+    with pytest.raises(NoTrainingData, match=r"no usable sample in 6 rows: every record is being skipped"):
+        run(_bad_rows(6), tokenizer, cfg(num_epochs=1))
+
+
+def test_no_rows_at_all_is_an_error_before_reading(tokenizer):
+    from llava_jax.data.skips import NoTrainingData
+
+    with pytest.raises(NoTrainingData, match="the training data has no rows"):
+        make_iterator([], tokenizer, cfg())
+
+
 def test_step_estimate_packs_like_training(tokenizer):
     """`trainer.estimate_num_steps` (the schedule length when `train.num_steps` is -1) probes the
     data with the training run's packing window: on unshuffled data it counts exactly the rows

@@ -187,6 +187,70 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(world, tmp_path):
         assert all(np.isfinite(v) for s, v in losses(w).items())
 
 
+def test_damaged_latest_checkpoint_resumes_from_the_one_before(world, tmp_path):
+    """Flipped bytes in the newest params used to resume silently from the garbage (exit 0);
+    now the step is reported in one line, the run resumes from the step before and trains the
+    same losses again. With every step damaged: one error line, exit 1."""
+    from train_util import flip_params_data, truncate
+
+    w = tmp_path / "run"
+    args = cmd(world, w, "tiny_stage1", "--config.train.num_steps=6", "--config.train.ckpt_every=3")
+    run(args)
+    ref = losses(w)
+    flip_params_data(w / "checkpoints" / "6")
+    p = run(args)
+    report = [x for x in p.stderr.splitlines() if "step 6 is damaged" in x]
+    assert len(report) == 1 and "checkpoints/6/params" in report[0], p.stderr[-3000:]
+    assert "resuming from step 3" in p.stderr, p.stderr[-3000:]
+    got = losses(w)
+    assert [got[s] for s in range(1, 7)] == [ref[s] for s in range(1, 7)]
+    # every step damaged: nothing to resume from
+    flip_params_data(w / "checkpoints" / "6")
+    truncate("opt_state/_METADATA")(w / "checkpoints" / "3")
+    bad = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env(), cwd=REPO)
+    assert bad.returncode == 1, bad.stderr[-3000:]
+    last = bad.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "step 6" in last and "checkpoints/3/opt_state/_METADATA" in last, last
+    assert "Traceback" not in bad.stderr, bad.stderr[-3000:]
+
+
+def test_empty_dataset_is_one_error_line_before_training(world, tmp_path):
+    """A data file with no rows used to end with exit 0 and nothing trained."""
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    w = tmp_path / "run"
+    args = [a if not a.startswith("--config.data.sources=") else f"--config.data.sources={empty}"
+            for a in cmd(world, w, "tiny_stage1")]
+    p = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env(), cwd=REPO)
+    assert p.returncode == 1, p.stderr[-3000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the training data has no rows") and str(empty) in last, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr and not (w / "checkpoints").exists() and not (w / "metrics.jsonl").exists()
+
+
+def test_nearly_all_bad_data_trains_and_all_bad_data_stops(world, tmp_path):
+    """1 usable row in 51 trains (the skips are counted and reported at the end); the same
+    rows without the usable one stop with one error line (they used to end with exit 0)."""
+    rows = json.loads((world / "data" / "stage1.json").read_text())
+    bad = [{**rows[0], "id": f"bad{i}", "image": f"missing_{i}.png"} for i in range(50)]
+    (tmp_path / "mixed.json").write_text(json.dumps([rows[0]] + bad))
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+
+    def args(data, *extra):
+        return [a if not a.startswith("--config.data.sources=") else f"--config.data.sources={tmp_path / data}"
+                for a in cmd(world, tmp_path / data.removesuffix(".json"), "tiny_stage1", *extra)]
+
+    p = run(args("mixed.json", "--config.train.num_steps=2"))
+    assert json.loads((tmp_path / "mixed" / "train_summary.json").read_text())["status"] == "completed"
+    report = [x for x in p.stderr.splitlines() if "rows: image_missing" in x]
+    assert len(report) == 1 and int(report[0].split("skipped ")[1].split()[0]) >= 100, p.stderr[-3000:]
+    bad = subprocess.run(args("bad.json", "--config.data.num_epochs=1"), capture_output=True, text=True,
+                         timeout=300, env=env(), cwd=REPO)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
+    last = bad.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: no usable sample in 50 rows: every record is being skipped"), last
+
+
 def test_stage2_from_stage1_workdir_and_export_loads_in_transformers(world, tmp_path):
     torch = pytest.importorskip("torch")
     from transformers import LlavaForConditionalGeneration

@@ -1,5 +1,9 @@
-"""Tiny models, configs and synthetic batches for trainer tests (no pipeline needed)."""
+"""Tiny models, configs and synthetic batches for trainer tests (no pipeline needed), and the
+damage done to checkpoints in the checkpoint tests."""
 from __future__ import annotations
+
+import shutil
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -72,3 +76,35 @@ def devices(n):
 
         pytest.skip(f"needs {n} devices (XLA_FLAGS=--xla_force_host_platform_device_count={n})")
     return d[:n]
+
+
+# --------------------------------------------------------------------------- checkpoint damage
+# Each takes a step folder (WORKDIR/checkpoints/N), damages it and returns the part of it that an
+# error message must name.
+def _files(d: Path) -> list[Path]:
+    return sorted((f for f in d.rglob("*") if f.is_file()), key=lambda f: (f.stat().st_size, str(f)))
+
+
+def flip_params_data(step_dir: Path) -> str:
+    f = _files(step_dir / "params")[-1]  # the largest file: the arrays' data
+    b = bytearray(f.read_bytes())
+    mid = len(b) // 2
+    b[mid:mid + 64] = bytes(x ^ 0xFF for x in b[mid:mid + 64])
+    f.write_bytes(bytes(b))
+    return "params"
+
+
+def truncate(rel: str):
+    def damage(step_dir: Path) -> str:
+        f = _files(step_dir / "params")[-1] if rel == "params data" else step_dir / rel
+        with open(f, "r+b") as fh:
+            fh.truncate(f.stat().st_size // 2)
+        return "params" if rel == "params data" else rel
+
+    return damage
+
+
+def empty_folder(step_dir: Path) -> str:
+    shutil.rmtree(step_dir)
+    step_dir.mkdir()
+    return str(step_dir.name)

@@ -22,7 +22,7 @@ from flax import nnx
 
 from llava_jax.config import LlavaConfig
 from llava_jax.convert import keymap
-from llava_jax.convert.safetensors_io import checkpoint_files, write_sharded
+from llava_jax.convert.safetensors_io import checkpoint_files, prepare_output_dir, write_sharded
 from llava_jax.data.tokenize import save_tokenizer
 from llava_jax.models.llava import LlavaModel
 from llava_jax.models.params import path_str
@@ -252,16 +252,17 @@ def processor_files(cfg: LlavaConfig) -> dict[str, dict]:
     }
 
 
-def save_pretrained(model: LlavaModel, out_dir, tokenizer=None, dtype=None, max_shard_size: int = 5 * 10**9):
+def save_pretrained(model: LlavaModel, out_dir, tokenizer=None, dtype=None, max_shard_size: int = 5 * 10**9,
+                    overwrite: bool = False):
     """Write `model` as a llava-hf directory (legacy key layout, sharded safetensors + index,
-    config.json, processor configs, and the tokenizer when given)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    config.json, processor configs, and the tokenizer when given). A non-empty `out_dir` is
+    refused unless `overwrite`, which first removes the weight files there (`prepare_output_dir`)."""
     cfg: LlavaConfig = model.config
-    hf_cfg = cfg.to_hf_dict()
     store_dtype = np.dtype(dtype) if dtype is not None else np.dtype(cfg.runtime.param_dtype)
     if store_dtype.name not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"llava-hf weights are stored as float32, bfloat16 or float16, not {store_dtype.name}")
+    out = prepare_output_dir(out_dir, overwrite)
+    hf_cfg = cfg.to_hf_dict()
     hf_cfg["dtype"] = store_dtype.name
     write_sharded(out, hf_tensors(model, store_dtype), max_shard_size)
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2))

@@ -3,17 +3,45 @@ frontend, bfloat16 included), pickle `.bin` through torch when it is installed, 
 file discovery (single file, sharded `*.safetensors.index.json`, or `.bin`).
 
 Files are opened lazily by `safe_open` (memory-mapped), one tensor at a time, so importing a
-checkpoint never holds a second full copy of it in host RAM. Errors name the file.
+checkpoint never holds a second full copy of it in host RAM. Errors name the file: the header's
+length is checked against the file's size before anything is read (a broken length made older
+readers fail with struct.error or try to allocate 2**62 bytes), and a broken index names the index.
+
+Writing into a folder that already holds a model would leave the old weight files next to the
+new ones (a single-file export after a sharded one: loaders follow the stale index to the old
+shards), so `prepare_output_dir` refuses a non-empty folder unless asked to overwrite, and then
+removes the weight files first (`WEIGHT_FILES`: only what a model export writes).
 """
 from __future__ import annotations
 
 import json
 import os
+import struct
 from pathlib import Path
 from typing import Iterator
 
 import ml_dtypes
 import numpy as np
+
+
+# The weight files an export writes and `prepare_output_dir(overwrite=True)` removes.
+WEIGHT_FILES = ("*.safetensors", "model.safetensors.index.json")
+
+
+def _check_header(path: str) -> None:
+    """A safetensors file starts with an 8-byte little-endian header length, then that many
+    bytes of JSON; the length must fit in the file (ValueError naming the file otherwise)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if size < 8:
+        raise ValueError(f"{path} is not a safetensors file: {size} bytes, too short for the 8-byte header length")
+    (n,) = struct.unpack("<Q", head[:8])
+    if n < 2 or n > size - 8:
+        raise ValueError(f"{path} is not a readable safetensors file: its header length {n} does not fit the "
+                         f"file's {size} bytes (truncated or not safetensors)")
+    if head[8:9] != b"{":
+        raise ValueError(f"{path} is not a readable safetensors file: its header is not JSON")
 
 
 class SafetensorsFile:
@@ -23,6 +51,8 @@ class SafetensorsFile:
         from safetensors import safe_open
 
         self.path = str(path)
+        if os.path.isfile(self.path):  # a missing file: the library's error below names it
+            _check_header(self.path)
         try:
             self._f = safe_open(self.path, framework="numpy")
             self.metadata = self._f.metadata() or {}
@@ -82,7 +112,11 @@ def checkpoint_files(path: str | os.PathLike) -> list:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = p / index_name
         if index.exists():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"{index} is not a readable weight index (a JSON object with a "
+                                 f"\"weight_map\"): {type(e).__name__}: {e}") from None
             opener = SafetensorsFile if index_name.startswith("model.safetensors") else TorchBinFile
             return [opener(p / s) for s in shards]
     st = sorted(p.glob("*.safetensors"))
@@ -93,6 +127,33 @@ def checkpoint_files(path: str | os.PathLike) -> list:
     if bins:
         return [TorchBinFile(b) for b in bins]
     raise FileNotFoundError(f"no *.safetensors or *.bin weights in {p}")
+
+
+def check_output_dir(out_dir, overwrite: bool = False) -> bool:
+    """FileExistsError for a file, or for a folder holding anything unless `overwrite`; True
+    when the folder holds something (so `overwrite` has files to replace). Creates nothing."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file, not a folder")
+    full = out.is_dir() and any(out.iterdir())
+    if full and not overwrite:
+        raise FileExistsError(f"{out} is not empty: pass --overwrite (overwrite=True) to replace the model in it "
+                              "(its weight files are removed first, other files are kept)")
+    return full
+
+
+def prepare_output_dir(out_dir, overwrite: bool = False) -> Path:
+    """`out_dir`, created, ready for a model's files (`check_output_dir`); with `overwrite`,
+    the `WEIGHT_FILES` in it are removed first. Other files are left alone (the export rewrites
+    its config, processor and tokenizer files)."""
+    out = Path(out_dir)
+    if check_output_dir(out, overwrite):
+        for pattern in WEIGHT_FILES:
+            for f in out.glob(pattern):
+                if f.is_file():
+                    f.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def write_safetensors(path, tensors: list[tuple[str, np.ndarray]], metadata: dict | None = None):

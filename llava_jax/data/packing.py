@@ -48,6 +48,7 @@ from llava_jax.config import IGNORE_INDEX
 from llava_jax.data.skips import (
     MARKER_KEYS,
     DropSample,
+    NoTrainingData,
     count_skip,
     empty_counters,
     is_skip_marker,
@@ -315,9 +316,10 @@ class PackIterDataset(grain.IterDataset):
       state_check: extra JSON-able items stored in the state and compared on restore (e.g. the
         worker count and shard), so a mismatched restore fails loudly instead of silently
         yielding different data.
-      max_consecutive_skips: raise a RuntimeError (instead of spinning forever on a repeated
-        data set) after this many skipped records in a row; the pipeline passes the number of
-        records in one epoch of the shard. None: no limit.
+      max_consecutive_skips: raise :class:`NoTrainingData` (instead of spinning forever on a
+        repeated data set) after this many skipped records in a row; the pipeline passes twice
+        the records of one epoch of the shard. None: no limit. Either way a stream that ends
+        without one usable sample raises it too.
     """
 
     def __init__(
@@ -361,6 +363,7 @@ class PackDatasetIterator(grain.DatasetIterator):
         self._state_check = state_check
         self._max_skips = max_consecutive_skips
         self._consecutive_skips = 0
+        self._last_skip: dict | None = None
         self._replaying = False
         self._counters = empty_counters()
         self._group: list[dict] = []
@@ -407,13 +410,9 @@ class PackDatasetIterator(grain.DatasetIterator):
             if not self._replaying:
                 self._log_skip(element)
             self._consecutive_skips += 1
+            self._last_skip = element
             if self._max_skips is not None and self._consecutive_skips > self._max_skips:
-                skipped = {k: v for k, v in self._counters.items() if k.startswith("skipped/") and v}
-                raise RuntimeError(
-                    f"no usable sample in the last {self._consecutive_skips} records (more than one "
-                    f"epoch of this shard): every record is being skipped; counts so far {skipped}; "
-                    f"last: {element.get('source')} row {element.get('row')}: {element.get('detail', '')}"
-                )
+                self._raise_no_training_data(f"the last {self._consecutive_skips} rows")
             return True
         n_tok, n_img = num_tokens(element), num_images(element)
         if n_tok > self._spec.max_length or n_img > self._spec.max_images:
@@ -436,6 +435,14 @@ class PackDatasetIterator(grain.DatasetIterator):
         self._counters["samples"] += 1
         self._counters["truncated"] += int(bool(element.get("truncated", False)))
         return True
+
+    def _raise_no_training_data(self, where: str) -> None:
+        skipped = {k: v for k, v in self._counters.items() if k.startswith("skipped/") and v}
+        el = self._last_skip or {}
+        raise NoTrainingData(
+            f"no usable sample in {where}: every record is being skipped; counts so far {skipped}; "
+            f"last: {el.get('source')} row {el.get('row')}: {el.get('detail', '')} (all skipped rows are in "
+            "the skip log)")
 
     def _log_skip(self, el: dict) -> None:
         if self._skip_log is not None:
@@ -460,6 +467,9 @@ class PackDatasetIterator(grain.DatasetIterator):
                 pos, el = self._next_element()
             except StopIteration:
                 self._exhausted = True
+                if not self._counters["samples"] and self._consecutive_skips:
+                    # a finite stream of nothing but skips (e.g. one epoch of all-bad data)
+                    self._raise_no_training_data(f"{self._consecutive_skips} rows")
                 self._close_window()
                 return
             if not self._consume(el):

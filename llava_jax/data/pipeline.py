@@ -80,7 +80,7 @@ from llava_jax.data.packing import (
     batch_rows,
     group_elements,
 )
-from llava_jax.data.skips import DropSample, SkipLog, skip_marker
+from llava_jax.data.skips import DropSample, NoTrainingData, SkipLog, skip_marker
 from llava_jax.data.templates import IMAGE_TOKEN, resolve_template
 from llava_jax.data.tokenize import tokenize_conversation
 
@@ -271,6 +271,13 @@ def as_source(sources: Any) -> Any:
     if not _is_source(sources):
         raise TypeError(f"expected a random-access source (__len__ + __getitem__), got {type(sources).__name__}")
     return sources
+
+
+def _names(sources: Any) -> str:
+    """The files (or names) of a source or list of sources, for messages."""
+    parts = list(sources) if isinstance(sources, (list, tuple)) and all(_is_source(s) for s in sources) else [sources]
+    parts = [p for s in parts for p in getattr(s, "sources", [s])]
+    return ", ".join(str(getattr(p, "path", None) or getattr(p, "name", None) or type(p).__name__) for p in parts)
 
 
 def make_skip_log(path: str | os.PathLike | None = None):
@@ -555,11 +562,18 @@ def make_pipeline(
              "max_length": cfg.max_length, "pack": cfg.pack, "num_bins": num_bins}
     try:
         n = len(as_source(sources))
-        per_epoch = -(-n // pc)
-    except Exception:  # noqa: BLE001
-        per_epoch = None
+    except Exception:  # noqa: BLE001 - a source without a length: no guard, no check
+        n = None
+    if n == 0:
+        raise NoTrainingData(f"the training data has no rows ({_names(sources)}): nothing to train on; "
+                             "check data.sources")
+    # The skipped-rows guard counts skipped rows in a row. Reshuffled every epoch, data with
+    # one usable row per epoch of a shard can show 2 * (per_epoch - 1) skipped rows in a row
+    # (the usable row first in one epoch, last in the next), so the guard allows twice an
+    # epoch's rows: more means no row of the shard is usable (it would spin forever otherwise).
+    max_skips = None if n is None else 2 * -(-n // pc)
     ds = PackIterDataset(ds, spec, num_bins, skip_log=skip_log, state_check=check,
-                         max_consecutive_skips=per_epoch)
+                         max_consecutive_skips=max_skips)
     ds = ds.batch(cfg.batch_size, drop_remainder=cfg.drop_remainder, batch_fn=batch_rows)
     if cfg.prefetch_batches > 0:
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=cfg.prefetch_batches)

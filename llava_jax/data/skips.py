@@ -16,6 +16,9 @@ The packer (:mod:`llava_jax.data.packing`, main process) counts each marker into
 :func:`empty_counters` (:func:`count_skip`), so counts are exact whatever the number of workers
 and are part of the checkpointed iterator state, and reports it once to a :class:`SkipLog`
 (:func:`marker_reason` is the reason it logs).
+
+Data that cannot train anything is the one error: :class:`NoTrainingData`, for a data set with
+no rows (before reading) and for a stream in which every record is being skipped.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ __all__ = [
     "SKIP_REASONS",
     "MARKER_KEYS",
     "DropSample",
+    "NoTrainingData",
     "SkipLog",
     "count_skip",
     "empty_counters",
@@ -89,6 +93,11 @@ MARKER_KEYS: tuple[str, ...] = ("skip", "detail", "id", "source", "row")
 
 def empty_counters() -> dict[str, int]:
     return {"samples": 0, "truncated": 0, **{f"skipped/{r}": 0 for r in SKIP_REASONS}}
+
+
+class NoTrainingData(RuntimeError):
+    """The data yields nothing to train on: no rows at all, or every record is skipped. The
+    message is one line (counts by reason, the last skipped record)."""
 
 
 class DropSample(Exception):

@@ -206,7 +206,7 @@ def run(out: Path, opts: DemoOptions = DemoOptions()) -> dict:
 
     # ------------------------------------------------------------------ export
     hf_dir = out / "hf"
-    save_pretrained(model, hf_dir, tokenizer=tokenizer)
+    save_pretrained(model, hf_dir, tokenizer=tokenizer, overwrite=True)  # the demo's own folder: a rerun replaces it
     times["total"] = time.perf_counter() - t0
     summary = {"accuracy": rows, "times_s": times, "tower": tower, "stage1": s1, "stage2": s2, "hf_dir": str(hf_dir)}
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str))

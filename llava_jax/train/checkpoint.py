@@ -11,17 +11,38 @@ Multi-host: every process calls save/restore (Orbax writes each host's shards an
 the workdir must be shared by all hosts (a `gs://` bucket or a shared file system). Each host
 reads its own input shard, so the input iterator states of all processes are gathered and
 stored together in the JSON part (written by process 0); on restore each process takes its own.
+
+Damage: every save records checksums of its arrays and of its JSON part (`integrity.py` says
+why values, not files); `restore` checks them and raises `DamagedCheckpoint`, one line naming the
+step and its file, for those and for anything Orbax cannot read. `restore_latest` (the trainer's
+resume) reports a damaged step, moves it aside to `checkpoints/N.damaged` and takes the newest
+intact step, or raises when none is intact. Checkpoints saved before checksums existed (no
+"integrity" in the JSON part) are restored unverified, as before: only what Orbax itself checks.
 """
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from llava_jax.fileio import as_path
+from llava_jax.convert.hf import CheckpointError
+from llava_jax.fileio import as_path, is_remote
+from llava_jax.train import integrity
+
+log = logging.getLogger(__name__)
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint step that cannot be restored as saved; the message is one line naming the
+    step and the file (or item folder) at fault."""
+
+    def __init__(self, step: int, where: str, message: str | None = None):
+        super().__init__(message or f"checkpoint step {step} is damaged: {where}")
+        self.step, self.where = step, where
 
 
 def _abstract(tree):
@@ -68,6 +89,10 @@ class Checkpointer:
             data = {"per_process": _allgather_json(data), "process_count": jax.process_count()}
         extra = {"step": int(step), "rng": np.asarray(jax.random.key_data(rng)).tolist(),
                  "data": data, "meta": meta or {}}
+        extra = json.loads(json.dumps(extra))  # as a restore reads it back, for the digest
+        extra["integrity"] = {"params": integrity.tree_checksums(trainable),
+                              "opt_state": integrity.tree_checksums(opt_state),
+                              "json": integrity.json_digest(extra)}
         self.manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(trainable),
             opt_state=ocp.args.StandardSave(opt_state),
@@ -75,31 +100,118 @@ class Checkpointer:
         ), force=True)
 
     def restore(self, step: int, trainable_like, opt_state_like):
-        """Restore onto the shardings of `*_like` (arrays or ShapeDtypeStructs with shardings)."""
-        r = self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(_abstract(trainable_like)),
-            opt_state=ocp.args.StandardRestore(_abstract(opt_state_like)),
-            extra=ocp.args.JsonRestore(),
-        ))
-        extra = r.extra
+        """Restore onto the shardings of `*_like` (arrays or ShapeDtypeStructs with shardings);
+        `DamagedCheckpoint` when the step is not what was saved."""
+        extra = self.extra(step)
+        params = self._read(step, "params", ocp.args.StandardRestore(_abstract(trainable_like)), extra)
+        opt_state = self._read(step, "opt_state", ocp.args.StandardRestore(_abstract(opt_state_like)), extra)
         rng = jax.random.wrap_key_data(np.asarray(extra["rng"], np.uint32))
         data = _this_process_data(extra["data"], step, self.directory)
-        return r.params, r.opt_state, int(extra["step"]), rng, _from_jsonable(data), extra.get("meta", {})
+        return params, opt_state, int(extra["step"]), rng, _from_jsonable(data), extra.get("meta", {})
+
+    def restore_latest(self, trainable_like, opt_state_like):
+        """`restore` of the newest intact step, or None without checkpoints. A damaged newer
+        step is reported (one warning line) and moved aside, so the resumed run can save that
+        step again and no later reader takes it for the latest; with no intact step, one
+        `DamagedCheckpoint` naming each step and file (nothing moved: the user decides)."""
+        damaged: list[DamagedCheckpoint] = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                got = self.restore(step, trainable_like, opt_state_like)
+                error = None
+            except DamagedCheckpoint as e:
+                got, error = None, e
+            error = _agreed(error, step)
+            if error is None:
+                if damaged:
+                    moved = [self._move_aside(e.step) for e in damaged]
+                    log.warning("resuming from step %d, the newest intact checkpoint (damaged: %s)",
+                                step, ", ".join(moved))
+                return got
+            log.warning("%s", error)
+            damaged.append(error)
+        if damaged:
+            raise DamagedCheckpoint(damaged[0].step, damaged[0].where, (
+                f"no intact checkpoint in {self.directory}: "
+                + "; ".join(f"step {e.step} is damaged: {e.where}" for e in damaged)
+                + ". Move the damaged step folders aside to start this run over, or use a new workdir"))
+        return None
 
     def restore_params(self, step: int, trainable_like):
-        """Only the params (e.g. a stage-1 projector into a stage-2 run)."""
-        r = self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(trainable_like))))
-        return r.params
+        """Only the params (e.g. a stage-1 projector into a stage-2 run), checked like `restore`."""
+        return self._read(step, "params", ocp.args.StandardRestore(_abstract(trainable_like)), self.extra(step))
 
     def extra(self, step: int) -> dict:
         """The JSON part (step, rng, data state, meta) without reading arrays."""
-        return self.manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore())).extra
+        extra = self._read(step, "extra", ocp.args.JsonRestore())
+        if not isinstance(extra, dict) or not {"step", "rng", "data"} <= extra.keys():
+            raise DamagedCheckpoint(step, f"{self.directory / str(step) / 'extra'}: not a llava-jax checkpoint's JSON part")
+        saved = extra.get("integrity")
+        if saved is not None:
+            rest = {k: v for k, v in extra.items() if k != "integrity"}
+            if integrity.json_digest(rest) != saved.get("json"):
+                raise DamagedCheckpoint(step, f"{self.directory / str(step) / 'extra'}: the JSON part does not match "
+                                              "the checksum saved with it")
+        return extra
+
+    def _read(self, step: int, item: str, arg, extra: dict | None = None):
+        """One item of a step, restored and (when `extra` holds its checksums) verified."""
+        folder = self.directory / str(step) / item
+        problem = integrity.item_error(self.directory / str(step), item)
+        if problem is None:
+            try:
+                with integrity.quiet_failed_reads():
+                    value = getattr(self.manager.restore(step, args=ocp.args.Composite(**{item: arg})), item)
+            except Exception as e:  # noqa: BLE001 - whatever Orbax/TensorStore raise on bad files
+                problem = f"{folder}: {integrity.one_line(e)}"
+        if problem is not None:
+            raise DamagedCheckpoint(step, problem)
+        saved = (extra or {}).get("integrity", {}).get(item)
+        if saved:
+            bad = integrity.mismatched_arrays(value, saved)
+            if bad:
+                more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+                raise DamagedCheckpoint(step, f"{folder}: array {bad[0]}{more} does not match the checksum saved with it")
+        return value
+
+    def _move_aside(self, step: int) -> str:
+        """Step folder N -> N.damaged (kept for inspection; Orbax lists only numeric names). On
+        an object store, where a folder cannot be renamed, it is deleted."""
+        src = self.directory / str(step)
+        if is_remote(src):
+            self.manager.delete(step)  # every process calls it; Orbax deletes from the primary host
+            return f"step {step} deleted"
+        dst, k = src.with_name(f"{step}.damaged"), 1
+        while dst.exists():
+            k += 1
+            dst = src.with_name(f"{step}.damaged{k}")
+        if jax.process_index() == 0:
+            src.rename(dst)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"llava_jax checkpoint {step} moved aside")
+        self.manager.reload()
+        return f"step {step} moved to {dst}"
 
     def wait(self):
         self.manager.wait_until_finished()
 
     def close(self):
         self.manager.close()
+
+
+def _agreed(error: DamagedCheckpoint | None, step: int) -> DamagedCheckpoint | None:
+    """Every process takes the same step: one that any process could not restore is damaged
+    for all (each host reads its own shards, so a bad file may show on one host only)."""
+    if jax.process_count() == 1:
+        return error
+    from jax.experimental import multihost_utils
+
+    bad = multihost_utils.process_allgather(np.asarray([error is not None], np.int32)).reshape(-1)
+    if error is None and bad.any():
+        return DamagedCheckpoint(step, f"process(es) {np.flatnonzero(bad).tolist()} could not restore it")
+    return error
 
 
 def _allgather_json(obj) -> list:

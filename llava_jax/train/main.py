@@ -11,6 +11,8 @@ metrics.jsonl, TensorBoard logs, skipped rows and run_config.json; re-running th
 resumes from its newest checkpoint. On several hosts every host runs the same command (see
 launch/README.md).
 """
+import sys
+
 from absl import flags
 from ml_collections import config_flags
 
@@ -21,16 +23,19 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
+    from llava_jax.convert.hf import CheckpointError
+    from llava_jax.data.skips import NoTrainingData
     from llava_jax.train.runtime import maybe_initialize_distributed
     from llava_jax.train.trainer import train
 
     maybe_initialize_distributed()
-    train(_CONFIG.value, _WORKDIR.value)
+    try:
+        train(_CONFIG.value, _WORKDIR.value)
+    except (CheckpointError, NoTrainingData) as e:  # no intact checkpoint, no usable data: one line says why
+        sys.exit(f"error: {e}")
 
 
 def run():
-    import sys
-
     from llava_jax.cli import run_absl
 
     run_absl(main, sys.modules[__name__])

@@ -65,6 +65,7 @@ def estimate_num_steps(sources, tokenizer, pcfg, num_epochs: int, global_batch: 
     `probe` records (run through the real pipeline, with the training run's packing window),
     scaled to the whole source."""
     from llava_jax.data.pipeline import make_iterator
+    from llava_jax.data.skips import NoTrainingData
 
     n = len(sources)
     k = min(n, probe)
@@ -76,7 +77,10 @@ def estimate_num_steps(sources, tokenizer, pcfg, num_epochs: int, global_batch: 
                                                     num_epochs=1, worker_count=0, drop_remainder=False,
                                                     prefetch_batches=0),
                        process_index=0, process_count=1)
-    rows = sum(1 for _ in it)
+    try:
+        rows = sum(1 for _ in it)
+    except NoTrainingData:  # every probed row skipped: the run's own guard judges the whole data
+        rows = 0
     return max(1, math.ceil(n * num_epochs * max(rows, 1) / k / global_batch))
 
 
@@ -129,9 +133,9 @@ def train(config, workdir: str) -> dict:
     ckpt = Checkpointer(workdir, keep=config.train.keep, async_save=config.train.async_checkpoint)
     rng = jax.random.key(config.train.seed)
     step = 0
-    latest = ckpt.latest_step()
-    if latest is not None:
-        trainable, opt_state, step, rng, data_state, _ = ckpt.restore(latest, trainable, opt_state)
+    restored = ckpt.restore_latest(trainable, opt_state)  # a damaged newest step: the one before
+    if restored is not None:
+        trainable, opt_state, step, rng, data_state, _ = restored
         if data_state is not None:
             data_iter.set_state(data_state)
         log.info("resumed from %s at step %d", ckpt.directory, step)
@@ -237,6 +241,9 @@ def train(config, workdir: str) -> dict:
         writer.close(final_step=step if status == "data exhausted" else None)
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
+    skips = getattr(data_iter, "skip_log", None)
+    if skips is not None and skips.total:  # counted all along (metrics); said once at the end
+        log.info("%s%s", skips, f"; listed in {as_path(workdir) / config.data.skip_log}" if config.data.skip_log else "")
     # `last` (the last logged metrics) must not override the step the run really ended at
     summary = {**last, "status": status, "step": step, "num_steps": num_steps}
     if is_main:
