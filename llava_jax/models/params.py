@@ -13,7 +13,7 @@ from typing import Sequence
 
 def path_str(path) -> str:
     """'llm/layers/q_kernel' from an nnx path or a jax key path (a trailing `.value` dropped)."""
-    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    names = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
     if names and names[-1] == "value":
         names = names[:-1]
     return "/".join(names)

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llava_jax.models.params import path_str
+
 _UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
 
 
@@ -50,13 +52,6 @@ def _word_sums(x) -> jax.Array:
 _tree_sums = jax.jit(lambda leaves: [_word_sums(x) for x in leaves])
 
 
-def _path_name(path) -> str:
-    keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
-    if keys and keys[-1] == "value":  # nnx.State leaves end in `.value`
-        keys = keys[:-1]
-    return "/".join(keys)
-
-
 def tree_checksums(tree) -> dict[str, list]:
     """{param path: [dtype, sum, weighted sum]} of every array of `tree` (JSON-able)."""
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -66,7 +61,7 @@ def tree_checksums(tree) -> dict[str, list]:
     out = {}
     for (path, x), s in zip(flat, sums):
         a, b = (int(v) for v in np.asarray(s.addressable_data(0)))  # replicated: any shard has it
-        out[_path_name(path)] = [np.dtype(x.dtype).name, a, b]
+        out[path_str(path)] = [np.dtype(x.dtype).name, a, b]
     return out
 
 
