@@ -316,3 +316,61 @@ def test_client_disconnect_cancels_a_non_streaming_request(gen, monkeypatch):
             assert wait_for(lambda: stats(srv)["running"] == 1)
         assert wait_for(lambda: reasons, 10) and reasons == ["cancelled"], reasons
         assert wait_for(lambda: stats(srv)["running"] == 0, 5) and stats(srv)["requests_cancelled"] == 1
+
+
+# ---------------------------------------------------------------------------- image bytes
+def _encoded(fmt: str, size=(8, 6)) -> bytes:
+    import io
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 40)).save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "BMP"])
+def test_accepted_image_formats_decode(fmt):
+    from llava_jax.serve.generator import decode_image
+    img = decode_image(_encoded(fmt))
+    assert img.mode == "RGB" and img.size == (8, 6)
+
+
+@pytest.mark.parametrize("fmt", ["ICO", "TIFF", "PPM", "TGA"])
+def test_other_pillow_formats_are_refused(fmt):
+    from llava_jax.serve.generator import RequestError, decode_image
+    with pytest.raises(RequestError) as e:
+        decode_image(_encoded(fmt, (16, 16)))
+    assert e.value.code == "invalid_image" and "PNG/JPEG/WEBP/GIF/BMP" in str(e.value)
+
+
+def test_eps_never_reaches_ghostscript(monkeypatch):
+    from PIL import EpsImagePlugin
+
+    from llava_jax.serve.generator import RequestError, decode_image
+    called = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: called.append(a))
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: called.append("open"))
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto showpage\n"
+    with pytest.raises(RequestError) as e:
+        decode_image(eps)  # sent as data:image/png: the bytes decide, and they are not allowed
+    assert e.value.code == "invalid_image" and called == []
+
+
+def test_pixel_limit_from_the_header_before_decoding(monkeypatch):
+    """A PNG whose header says 12000x12000 is refused (413) from the header alone."""
+    import struct
+    import zlib
+
+    from PIL import ImageFile
+
+    from llava_jax.serve.generator import RequestError, decode_image
+    png = bytearray(_encoded("PNG"))
+    ihdr = bytearray(png[16:29])  # width, height, depth, colour type, ...
+    ihdr[0:8] = struct.pack(">II", 12000, 12000)
+    png[16:29] = ihdr
+    png[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + bytes(ihdr)))
+    loads = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(self) or None)
+    with pytest.raises(RequestError) as e:
+        decode_image(bytes(png), max_pixels=40_000_000)
+    assert e.value.status == 413 and "12000x12000" in str(e.value) and loads == []

@@ -49,6 +49,11 @@ class RequestError(ValueError):
 
 
 # ---------------------------------------------------------------------------- images
+# What the OpenAI API accepts. Pillow would otherwise try every plugin it has on untrusted bytes
+# (EPS runs Ghostscript where it is installed; an ICO may wrap a PNG larger than its header says).
+ACCEPTED_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+
+
 def decode_image(data: bytes, *, max_bytes: int = 20 * 2**20, max_pixels: int = 40_000_000,
                  max_side: int = 8192, max_aspect: float = 20.0, param: str | None = None) -> Image.Image:
     """Encoded image bytes -> RGB PIL image, refusing oversized or non-image input with a
@@ -60,13 +65,13 @@ def decode_image(data: bytes, *, max_bytes: int = 20 * 2**20, max_pixels: int = 
     if not data:
         raise RequestError("image data is empty", param, "invalid_image")
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=ACCEPTED_IMAGE_FORMATS)  # reads the header only
         w, h = img.size
     except Image.DecompressionBombError as e:
         raise RequestError(f"image too large: {e}", param, "image_too_large", 413) from None
     except Exception as e:  # noqa: BLE001 - PIL raises many types for non-image bytes
-        raise RequestError(f"could not decode the image ({type(e).__name__}): not a supported image file",
-                           param, "invalid_image") from None
+        raise RequestError(f"could not decode the image ({type(e).__name__}): not a "
+                           f"{'/'.join(ACCEPTED_IMAGE_FORMATS)} file", param, "invalid_image") from None
     if w * h > max_pixels:
         raise RequestError(f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}", param,
                            "image_too_large", 413)
