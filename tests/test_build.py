@@ -98,7 +98,6 @@ def test_export_refuses_a_folder_holding_a_model_unless_overwrite(stages, tmp_pa
     """Refused before the model is built, in one line naming the flag; `overwrite` replaces
     the weight files and leaves the user's other files."""
     from llava_jax.convert.safetensors_io import SafetensorsFile
-    from llava_jax.export import export
 
     root, _, _ = stages
     out = tmp_path / "hf"
@@ -114,6 +113,10 @@ def test_export_refuses_a_folder_holding_a_model_unless_overwrite(stages, tmp_pa
                                                  "replace the model in it (its weight files are removed first, "
                                                  "other files are kept)")
     assert (out / "model-00001-of-00002.safetensors").read_bytes() == b"old shard"
-    export(str(root / "stage2"), str(out), overwrite=True)
+    # the CLI in a subprocess (importing llava_jax.export here would define its absl flags in a
+    # test process that may hold tools.aot's, which share names)
+    p = subprocess.run([sys.executable, "-m", "llava_jax.export", f"--workdir={root / 'stage2'}", f"--out={out}",
+                        "--overwrite"], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
     assert sorted(x.name for x in out.glob("*.safetensors*")) == ["model.safetensors"]
     assert (out / "notes.txt").read_text() == "mine" and SafetensorsFile(out / "model.safetensors").keys()

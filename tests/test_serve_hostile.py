@@ -117,9 +117,11 @@ def test_fields_at_the_edge_of_their_range_are_served(server):
 
 
 # ---------------------------------------------------------------------------- 1. failures inside a batch
-def test_poison_request_joining_a_running_batch_fails_alone(gen):
-    """top_k = 2**31 (which the server refuses now) overflows the engine's int32 when it joins a
-    running batch: it alone fails, the batch runs on, and both queue slots are free again."""
+def test_huge_top_k_joining_a_running_batch_harms_nobody(gen):
+    """top_k = 2**31 (which the server refuses; a library caller can still pass it) used to
+    overflow the engine's int32 when it joined a running batch and drop the batch. The engine
+    clamps it now ("every token"): both requests finish, the running one exactly as alone, and
+    both queue slots are free again. (A request that fails to join: the injected-failure test.)"""
     sched = BatchScheduler(gen, max_batch=4, window_s=0.0, max_pending=2, reserve_new_tokens=16)
     try:
         msgs = [{"role": "user", "content": LONG_PROMPT}]
@@ -136,10 +138,10 @@ def test_poison_request_joining_a_running_batch_fails_alone(gen):
         a = Completion(gen.encode(msgs), p, on_delta=on_delta, on_done=lambda c: done["a"].set())
         sched.submit(a)
         assert done["b"].wait(30) and done["a"].wait(30), "a request of the batch was dropped without an answer"
-        assert bad.finish_reason == "error" and bad.error
+        assert bad.error is None and bad.finish_reason in ("length", "stop")
         assert a.error is None and a.finish_reason == "length" and a.text == gen.chat(msgs, p).text
         st = sched.stats()
-        assert st["running"] == 0 and st["queued"] == 0 and st["request_errors"] == 1, st
+        assert st["running"] == 0 and st["queued"] == 0 and st["request_errors"] == 0, st
         more = [threading.Event() for _ in range(2)]  # max_pending=2: both slots were freed
         for ev in more:
             sched.submit(Completion(gen.encode(msgs), SamplingParams(max_new_tokens=2), on_done=lambda c, ev=ev: ev.set()))
