@@ -62,8 +62,8 @@ def get_config(arg: str = "stage1"):
         # demo's ~980 steps depended on the seed and on package releases (seed 0: 99.5% with
         # transformers 5.23, 54.6% with 5.25 and tokenizers 0.23.3). Batches of 8 (twice the
         # updates for the same tokens; ~30% more stage-2 time on CPU) with a 10% warm-up form it
-        # for seeds 0-4 with the newest and oldest versions setup.py allows (BENCHMARKS.md,
-        # "Session 6"). The lr stays 2e-3.
+        # for more of them, not all: 6 of 10 seed x version runs (seeds 0-4, newest and oldest
+        # versions setup.py allows; BENCHMARKS.md, "Session 6"). The lr stays 2e-3.
         c.optim.lr = 2e-3
         c.optim.warmup_ratio = 0.1
         c.train.per_device_batch = 8

@@ -56,7 +56,7 @@ def world_settings(config) -> dict:
 # - most "no" answers name a shape that is in the image (the eval set keeps its own mix): with
 #   the eval mix, "the shape is there, so yes" was right often enough that the colour comparison
 #   was not learned (existence 69-73%, the misses "Yes" to a "no" about a present shape). With
-#   it and the stage-2 schedule in configs/demo.py, existence is >= 90% for seeds 0-4 (README).
+#   it and the stage-2 schedule in configs/demo.py, existence is >= 90% for most seeds, not all (README).
 STAGE2_ROWS = {"turns": (3, 6), "question_mix": {"color": 3, "existence": 4, "position": 3, "shape": 1, "count": 1},
                "existence_evidence": True, "shape_negative_prob": 0.75}
 
