@@ -85,13 +85,41 @@ def _files(d: Path) -> list[Path]:
     return sorted((f for f in d.rglob("*") if f.is_file()), key=lambda f: (f.stat().st_size, str(f)))
 
 
+def _ocdbt_values(params_dir: Path) -> dict:
+    """Every array chunk's stored bytes as Orbax's OCDBT store hands them out (fresh context, no
+    cache); an unreadable chunk maps to None."""
+    import tensorstore as ts
+
+    kv = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{params_dir}/"}, context=ts.Context()).result()
+    out = {}
+    for key in kv.list().result():
+        if key.endswith((b".zarray", b"zarr.json")):
+            continue
+        try:
+            out[key] = bytes(kv.read(key).result().value)
+        except Exception:  # noqa: BLE001 - a damaged chunk is what we are looking for
+            out[key] = None
+    return out
+
+
 def flip_params_data(step_dir: Path) -> str:
-    f = _files(step_dir / "params")[-1]  # the largest file: the arrays' data
-    b = bytearray(f.read_bytes())
-    mid = len(b) // 2
-    b[mid:mid + 64] = bytes(x ^ 0xFF for x in b[mid:mid + 64])
-    f.write_bytes(bytes(b))
-    return "params"
+    """Flip 64 bytes that an array chunk really uses. A data file also holds bytes no chunk
+    references (so a blind flip in its middle sometimes changed nothing and the damage test
+    failed by chance): try places in the data files until a chunk reads back different."""
+    params = step_dir / "params"
+    clean = _ocdbt_values(params)
+    data_files = [f for f in reversed(_files(params)) if f.parent.name == "d"]
+    for f in data_files:
+        original = f.read_bytes()
+        for frac in (0.5, 0.25, 0.75, 0.1, 0.9, 0.4, 0.6):
+            at = min(int(len(original) * frac), max(len(original) - 64, 0))
+            b = bytearray(original)
+            b[at:at + 64] = bytes(x ^ 0xFF for x in b[at:at + 64])
+            f.write_bytes(bytes(b))
+            if _ocdbt_values(params) != clean:
+                return "params"
+            f.write_bytes(original)
+    raise AssertionError(f"no flip in {params} changed an array chunk")
 
 
 def truncate(rel: str):
