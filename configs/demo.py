@@ -13,7 +13,8 @@ Unlike the real recipe (pretrained CLIP and Vicuna), nothing pretrained exists o
     the recipe.
 The world is drawn on a 3x3 grid of 16-px cells, one object per cell and one cell per ViT patch;
 stage-2 rows hold 3-6 questions each, weighted toward colour, existence and position, with
-existence answers that state the evidence first (`demo.world_settings`, `llava_jax/demo/run.py: STAGE2_ROWS`).
+existence answers that state the evidence and restate the asked object before the verdict
+(`demo.world_settings`, `llava_jax/demo/run.py: STAGE2_ROWS`).
 The tokenizer is trained on the world's text with punctuation kept out of its pieces
 (`data/tokenizer_build.py`). `tiny_*` are the test configs.
 """
@@ -57,13 +58,13 @@ def get_config(arg: str = "stage1"):
         c.data.template = "vicuna_v1"
         c.data.max_length = 256
         c.data.num_epochs = 4
-        # Stage 2 has to learn the existence verdict (compare the asked colour with the colour
+        # Stage 2 has to learn the existence verdict (compare the asked colour with the colours
         # just named). With 16-row batches and a 3% warm-up, whether it formed within the
         # demo's ~980 steps depended on the seed and on package releases (seed 0: 99.5% with
         # transformers 5.23, 54.6% with 5.25 and tokenizers 0.23.3). Batches of 8 (twice the
-        # updates for the same tokens; ~30% more stage-2 time on CPU) with a 10% warm-up form it
-        # for more of them, not all: 6 of 10 seed x version runs (seeds 0-4, newest and oldest
-        # versions setup.py allows; BENCHMARKS.md, "Session 6"). The lr stays 2e-3.
+        # updates for the same tokens; ~30% more stage-2 time on CPU) with a 10% warm-up formed
+        # it in 6 of 10 seed x version runs; the answers that restate the asked object before the
+        # verdict (`llava_jax/demo/run.py: STAGE2_ROWS`) do the rest (BENCHMARKS.md, "Session 7").
         c.optim.lr = 2e-3
         c.optim.warmup_ratio = 0.1
         c.train.per_device_batch = 8

@@ -60,6 +60,7 @@ def grid_set(tmp_path_factory) -> DataSet:
     root = tmp_path_factory.mktemp("shapes_grid")
     manifest = demo_data.generate(root, num_train=150, num_eval=30, seed=5, image_size=48, grid=3,
                             size_range=(0.6, 0.9), turns=(3, 6), existence_evidence=True,
+                            existence_recheck=True,
                             question_mix={"color": 3, "existence": 4, "position": 3, "shape": 1, "count": 1})
     return DataSet(root, manifest)
 
@@ -206,6 +207,8 @@ def test_bad_settings_say_what_to_do():
         scenes.ShapesWorld(question_mix={"color": 0.0})
     with pytest.raises(ValueError, match="shape_negative_prob"):
         scenes.ShapesWorld(shape_negative_prob=1.5)
+    with pytest.raises(ValueError, match="existence_recheck .* needs existence_evidence"):
+        scenes.ShapesWorld(existence_recheck=True)
 
 
 # ----------------------------------------------------------------------------- LLaVA rows
@@ -398,10 +401,11 @@ def test_stage2_answers_are_correct(dataset):
 
 def test_existence_evidence_names_the_colours_of_that_shape(grid_set):
     """With existence_evidence the answer first says what the image has of the asked shape (colours
-    in reading order: rows by thirds, then left to right), then the verdict; recomputed here from
-    the annotations alone."""
+    in reading order: rows by thirds, then left to right), then (existence_recheck, when the shape
+    is there) the asked object again, then the verdict; recomputed here from the annotations
+    alone."""
     cfg = grid_set.manifest["config"]
-    assert cfg["existence_evidence"] is True
+    assert cfg["existence_evidence"] is True and cfg["existence_recheck"] is True
     pats = _question_patterns(cfg["colors"], cfg["shapes"])
     checked = Counter()
     for row in grid_set.stage2:
@@ -418,7 +422,7 @@ def test_existence_evidence_names_the_colours_of_that_shape(grid_set):
                 objs.append((min(2, int(3 * (y0 + y1) / 2)), x0, color, shape))
             colors = []
             for *_, color, shape in sorted(objs):
-                if shape == args["shape"] and color not in colors:
+                if shape == args["shape"]:
                     colors.append(color)
             n = sum(o[3] == args["shape"] for o in objs)
             plural = "crosses" if args["shape"] == "cross" else args["shape"] + "s"
@@ -426,6 +430,9 @@ def test_existence_evidence_names_the_colours_of_that_shape(grid_set):
             evidence = (f"There is no {args['shape']}." if n == 0 else f"The {args['shape']} is {colors[0]}."
                         if n == 1 else f"The {plural} are {listed}.")
             verdict = "Yes" if args["color"] in colors else "No"
+            if n:
+                an = "An" if args["color"][0] in "aeiou" else "A"
+                evidence += f" {an} {args['color']} {args['shape']}?"
             assert a["value"] == f"{evidence} {verdict}.", (q["value"], a["value"])
             checked[(min(n, 2), verdict)] += 1
     # every kind of evidence (no / one / several of the shape) with both verdicts where possible

@@ -32,7 +32,10 @@ Files written under ``out_dir``
     ``position``, ``existence`` (yes/no about 50/50), and rarely ``describe`` (answer = a caption).
     ``ShapesWorld(turns=(lo, hi), question_mix={category: weight})`` set the questions per row and
     their mix; ``existence_evidence=True`` makes existence answers state what the image has of the
-    asked shape before the verdict ("The circle is blue. No.", "There is no circle. No.");
+    asked shape before the verdict ("The circle is blue. No.", "There is no circle. No."; one
+    colour per object: "The circles are red and red. Yes."), and ``existence_recheck=True``
+    also restates the asked object when its shape is there ("The circle is blue. A green
+    circle? No.");
     ``shape_negative_prob`` sets the share of "no" existence answers in these rows that name a
     shape in the image ("Is there a red circle?" next to a blue circle; default None: the mix of
     ``eval.jsonl``, half sharing a colour or shape with the image, half any absent pair).

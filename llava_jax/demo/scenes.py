@@ -57,6 +57,7 @@ class ShapesWorld:
         turns: tuple[int, int] = (1, 3),
         question_mix: Mapping[str, float] | None = None,
         existence_evidence: bool = False,
+        existence_recheck: bool = False,
         shape_negative_prob: float | None = None,
     ):
         unknown = [s for s in shapes if s not in ALL_SHAPES]
@@ -98,6 +99,9 @@ class ShapesWorld:
             question_mix = {c: float(question_mix.get(c, 0.0)) for c in EVAL_CATEGORIES}
         self.turns = (t_lo, t_hi)
         self.existence_evidence = bool(existence_evidence)
+        if existence_recheck and not existence_evidence:
+            raise ValueError("existence_recheck restates the asked object after the evidence: it needs existence_evidence=True")
+        self.existence_recheck = bool(existence_recheck)
         if shape_negative_prob is not None and not 0 <= shape_negative_prob <= 1:
             raise ValueError(f"shape_negative_prob must be None or in [0, 1], got {shape_negative_prob}")
         self.shape_negative_prob = None if shape_negative_prob is None else float(shape_negative_prob)
@@ -128,6 +132,7 @@ class ShapesWorld:
             "describe_prob": self.describe_prob, "grid": self.grid,
             "reading_order": self.reading_order, "turns": list(self.turns),
             "question_mix": self.question_mix, "existence_evidence": self.existence_evidence,
+            "existence_recheck": self.existence_recheck,
             "shape_negative_prob": self.shape_negative_prob,
         }
 
@@ -335,7 +340,10 @@ class ShapesWorld:
             q = rng.choice(T["existence"]).format(color=color, shape=shape)
             thing = f"{article(color)} {color} {shape}"
             if self.existence_evidence:  # "The circle is blue. No."
-                resp = f"{shape_evidence(objs, shape)} {'Yes' if yes else 'No'}."
+                evidence = shape_evidence(objs, shape)
+                if self.existence_recheck and shape in shape_counts:  # "The circle is blue. A green circle? No."
+                    evidence += f" {capitalize(thing)}?"
+                resp = f"{evidence} {'Yes' if yes else 'No'}."
             elif yes:
                 resp = "Yes." if short else f"Yes, there is {thing}."
             else:

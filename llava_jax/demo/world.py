@@ -204,13 +204,14 @@ def reading_order(objs: Sequence[Obj]) -> list[Obj]:
 
 
 def shape_evidence(objs: Sequence[Obj], shape: str) -> str:
-    """What the image has of one shape, in reading order: "The circle is blue.", "The circles are
-    red and green.", "There is no circle." """
+    """What the image has of one shape, one colour per object in reading order: "The circle is
+    blue.", "The circles are red and red.", "There is no circle." (one word per object, repeats
+    included: a model that lists the objects it sees need not also decide which colours it has
+    already said; with distinct colours only, the demo model wrote "red and red" anyway)."""
     found = [o.color for o in reading_order(objs) if o.shape == shape]
     if not found:
         return f"There is no {shape}."
-    colors = list(dict.fromkeys(found))
-    return f"The {shape} is {colors[0]}." if len(found) == 1 else f"The {PLURALS[shape]} are {join_words(colors)}."
+    return f"The {shape} is {found[0]}." if len(found) == 1 else f"The {PLURALS[shape]} are {join_words(found)}."
 
 
 @dataclasses.dataclass(frozen=True)
