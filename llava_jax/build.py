@@ -8,8 +8,11 @@ the trainer (``train/trainer.py``, the loop), ``export``, ``eval.answer``, the d
                                      previous stages' workdirs on top (`init_from_workdir`)
            -> trained_model()        a training workdir's finished model, rebuilt from the config
                                      the run recorded; refuses params no checkpoint provided
-           -> compiled_train_step()  the jitted step with donated buffers (the trainer runs it,
-                                     tools/aot.py compiles it for a TPU topology)
+           -> training_data()        this process's input iterator and the schedule's length
+           -> train_parts()          freezing, optimizer, optimizer state and the jitted step with
+                                     donated buffers (`compiled_train_step`), for a model in its
+                                     shards (the trainer) or an abstract one (tools/aot.py compiles
+                                     it for a TPU topology)
            -> batch_spec()           the global batch's shapes, dtypes and shardings
 
 A run records its config in ``WORKDIR/run_config.json``; together with each workdir's
@@ -279,7 +282,107 @@ def _without_previous_stages(config):
     return c
 
 
+# =============================================================================== data
+@dataclasses.dataclass
+class TrainingData:
+    """This process's input for a run: `iterator` yields batches of `process_batch` rows (shard
+    `shard[0]` of `shard[1]`, `sharding.process_data_shard`); `num_steps` is the schedule's length."""
+    iterator: Any
+    num_steps: int
+    shard: tuple[int, int]
+    process_batch: int
+
+
+def training_data(config, tokenizer, model_cfg: LlavaConfig, mesh, workdir) -> TrainingData:
+    """The run's input pipeline. Skipped rows go to the workdir's skip log (one file per process
+    when there are several); `train.num_steps <= 0` means one schedule over `data.num_epochs`,
+    estimated in packed rows (`estimate_num_steps`)."""
+    from llava_jax.data.pipeline import PipelineConfig, make_iterator, make_skip_log
+    from llava_jax.data.sources import ConcatSource, sources_from_config
+    from llava_jax.fileio import as_path
+
+    d = config.data
+    shard = shd.process_data_shard(mesh)
+    process_batch = config.train.global_batch // shard[1]
+    pcfg = PipelineConfig.from_config(d, model_cfg, process_batch)
+    sources = ConcatSource(sources_from_config(d.sources, d.image_folder))
+    skip_path = None
+    if d.skip_log:
+        skip_path = as_path(workdir) / d.skip_log
+        if jax.process_count() > 1:
+            skip_path = skip_path.with_name(f"{skip_path.stem}.process{jax.process_index()}{skip_path.suffix}")
+    it = make_iterator(sources, tokenizer, pcfg, process_index=shard[0], process_count=shard[1],
+                       skip_log=make_skip_log(skip_path))
+    num_steps = config.train.num_steps
+    if num_steps <= 0:
+        num_steps = estimate_num_steps(sources, tokenizer, pcfg, d.num_epochs, config.train.global_batch)
+        log.info("num_steps estimated at %d for %d epochs", num_steps, d.num_epochs)
+    return TrainingData(it, num_steps, shard, process_batch)
+
+
+def estimate_num_steps(sources, tokenizer, pcfg, num_epochs: int, global_batch: int, probe: int = 256) -> int:
+    """Optimizer steps for `num_epochs` passes: packed rows per sample measured on the first
+    `probe` records (run through the real pipeline, with the training run's packing window),
+    scaled to the whole source."""
+    import math
+
+    from llava_jax.data.pipeline import make_iterator
+    from llava_jax.data.skips import NoTrainingData
+
+    n = len(sources)
+    k = min(n, probe)
+    sub = [sources[i] for i in range(k)]
+    # One row per batch, but the training run's packing window (`num_bins` follows the batch
+    # size by default): with a single open row the probe packed worse than training and
+    # overestimated the steps by ~14% on the demo, so the cosine schedule was cut before its end.
+    it = make_iterator(sub, tokenizer, pcfg.replace(batch_size=1, pack_bins=pcfg.num_bins, shuffle=False,
+                                                    num_epochs=1, worker_count=0, drop_remainder=False,
+                                                    prefetch_batches=0),
+                       process_index=0, process_count=1)
+    try:
+        rows = sum(1 for _ in it)
+    except NoTrainingData:  # every probed row skipped: the run's own guard judges the whole data
+        rows = 0
+    return max(1, math.ceil(n * num_epochs * max(rows, 1) / k / global_batch))
+
+
 # =============================================================================== step
+@dataclasses.dataclass
+class TrainParts:
+    """What the train step holds: the graph, the trainable and frozen params, the optimizer, its
+    state and the compiled `step(trainable, opt_state, frozen, batch, step) -> (trainable,
+    opt_state, metrics)`."""
+    graphdef: Any
+    trainable: Any
+    frozen: Any
+    tx: Any
+    schedule: Any
+    opt_state: Any
+    step: Any
+
+
+def train_parts(config, mesh, model: LlavaModel, num_steps: int, *, abstract: bool = False, batch=None) -> TrainParts:
+    """Split `model` into trainable and frozen params (`config.trainable`), build the optimizer
+    and its state in the params' shardings, and the compiled step (`compiled_train_step`).
+    `abstract`: `model` comes from `nnx.eval_shape` and nothing is materialised (tools/aot.py
+    lowers the same step for a TPU topology; `batch`: a `batch_spec`)."""
+    from llava_jax.train.state import make_optimizer, opt_state_shardings, split_model
+
+    graphdef, trainable, frozen = split_model(model, list(config.trainable))
+    if abstract:
+        trainable, frozen = abstract_sharded(trainable, mesh), abstract_sharded(frozen, mesh)
+    frozen = frozen_for_training(frozen, config)
+    tx, schedule = make_optimizer(config.optim, num_steps, trainable)
+    shardings = opt_state_shardings(tx, trainable, mesh)
+    if abstract:
+        opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                 jax.eval_shape(tx.init, trainable), shardings)
+    else:
+        opt_state = jax.jit(tx.init, out_shardings=shardings)(trainable)
+    step = compiled_train_step(config, mesh, graphdef, tx, schedule, trainable, opt_state, frozen, batch)
+    return TrainParts(graphdef, trainable, frozen, tx, schedule, opt_state, step)
+
+
 def frozen_for_training(frozen, config):
     """The frozen params as the train step holds them: in model.dtype when model.cast_frozen
     (`state.cast_frozen`: every use casts them to it anyway), else as loaded."""

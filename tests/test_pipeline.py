@@ -380,13 +380,13 @@ def test_no_rows_at_all_is_an_error_before_reading(tokenizer):
 
 
 def test_step_estimate_packs_like_training(tokenizer):
-    """`trainer.estimate_num_steps` (the schedule length when `train.num_steps` is -1) probes the
+    """`build.estimate_num_steps` (the schedule length when `train.num_steps` is -1) probes the
     data with the training run's packing window: on unshuffled data it counts exactly the rows
     the real iterator packs. (A probe with one open row counted 47 rows here instead of 43, and
     ~14% too many steps on the demo, so the cosine schedule was cut short.)"""
     import math
 
-    from llava_jax.train.trainer import estimate_num_steps
+    from llava_jax.build import estimate_num_steps
 
     r = np.random.default_rng(1)
     records = [{"id": f"v{i}", "source": "mem", "row": i, "image_path": None,

@@ -116,7 +116,7 @@ def compile_step(config, topo: Topology, vocab_size: int = 32064, devices=None, 
     from llava_jax import build
     from llava_jax import sharding as shd
     from llava_jax.models.llava import LlavaModel
-    from llava_jax.train.state import make_optimizer, opt_state_shardings, split_model, step_flops
+    from llava_jax.train.state import step_flops
 
     devices = topology_devices(topo) if devices is None else devices
     mesh = shd.make_mesh(dict(config.train.mesh), devices=devices)
@@ -128,18 +128,14 @@ def compile_step(config, topo: Topology, vocab_size: int = 32064, devices=None, 
     except ValueError as e:
         raise UsageError(f"{e}; set --config.train.global_batch / the model paths") from None
     abs_model = nnx.eval_shape(lambda: LlavaModel(cfg, rngs=nnx.Rngs(0)))
-    graphdef, trainable, frozen = split_model(abs_model, list(config.trainable))
-    trainable, frozen = build.abstract_sharded(trainable, mesh), build.abstract_sharded(frozen, mesh)
-    frozen = build.frozen_for_training(frozen, config)  # model.cast_frozen, as the trainer does
-    tx, schedule = make_optimizer(config.optim, 1000, trainable)
     t0 = time.perf_counter()
     replicated = NamedSharding(mesh, P())
-    opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                             jax.eval_shape(tx.init, trainable), opt_state_shardings(tx, trainable, mesh))
     batch = build.batch_spec(config, cfg, mesh)
     L, M = config.data.max_length, config.data.max_images_per_row
-    # the trainer's own compiled step (build.compiled_train_step), lowered for the TPU topology
-    step = build.compiled_train_step(config, mesh, graphdef, tx, schedule, trainable, opt_state, frozen, batch)
+    # the trainer's own freezing, optimizer and compiled step (build.train_parts), lowered for the
+    # TPU topology on abstract params
+    parts = build.train_parts(config, mesh, abs_model, 1000, abstract=True, batch=batch)
+    trainable, frozen, opt_state, step = parts.trainable, parts.frozen, parts.opt_state, parts.step
     lowered = step.lower(trainable, opt_state, frozen, batch, jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated))
     report = {
         "config": config.name, "topology": topo.name, "topology_desc": topo.desc_name, "chips": topo.chips,

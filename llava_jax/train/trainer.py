@@ -1,14 +1,13 @@
 """The two-stage LLaVA trainer: one readable loop in banner sections.
 
-    mesh -> tokenizer + model (params created/loaded straight into their shards) -> freezing +
-    optimizer -> input pipeline -> restore -> compiled step -> loop (log, checkpoint, SIGTERM,
-    NaN stop) -> final checkpoint.
+    mesh -> tokenizer + model (params created/loaded straight into their shards) -> input
+    pipeline -> freezing + optimizer + compiled step (all from llava_jax/build.py) -> restore ->
+    loop (log, checkpoint, SIGTERM, NaN stop) -> final checkpoint.
 """
 from __future__ import annotations
 
 import json
 import logging
-import math
 import signal
 import time
 from typing import Any
@@ -23,65 +22,12 @@ from llava_jax.config import LlavaConfig
 from llava_jax.fileio import as_path
 from llava_jax.train.checkpoint import Checkpointer
 from llava_jax.train.metrics import MetricsWriter, peak_flops_per_device
-from llava_jax.train.state import (
-    count_params,
-    make_optimizer,
-    opt_state_shardings,
-    param_count_by_subtree,
-    split_model,
-    step_flops,
-)
+from llava_jax.train.state import count_params, param_count_by_subtree, step_flops
 
 log = logging.getLogger(__name__)
 
 class TrainingStopped(RuntimeError):
     """The run stopped early (non-finite loss); the last good checkpoint is kept."""
-
-
-# =============================================================================== data
-def make_data_iterator(config, tokenizer, model_cfg: LlavaConfig, process_batch: int, workdir: str,
-                       shard: tuple[int, int] = (0, 1)):
-    """This process's input: shard `shard[0]` of `shard[1]` (see `mesh.process_data_shard`), in
-    batches of `process_batch` rows. Skipped rows go to the workdir's skip log (one file per
-    process when there are several)."""
-    from llava_jax.data.pipeline import PipelineConfig, make_iterator, make_skip_log
-    from llava_jax.data.sources import ConcatSource, sources_from_config
-
-    d = config.data
-    pcfg = PipelineConfig.from_config(d, model_cfg, process_batch)
-    sources = ConcatSource(sources_from_config(d.sources, d.image_folder))
-    skip_path = None
-    if d.skip_log:
-        skip_path = as_path(workdir) / d.skip_log
-        if jax.process_count() > 1:
-            skip_path = skip_path.with_name(f"{skip_path.stem}.process{jax.process_index()}{skip_path.suffix}")
-    it = make_iterator(sources, tokenizer, pcfg, process_index=shard[0], process_count=shard[1],
-                       skip_log=make_skip_log(skip_path))
-    return it, sources, pcfg
-
-
-def estimate_num_steps(sources, tokenizer, pcfg, num_epochs: int, global_batch: int, probe: int = 256) -> int:
-    """Optimizer steps for `num_epochs` passes: packed rows per sample measured on the first
-    `probe` records (run through the real pipeline, with the training run's packing window),
-    scaled to the whole source."""
-    from llava_jax.data.pipeline import make_iterator
-    from llava_jax.data.skips import NoTrainingData
-
-    n = len(sources)
-    k = min(n, probe)
-    sub = [sources[i] for i in range(k)]
-    # One row per batch, but the training run's packing window (`num_bins` follows the batch
-    # size by default): with a single open row the probe packed worse than training and
-    # overestimated the steps by ~14% on the demo, so the cosine schedule was cut before its end.
-    it = make_iterator(sub, tokenizer, pcfg.replace(batch_size=1, pack_bins=pcfg.num_bins, shuffle=False,
-                                                    num_epochs=1, worker_count=0, drop_remainder=False,
-                                                    prefetch_batches=0),
-                       process_index=0, process_count=1)
-    try:
-        rows = sum(1 for _ in it)
-    except NoTrainingData:  # every probed row skipped: the run's own guard judges the whole data
-        rows = 0
-    return max(1, math.ceil(n * num_epochs * max(rows, 1) / k / global_batch))
 
 
 # =============================================================================== train
@@ -90,44 +36,31 @@ def train(config, workdir: str) -> dict:
     workdir_p.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
 
-    # ---------------------------------------------------------------- mesh & batch geometry
+    # ---------------------------------------------------------------- mesh, model, data, step
+    # (all assembled by llava_jax/build.py; this module is the loop)
     mesh = shd.make_mesh(dict(config.train.mesh))
-    dp = shd.data_parallel_size(mesh)
     grad_accum = build.grad_accum_steps(config, mesh)
-    # Each process reads the data shard whose rows its devices hold; the global batch is
-    # assembled from the process-local rows (jax.make_array_from_process_local_data).
-    shard = shd.process_data_shard(mesh)
-    num_shards = shard[1]
-    process_batch = config.train.global_batch // num_shards
-    log.info("mesh %s, global batch %d = %d per device x %d devices x %d accumulation; %d process(es), "
-                 "input shard %d of %d (%d rows each)", dict(mesh.shape), config.train.global_batch,
-                 config.train.per_device_batch, dp, grad_accum, jax.process_count(), shard[0], num_shards,
-                 process_batch)
     if is_main:
         build.record_run_config(config, workdir)
-
-    # ---------------------------------------------------------------- tokenizer & model
     tokenizer, tok_ids = build.tokenizer(config)
     model = build.model(config, mesh, tok_ids, vocab_size=len(tokenizer))
     model_cfg: LlavaConfig = model.config
     if len(tokenizer) > model_cfg.text.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model vocab is {model_cfg.text.vocab_size}")
-
-    # ---------------------------------------------------------------- freezing & optimizer
-    graphdef, trainable, frozen = split_model(model, list(config.trainable))
+    # Each process reads the data shard whose rows its devices hold; the global batch is
+    # assembled from the process-local rows (jax.make_array_from_process_local_data).
+    data = build.training_data(config, tokenizer, model_cfg, mesh, workdir)
+    data_iter, num_steps, num_shards = data.iterator, data.num_steps, data.shard[1]
+    log.info("mesh %s, global batch %d = %d per device x %d devices x %d accumulation; %d process(es), "
+             "input shard %d of %d (%d rows each)", dict(mesh.shape), config.train.global_batch,
+             config.train.per_device_batch, shd.data_parallel_size(mesh), grad_accum, jax.process_count(),
+             data.shard[0], num_shards, data.process_batch)
+    parts = build.train_parts(config, mesh, model, num_steps)
     del model
-    frozen = build.frozen_for_training(frozen, config)
+    trainable, opt_state, frozen, step_fn = parts.trainable, parts.opt_state, parts.frozen, parts.step
     counts = param_count_by_subtree(trainable)
     trains = set(counts)
     log.info("trainable params %s (%d); frozen %d", counts, count_params(trainable), count_params(frozen))
-
-    data_iter, sources, pcfg = make_data_iterator(config, tokenizer, model_cfg, process_batch, workdir, shard)
-    num_steps = config.train.num_steps
-    if num_steps <= 0:  # one schedule over num_epochs of the data, in packed rows
-        num_steps = estimate_num_steps(sources, tokenizer, pcfg, config.data.num_epochs, config.train.global_batch)
-        log.info("num_steps estimated at %d for %d epochs", num_steps, config.data.num_epochs)
-    tx, schedule = make_optimizer(config.optim, num_steps, trainable)
-    opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, trainable, mesh))(trainable)
 
     # ---------------------------------------------------------------- restore
     ckpt = Checkpointer(workdir, keep=config.train.keep, async_save=config.train.async_checkpoint)
@@ -139,9 +72,6 @@ def train(config, workdir: str) -> dict:
         if data_state is not None:
             data_iter.set_state(data_state)
         log.info("resumed from %s at step %d", ckpt.directory, step)
-
-    # ---------------------------------------------------------------- compiled step
-    step_fn = build.compiled_train_step(config, mesh, graphdef, tx, schedule, trainable, opt_state, frozen)
 
     def to_global(batch):
         arrays = {k: v for k, v in batch.items() if k != "stats"}
