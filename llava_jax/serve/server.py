@@ -211,6 +211,18 @@ class _HostCheck:
         await self.inner(scope, receive, send)
 
 
+class _AnyMethod:
+    """An endpoint for every method: Starlette gives a plain function route GET (and HEAD) only,
+    and answers other methods with its own 405; an ASGI object it routes every method to."""
+
+    def __init__(self, handler):
+        self.handler = handler
+
+    async def __call__(self, scope, receive, send):
+        response = await self.handler(Request(scope, receive))
+        await response(scope, receive, send)
+
+
 class _Api:
     """The routes. Every route and method that has no handler of its own ends in `fallback`, so
     the answers for unknown routes and methods (404, 405, OPTIONS) are this server's, in JSON."""
@@ -227,7 +239,7 @@ class _Api:
                    Route("/v1/models/{name:path}", self.model, methods=get)]
         routes += [Route(p, self.stats, methods=get) for p in ("/stats", "/v1/stats")]
         routes += [Route(p, self.chat, methods=["POST"]) for p in self.CHAT_PATHS]
-        routes.append(Route("/{path:path}", self.fallback, methods=None))  # any method
+        routes.append(Route("/{path:path}", _AnyMethod(self.fallback)))
         starlette = Starlette(routes=routes, exception_handlers={HTTPException: self.http_exception,
                                                                  Exception: self.internal_error})
         self.asgi = _HostCheck(starlette, app, bound_host, port)
@@ -369,7 +381,8 @@ class _Reply:
     def __init__(self, model_name: str, req: dict, comp: Completion, loop: asyncio.AbstractEventLoop):
         self.model_name, self.req, self.comp, self.loop = model_name, req, comp, loop
         self.events: asyncio.Queue = asyncio.Queue()
-        self.done = False
+        self.done = False  # the completion has finished
+        self.started = self.finished = False  # the HTTP response has started / been sent whole
         comp.on_delta = lambda text: self._put(("delta", text))
         comp.on_done = lambda c: self._put(("done", None))
         self.rid = "chatcmpl-" + uuid.uuid4().hex[:24]
@@ -403,11 +416,31 @@ class _Reply:
                     pass
                 watcher.cancel()
                 if kind == "done":
+                    self.started = self.finished = True  # (cancelled between its two sends: uvicorn closes)
                     await self._complete()(scope, receive, send)
+        except asyncio.CancelledError:
+            # uvicorn cancels the requests still running when a graceful shutdown runs out of time:
+            # say so (the task ends here; nothing else awaits it) rather than uvicorn's plain 500
+            self.comp.cancelled = True
+            await self._shutting_down(scope, receive, send)
         finally:
             watcher.cancel()
             if not self.done:  # the client left, or the server is stopping: free the batch row
                 self.comp.cancelled = True
+
+    async def _shutting_down(self, scope, receive, send):
+        message = "the server is shutting down; the request was cancelled (retry later)"
+        try:
+            if not self.started:
+                await error_response(503, message, code="server_shutting_down", headers={"Retry-After": "1"},
+                                     close=True)(scope, receive, send)
+            elif not self.finished:
+                for data in (json.dumps(error_body(message, "server_error", None, "server_shutting_down")).encode(),
+                             b"[DONE]"):
+                    await send({"type": "http.response.body", "body": b"data: " + data + b"\n\n", "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except Exception:  # noqa: BLE001 - the connection is going away anyway
+            log.debug("could not tell a client about the shutdown", exc_info=True)
 
     def _complete(self) -> Response:
         comp = self.comp
@@ -421,6 +454,7 @@ class _Reply:
         })
 
     async def _stream(self, send, watcher):
+        self.started = True
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})
 
@@ -450,6 +484,7 @@ class _Reply:
             if self.req["include_usage"]:
                 await sse({**base, "choices": [], "usage": _usage(comp)})
         await sse(b"[DONE]")
+        self.finished = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
