@@ -1,6 +1,6 @@
 """Hostile traffic against the HTTP server: figures for issue 18 (BENCHMARKS.md).
 
-    python -m llava_jax.tools.serve_fuzz --requests 2000 --concurrency 32
+    python -m llava_jax.tools.serve_fuzz --requests 2000 --rounds 2 --concurrency 32
 
 Starts two servers in this process on 127.0.0.1, each on a tiny random-weight LLaVA (built
 here: no checkpoint, no download; or `--model DIR` for both): one open (its Host check active),
@@ -107,6 +107,10 @@ class Cases:
             "framing": 4, "route_method": 5, "malformed_http": 4, "pipelined": 3, "hangup_mid_body": 3,
             "hangup_after_request": 4, "stalled_upload": 1, "stalled_head": 1,
         }
+
+    def draw_valid(self):
+        name = self.rng.choice(["valid_text", "valid_image", "valid_stream"])
+        return (name, *getattr(self, name)())
 
     def draw(self):
         names = list(self.weights)
@@ -349,12 +353,38 @@ def send_one(port: int, data: bytes, how, timeout: float = 120.0) -> list:
     return parse_replies(reply)
 
 
+def run_clients(plan: list, ports: dict, concurrency: int) -> list:
+    """Send every request of `plan` from `concurrency` threads; their results, in order."""
+    results: list = [None] * len(plan)
+    next_i, lock = [0], threading.Lock()
+
+    def worker():
+        while True:
+            with lock:
+                i = next_i[0]
+                if i >= len(plan):
+                    return
+                next_i[0] += 1
+            _name, target, data, how, _allowed = plan[i]
+            results[i] = send_one(ports[target], data, how)
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="a llava-hf directory (default: a tiny random model built here)")
-    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--requests", type=int, default=2000, help="requests per round")
+    ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--concurrency", type=int, default=32, help="client threads")
-    ap.add_argument("--max-pending", type=int, default=24, help="each server's queue limit (beyond it: 429)")
+    ap.add_argument("--max-pending", type=int, default=32, help="each server's queue limit (beyond it: 429)")
+    ap.add_argument("--warm-requests", type=int, default=300,
+                    help="valid requests sent (not counted) before the fuzz, to compile what they need")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="write the figures here as JSON")
     args = ap.parse_args(argv)
@@ -400,33 +430,24 @@ def main(argv=None):
 
     head, ref_body = ask(reference)
     assert head.startswith(b"HTTP/1.1 200"), head
-    for warm in [cases.post(cases.chat(image=True)), cases.post(cases.chat(stream=True))]:
-        ask(warm)  # compile the common shapes before the clock starts
+    # valid requests from concurrent clients compile what warm_up does not (requests joining a
+    # running batch), so that the fuzz meets a server in its steady state
+    warm = [cases.draw_valid() for _ in range(args.warm_requests)]
+    run_clients(warm, ports, args.concurrency)
     setup_s = time.perf_counter() - t_start
     hwm_before, _ = peak_rss_mib()
     traces_before = {k: dict(s.app.generator.engine.traces) for k, s in servers.items()}
 
-    plan = [cases.draw() for _ in range(args.requests)]
-    results: list = [None] * len(plan)
-    next_i, lock = [0], threading.Lock()
-
-    def worker():
-        while True:
-            with lock:
-                i = next_i[0]
-                if i >= len(plan):
-                    return
-                next_i[0] += 1
-            _name, target, data, how, _allowed = plan[i]
-            results[i] = send_one(ports[target], data, how)
-
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(args.concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    counters = ("requests_completed", "requests_cancelled", "requests_rejected", "request_errors", "batches")
+    stats_before = {k: s.app.scheduler.stats() for k, s in servers.items()}
+    plan, results, rss_per_round, wall = [], [], [], 0.0
+    for _ in range(args.rounds):  # the same mix again: RSS after each round shows growth, if any
+        round_plan = [cases.draw() for _ in range(args.requests)]
+        t0 = time.perf_counter()
+        results += run_clients(round_plan, ports, args.concurrency)
+        wall += time.perf_counter() - t0
+        plan += round_plan
+        rss_per_round.append(round(peak_rss_mib()[1], 1))
 
     codes, classes, by_case, unexpected = collections.Counter(), collections.Counter(), {}, collections.Counter()
     for (name, target, data, how, allowed), got in zip(plan, results):
@@ -457,11 +478,11 @@ def main(argv=None):
         "status_classes": dict(sorted(classes.items())), "status_codes": dict(sorted(codes.items())),
         "resets": codes.get("reset", 0), "timeouts": codes.get("timeout", 0), "unexpected": dict(unexpected),
         "cases": {k: dict(sorted(v.items())) for k, v in sorted(by_case.items())},
-        "server": {k: {f: st[f] for f in ("requests_completed", "requests_cancelled", "requests_rejected",
-                                          "request_errors", "batches", "max_batch_size", "queued", "running")}
-                   for k, st in stats.items()},
+        "server": {k: {**{f: st[f] - stats_before[k][f] for f in counters}, "queued": st["queued"],
+                       "running": st["running"]} for k, st in stats.items()},  # during the fuzz
         "compilations_during_fuzz": compiled,
         "peak_rss_mib": round(hwm, 1), "peak_rss_mib_before_fuzz": round(hwm_before, 1), "rss_mib_after": round(rss, 1),
+        "rss_mib_after_each_round": rss_per_round,
         "same_answer_after": same,
     }
     print(f"{len(plan)} requests ({replies} replies) from {args.concurrency} clients in {wall:.1f}s "
@@ -473,7 +494,8 @@ def main(argv=None):
     for k, v in figures["cases"].items():
         print(f"  {k:22s} {v}")
     print("server counters:", json.dumps(figures["server"]), "compilations during the fuzz:", compiled)
-    print(f"peak RSS (VmHWM, whole process): {hwm:.0f} MiB (before the fuzz {hwm_before:.0f} MiB); RSS now {rss:.0f} MiB")
+    print(f"peak RSS (VmHWM, whole process): {hwm:.0f} MiB (before the fuzz {hwm_before:.0f} MiB); RSS after each "
+          f"round {rss_per_round} MiB")
     print(f"after the fuzz a valid request gets the same answer as before: {same}")
     if args.out:
         Path(args.out).write_text(json.dumps(figures, indent=1))
