@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -219,6 +220,24 @@ def test_stalled_request_head_and_idle_keep_alive_are_closed(gen):
         reply = raw_exchange(srv, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % port)
         assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b'"model": "tiny-llava"}'), reply
         assert 0.9 < time.perf_counter() - t0 < 8
+
+
+def test_client_that_stops_reading_is_dropped(gen):
+    """2000 pipelined requests for the 10 kB page, none of the replies read: once the buffers are
+    full, the server waits send_timeout_s, then drops the connection (what the kernel still holds
+    for it drains on its own; the server keeps nothing)."""
+    with serving(gen, Limits(send_timeout_s=1.0)) as srv:
+        connections = srv._uvicorn.server_state.connections
+        request = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % srv.server_address[1]
+        with socket.create_connection(srv.server_address[:2], timeout=10) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.sendall(request * 2000)
+            assert wait_for(lambda: len(connections) == 1, 5)
+            t0 = time.perf_counter()
+            assert wait_for(lambda: not connections, 30), "the stalled connection is still open"
+            assert time.perf_counter() - t0 > 0.3  # not at once: after send_timeout_s of no progress
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close without reading
+        assert http_request(srv, "GET", "/health")[0] == 200
 
 
 # ---------------------------------------------------------------------------- HTTP errors
