@@ -266,6 +266,17 @@ def test_bad_http_is_answered_in_json_and_closed(server, request_bytes, status):
         assert b"allow: get, post" in head.lower()
 
 
+def test_a_bug_is_a_json_500_without_internals(server, monkeypatch):
+    def broken():
+        raise RuntimeError("/secret/path")
+
+    monkeypatch.setattr(server.app, "models", broken)
+    status, data = http_request(server, "GET", "/v1/models")
+    assert status == 500 and "secret" not in error(data)["message"]
+    monkeypatch.undo()
+    assert http_request(server, "GET", "/v1/models")[0] == 200
+
+
 def test_options_and_head(server):
     with contextlib.nullcontext(server) as srv:
         reply = raw_exchange(srv, b"OPTIONS /anything HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nConnection: close\r\n\r\n"
