@@ -385,3 +385,26 @@ def test_cli_defaults_match_the_server():
 
     for name in ("DEFAULT_BACKLOG", "DEFAULT_MAX_CONNECTIONS", "DEFAULT_KEEP_ALIVE_S", "DEFAULT_GRACEFUL_SHUTDOWN_S"):
         assert getattr(cli, name) == getattr(server, name), name
+
+
+def test_fuzz_tool_reads_replies():
+    from llava_jax.tools.serve_fuzz import parse_replies
+
+    json_reply = b'HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-type: application/json\r\n\r\n{}'
+    stream = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+              b"9\r\ndata: {}\n\n\r\ne\r\ndata: [DONE]\n\n\r\n0\r\n\r\n")
+    assert parse_replies(json_reply + stream) == [200, 200]
+    assert parse_replies(stream.replace(b"[DONE]", b"[NOPE]")) == ["bad_stream"]
+    assert parse_replies(b"HTTP/1.1 204 No Content\r\n\r\n") == [204]
+    assert parse_replies(b"") == ["closed"] and parse_replies(b"junk") == ["garbled"]
+
+
+@pytest.mark.slow
+def test_fuzz_tool_smoke(tmp_path):
+    """A short run of `python -m llava_jax.tools.serve_fuzz`: no 5xx, reset or unexpected reply."""
+    from llava_jax.tools.serve_fuzz import main
+
+    out = tmp_path / "fuzz.json"
+    assert main(["--requests", "150", "--warm-requests", "30", "--concurrency", "8", "--out", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    assert figures["requests"] == 150 and "5xx" not in figures["status_classes"] and figures["resets"] == 0
