@@ -234,7 +234,7 @@ class _Api:
         get = ["GET"]  # Starlette adds HEAD
         routes = [Route(p, self.page, methods=get) for p in ("/", "/index.html", "/chat")]
         routes += [Route(p, self.health, methods=get) for p in ("/health", "/healthz", "/v1/health")]
-        routes += [Route("/favicon.ico", lambda request: Response(status_code=204), methods=get),
+        routes += [Route("/favicon.ico", self.favicon, methods=get),
                    Route("/v1/models", self.models, methods=get),
                    Route("/v1/models/{name:path}", self.model, methods=get)]
         routes += [Route(p, self.stats, methods=get) for p in ("/stats", "/v1/stats")]
@@ -269,6 +269,9 @@ class _Api:
     async def page(self, request: Request) -> Response:
         data = (WEB_DIR / "index.html").read_bytes()
         return Response(data, media_type="text/html; charset=utf-8", headers={"Cache-Control": "no-cache"})
+
+    async def favicon(self, request: Request) -> Response:
+        return Response(status_code=204)
 
     async def health(self, request: Request) -> Response:
         return json_response(200, {"status": "ok", "model": self.app.model_name})
