@@ -379,14 +379,6 @@ def test_serve_main_shuts_down_gracefully_on_sigterm(ckpt, tmp_path):
             proc.wait()
 
 
-def test_cli_defaults_match_the_server():
-    from llava_jax.serve import __main__ as cli
-    from llava_jax.serve import server
-
-    for name in ("DEFAULT_BACKLOG", "DEFAULT_MAX_CONNECTIONS", "DEFAULT_KEEP_ALIVE_S", "DEFAULT_GRACEFUL_SHUTDOWN_S"):
-        assert getattr(cli, name) == getattr(server, name), name
-
-
 def test_fuzz_tool_reads_replies():
     from llava_jax.tools.serve_fuzz import parse_replies
 

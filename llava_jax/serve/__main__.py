@@ -12,12 +12,12 @@ import sys
 
 from llava_jax.cli import VERBOSE_HELP
 
-# the HTTP server's defaults, as llava_jax.serve.server has them (not imported from there: that
-# module pulls in the model code; a test checks they agree)
-DEFAULT_BACKLOG = 2048
-DEFAULT_MAX_CONNECTIONS = 512
-DEFAULT_KEEP_ALIVE_S = 5.0
-DEFAULT_GRACEFUL_SHUTDOWN_S = 30.0
+from llava_jax.serve.transport import (
+    DEFAULT_BACKLOG,
+    DEFAULT_GRACEFUL_SHUTDOWN_S,
+    DEFAULT_KEEP_ALIVE_S,
+    DEFAULT_MAX_CONNECTIONS,
+)
 
 
 def add_model_args(p: argparse.ArgumentParser):
