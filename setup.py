@@ -34,6 +34,9 @@ setup(
         "numpy>=1.26",
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
         "tqdm>=4.60",
+        # the HTTP server (llava_jax.serve): uvicorn 0.29 brought the signal handling it overrides
+        "starlette>=0.37.2",
+        "uvicorn>=0.29.0",
     ],
     extras_require={
         # torch is the numerical reference in tests only. On the project's CI machines

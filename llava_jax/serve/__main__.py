@@ -12,6 +12,13 @@ import sys
 
 from llava_jax.cli import VERBOSE_HELP
 
+from llava_jax.serve.transport import (
+    DEFAULT_BACKLOG,
+    DEFAULT_GRACEFUL_SHUTDOWN_S,
+    DEFAULT_KEEP_ALIVE_S,
+    DEFAULT_MAX_CONNECTIONS,
+)
+
 
 def add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--model", required=True, help="a llava-hf style directory (weights, config.json, tokenizer) or a "
@@ -115,6 +122,22 @@ def main(argv=None):
                    help="compile before serving: every batch bucket up to --max-batch for a text and a one-image "
                         "prompt, and for one request every prompt-length bucket up to --max-prompt-tokens, at "
                         "--default-max-tokens (a request of another shape still compiles once on arrival)")
+    p.add_argument("--body-timeout-s", "--body_timeout_s", type=float, default=30.0,
+                   help="seconds a client may take to send a request body before it gets 408")
+    http = p.add_argument_group("HTTP server (uvicorn)")
+    http.add_argument("--backlog", type=int, default=DEFAULT_BACKLOG,
+                      help="connections waiting to be accepted (the listening socket's queue)")
+    http.add_argument("--max-connections", "--max_connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                      help="open connections (or requests in progress) beyond which uvicorn answers 503 Service "
+                           "Unavailable (plain text, not JSON) and closes the connection; 0: no limit. (Requests "
+                           "beyond --max-pending queued or running get a JSON 429.)")
+    http.add_argument("--keep-alive-s", "--keep_alive_s", type=float, default=DEFAULT_KEEP_ALIVE_S,
+                      help="seconds an idle keep-alive connection stays open")
+    http.add_argument("--graceful-shutdown-s", "--graceful_shutdown_s", type=float,
+                      default=DEFAULT_GRACEFUL_SHUTDOWN_S,
+                      help="on SIGINT / SIGTERM, seconds requests in progress may take to finish before they are "
+                           "cancelled (a second Ctrl-C stops at once)")
+    http.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log, INFO)")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -124,11 +147,13 @@ def main(argv=None):
     gen = load_generator(args)
     limits = Limits(max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
                     max_images=args.max_images, max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
-                    default_max_tokens=args.default_max_tokens)
+                    default_max_tokens=args.default_max_tokens, body_timeout_s=args.body_timeout_s)
     srv = make_server(gen, args.host, args.port, limits=limits, api_key=args.api_key, max_batch=args.max_batch,
                       window_s=args.batch_window_ms / 1000, max_pending=args.max_pending,
                       model_name=args.served_model_name, continuous=args.batching == "continuous",
-                      reserve_new_tokens=args.session_tokens)
+                      reserve_new_tokens=args.session_tokens, backlog=args.backlog,
+                      max_connections=args.max_connections or None, keep_alive_s=args.keep_alive_s,
+                      graceful_shutdown_s=args.graceful_shutdown_s, access_log=args.access_log)
     if args.warmup:
         report = srv.app.scheduler.warm_up(warmup_groups(gen, args.max_batch, srv.app.max_prompt_tokens),
                                            args.default_max_tokens)
@@ -138,8 +163,8 @@ def main(argv=None):
           f"http://{host}:{port}/  (API: http://{host}:{port}/v1, key {'required' if args.api_key else 'not required'})",
           flush=True)
     try:
-        srv.serve_forever(poll_interval=0.2)
-    except KeyboardInterrupt:
+        srv.serve_forever()  # in the main thread: SIGINT / SIGTERM shut down gracefully, then it returns
+    except KeyboardInterrupt:  # before uvicorn took over the signals
         pass
     finally:
         srv.server_close()

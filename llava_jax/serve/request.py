@@ -28,6 +28,12 @@ class Limits:
     default_max_tokens: int = 256
     max_stop: int = 4
     max_stop_chars: int = 256
+    # seconds a client may take: to send a request's head (request line and headers: the
+    # connection is closed), to send its body (408), and to read a stream it stopped reading
+    # (the connection is dropped and the generation cancelled)
+    header_timeout_s: float = 30.0
+    body_timeout_s: float = 30.0
+    send_timeout_s: float = 300.0
 
 
 # ---------------------------------------------------------------------------- validation
