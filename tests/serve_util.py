@@ -3,8 +3,11 @@ vocabulary is the offline LLaMA-style test tokenizer (+ <image>, <pad>), saved w
 tokenizer (optionally carrying a llava-hf style chat template) in one directory."""
 from __future__ import annotations
 
+import contextlib
 import io
+import json
 import os
+import time
 
 import numpy as np
 
@@ -92,3 +95,39 @@ def http_request(srv, method, path, body=None, headers=None, timeout=120):
     data = r.read()
     conn.close()
     return r.status, data
+
+
+@contextlib.contextmanager
+def serving(gen, limits=None, **kw):
+    """A server for `gen` on a free loopback port (small token limits unless `limits` is given),
+    shut down gracefully and closed afterwards; `kw` go to `make_server`."""
+    from llava_jax.serve.server import Limits, make_server, serve_in_thread
+
+    srv = make_server(gen, "127.0.0.1", 0, limits=limits or Limits(max_tokens=16, default_max_tokens=8), **kw)
+    serve_in_thread(srv)
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def error(data) -> dict:
+    """The OpenAI-shaped error object of a reply body (all four fields, a message)."""
+    err = json.loads(data)["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"], err
+    return err
+
+
+def stats(srv) -> dict:
+    return json.loads(http_request(srv, "GET", "/stats")[1])
+
+
+def wait_for(cond, timeout=20.0):
+    """Poll `cond` until true (True) or `timeout` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True

@@ -3,7 +3,6 @@ engine's types before it reaches a batch; a failure inside a batch fails only it
 tells every one of their clients and frees their slots; malformed text, huge prompts, foreign
 Host headers and non-JSON bodies are refused before any expensive work; a client that hangs up
 cancels its generation."""
-import contextlib
 import json
 import socket
 import threading
@@ -13,12 +12,11 @@ import pytest
 
 pytest.importorskip("torch")
 
-from serve_util import http_request, make_chat_checkpoint  # noqa: E402
+from serve_util import error, http_request, make_chat_checkpoint, serving, stats, wait_for  # noqa: E402
 
 from llava_jax.serve.engine import DecodeBatch, SamplingParams  # noqa: E402
 from llava_jax.serve.generator import ChatGenerator, ChatSession, Completion  # noqa: E402
 from llava_jax.serve.scheduler import BatchScheduler  # noqa: E402
-from llava_jax.serve.server import Limits, make_server, serve_in_thread  # noqa: E402
 
 URL = "/v1/chat/completions"
 LONG_PROMPT = "Describe the scene in detail."
@@ -30,15 +28,6 @@ def gen(tmp_path_factory):
     return ChatGenerator.from_pretrained(d, chunk_size=4, name="tiny-llava")
 
 
-@contextlib.contextmanager
-def serving(gen, **kw):
-    srv = make_server(gen, "127.0.0.1", 0, limits=Limits(max_tokens=16, default_max_tokens=8), **kw)
-    serve_in_thread(srv)
-    try:
-        yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -52,23 +41,10 @@ def body(content="Hi", **kw):
             "temperature": 0, **kw}
 
 
-def error(data) -> dict:
-    err = json.loads(data)["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"], err
-    return err
 
 
-def stats(srv) -> dict:
-    return json.loads(http_request(srv, "GET", "/stats")[1])
 
 
-def wait_for(cond, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def in_thread(fn, *args, **kw):

@@ -21,7 +21,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from serve_util import http_request, make_chat_checkpoint  # noqa: E402
+from serve_util import error, http_request, make_chat_checkpoint, serving, stats, wait_for  # noqa: E402
 
 from llava_jax.serve.engine import DecodeBatch  # noqa: E402
 from llava_jax.serve.generator import ChatGenerator  # noqa: E402
@@ -48,15 +48,6 @@ def server(gen):
         yield srv
 
 
-@contextlib.contextmanager
-def serving(gen, limits=None, **kw):
-    srv = make_server(gen, "127.0.0.1", 0, limits=limits or Limits(max_tokens=16, default_max_tokens=8), **kw)
-    serve_in_thread(srv)
-    try:
-        yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
 
 
 def body(content=PROMPT, **kw):
@@ -64,23 +55,10 @@ def body(content=PROMPT, **kw):
             "temperature": 0, **kw}
 
 
-def stats(srv) -> dict:
-    return json.loads(http_request(srv, "GET", "/stats")[1])
 
 
-def wait_for(cond, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
-def error(data) -> dict:
-    err = json.loads(data)["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"], err
-    return err
 
 
 def raw_exchange(srv, data: bytes, timeout=10.0) -> bytes:
