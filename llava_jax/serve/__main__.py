@@ -11,7 +11,7 @@ import os
 import sys
 
 from llava_jax.cli import VERBOSE_HELP
-
+from llava_jax.serve.request import Limits
 from llava_jax.serve.transport import (
     DEFAULT_BACKLOG,
     DEFAULT_GRACEFUL_SHUTDOWN_S,
@@ -122,7 +122,7 @@ def main(argv=None):
                    help="compile before serving: every batch bucket up to --max-batch for a text and a one-image "
                         "prompt, and for one request every prompt-length bucket up to --max-prompt-tokens, at "
                         "--default-max-tokens (a request of another shape still compiles once on arrival)")
-    p.add_argument("--body-timeout-s", "--body_timeout_s", type=float, default=30.0,
+    p.add_argument("--body-timeout-s", "--body_timeout_s", type=float, default=Limits.body_timeout_s,
                    help="seconds a client may take to send a request body before it gets 408")
     http = p.add_argument_group("HTTP server (uvicorn)")
     http.add_argument("--backlog", type=int, default=DEFAULT_BACKLOG,
@@ -142,7 +142,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from llava_jax.serve.server import Limits, make_server
+    from llava_jax.serve.server import make_server
 
     gen = load_generator(args)
     limits = Limits(max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
