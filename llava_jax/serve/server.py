@@ -155,7 +155,6 @@ def _generation_failed(rid: str, comp: Completion) -> str:
     return f"generation failed (internal error; the server log has the details under {rid})"
 
 
-
 # ---------------------------------------------------------------------------- responses
 _ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_exceeded"}
 
