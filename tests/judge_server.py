@@ -4,7 +4,8 @@
         ChatClient(judge.url, "scripted").chat([...])
 
 `reply_fn` gets the parsed request body and returns the assistant text, or (HTTP status, body
-text) to answer with an error. Every request is recorded in `judge.requests`.
+text) to answer with an error. Every request is recorded in `judge.requests`, its headers
+(looked up case-insensitively) in `judge.headers`.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ class ScriptedJudge:
                 body = json.loads(self.rfile.read(n) or b"{}")
                 with judge._lock:
                     judge.requests.append(body)
-                    judge.headers.append(dict(self.headers))
+                    judge.headers.append(self.headers)  # case-insensitive, as HTTP header names are
                 if not self.path.endswith("/chat/completions"):
                     return self._send(404, {"error": {"message": f"no route {self.path}"}})
                 if judge.delay_s:

@@ -263,6 +263,23 @@ def test_chat_client_timeout_and_refused():
     assert ChatClient("http://h/v1", "m", api_key_env="NO_SUCH_KEY_VAR").api_key is None
 
 
+def test_chat_client_is_the_openai_sdk_with_extra_fields_and_no_key():
+    os.environ.pop("NO_SUCH_KEY_VAR", None)
+    with ScriptedJudge(lambda b: [{"type": "text", "text": "7 "}, {"type": "text", "text": "8"}]) as judge:
+        c = ChatClient(judge.url + "/chat/completions", "m", api_key_env="NO_SUCH_KEY_VAR", temperature=0.3,
+                       max_tokens=64, extra_body={"seed": 1, "top_p": 0.5})
+        assert c.chat([{"role": "user", "content": "hi"}], temperature=0.0, seed=2) == "7 8"  # content parts joined
+        assert judge.requests[-1] == {"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                                      "temperature": 0.0, "max_tokens": 64, "seed": 2, "top_p": 0.5}
+        assert judge.headers[-1]["User-Agent"].startswith("OpenAI/Python")
+        assert judge.headers[-1]["Authorization"] == "Bearer EMPTY"  # no key: the placeholder
+        assert c.requests_sent == 1
+    with ScriptedJudge(lambda b: (404, "no such model")) as judge:
+        with pytest.raises(JudgeError, match=r"HTTP 404: no such model \(the URL should be the API root"):
+            ChatClient(judge.url, "m", backoff=0).chat([])
+        assert len(judge.requests) == 1
+
+
 # ============================================================================ VQA
 
 @pytest.mark.parametrize("raw,norm", [

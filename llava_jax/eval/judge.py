@@ -4,11 +4,12 @@
     text = client.chat([{"role": "user", "content": "..."}])
     parse_scores("8 9\\nBoth assistants ...")  # -> (8.0, 9.0)
 
-The client is stdlib only (urllib): it POSTs ``{base_url}/chat/completions`` with a bearer key
-read from an environment variable, and retries transport errors, timeouts, 408/409/429 and 5xx
-(exponential backoff, ``Retry-After`` honoured). Other HTTP errors fail at once with the
-server's message. Any server that speaks the OpenAI chat API works: OpenAI, vLLM, llama.cpp,
-this project's own server.
+The client sends ``POST {base_url}/chat/completions`` through the official ``openai`` package
+with a bearer key read from an environment variable (none: the placeholder ``EMPTY``, which a
+server without keys ignores), and retries transport errors, timeouts, 408/409/425/429 and
+500/502/503/504 (exponential backoff, ``Retry-After`` honoured). Other HTTP errors fail at once
+with the server's message. Any server that speaks the OpenAI chat API works: OpenAI, vLLM,
+llama.cpp, this project's own server.
 """
 from __future__ import annotations
 
@@ -16,11 +17,10 @@ import json
 import os
 import random
 import re
-import socket
 import time
-import urllib.error
-import urllib.request
 from typing import Sequence
+
+import openai
 
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 
@@ -34,8 +34,8 @@ class ChatClient:
 
     base_url: the API root, e.g. ``https://api.openai.com/v1`` or ``http://127.0.0.1:8000/v1``;
       a URL that already ends in ``/chat/completions`` is used as is.
-    api_key: the key; None reads the environment variable ``api_key_env`` (no key: no
-      Authorization header, fine for local servers).
+    api_key: the key; None reads the environment variable ``api_key_env`` (no key: the SDK gets
+      the placeholder ``EMPTY``, fine for local servers).
     timeout: seconds per HTTP request. max_retries: extra attempts on retryable errors.
     """
 
@@ -56,15 +56,23 @@ class ChatClient:
         self.max_tokens = max_tokens
         self.extra_body = dict(extra_body or {})
         self.requests_sent = 0
+        # max_retries=0: chat() below retries, as llava_jax.datagen.backends does, so that both keep
+        # one documented policy (backoff, Retry-After capped by max_backoff, a 200 that is not
+        # JSON retried too) and every attempt is counted in requests_sent.
+        self._client = openai.OpenAI(base_url=self.url[: -len("/chat/completions")],
+                                     api_key=self.api_key or "EMPTY", timeout=self.timeout, max_retries=0)
 
-    def _request(self, body: dict) -> dict:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
+    def _request(self, body: dict):
+        """One attempt; the parsed ChatCompletion (lenient: a missing field fails on access).
+        Fields other than model/messages/temperature/max_tokens go in the SDK's ``extra_body``,
+        merged into the same JSON body over the fields of the same name."""
+        fields = {k: v for k, v in body.items() if k in _SDK_FIELDS}
+        extra = {k: v for k, v in body.items() if k not in _SDK_FIELDS}
         self.requests_sent += 1
-        with urllib.request.urlopen(req, timeout=self.timeout) as r:
-            return json.loads(r.read().decode("utf-8"))
+        out = self._client.chat.completions.create(**fields, extra_body=extra or None)
+        if isinstance(out, str):  # the SDK hands back the text of a reply that is not JSON
+            raise _NotJSON(f"body starts {out[:120]!r}")
+        return out
 
     def chat(self, messages: Sequence[dict], **overrides) -> str:
         """The assistant message text for `messages` (OpenAI chat format)."""
@@ -75,30 +83,30 @@ class ChatClient:
             wait = min(self.max_backoff, self.backoff * 2 ** attempt) * (0.75 + 0.5 * random.random())
             try:
                 out = self._request(body)
-            except urllib.error.HTTPError as e:
+            except openai.APIStatusError as e:
                 detail = _error_text(e)
-                if e.code not in RETRY_STATUS:
+                if e.status_code not in RETRY_STATUS:
                     hint = ""
-                    if e.code in (401, 403):
+                    if e.status_code in (401, 403):
                         hint = f" (is the key right? it is read from ${self.api_key_env})"
-                    elif e.code == 404:
+                    elif e.status_code == 404:
                         hint = " (the URL should be the API root, e.g. http://host:port/v1)"
-                    raise JudgeError(f"judge {self.url} answered HTTP {e.code}: {detail}{hint}") from e
-                last = f"HTTP {e.code}: {detail}"
-                ra = e.headers.get("Retry-After") if e.headers else None
+                    raise JudgeError(f"judge {self.url} answered HTTP {e.status_code}: {detail}{hint}") from e
+                last = f"HTTP {e.status_code}: {detail}"
+                ra = e.response.headers.get("Retry-After")
                 if ra:
                     try:
                         wait = min(self.max_backoff, float(ra))
                     except ValueError:
                         pass
-            except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as e:
-                last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
-            except json.JSONDecodeError as e:
+            except openai.APIConnectionError as e:  # APITimeoutError included
+                last = f"{type(e).__name__}: {e.__cause__ or e}"
+            except (json.JSONDecodeError, _NotJSON) as e:  # a 200 whose body is not JSON
                 last = f"response is not JSON: {e}"
             else:
                 try:
-                    content = out["choices"][0]["message"]["content"]
-                except (KeyError, IndexError, TypeError) as e:
+                    content = out.choices[0].message.content
+                except (AttributeError, IndexError, TypeError) as e:
                     raise JudgeError(f"judge {self.url} sent no choices[0].message.content: {str(out)[:300]}") from e
                 return content if isinstance(content, str) else _content_text(content)
             if attempt < self.max_retries:
@@ -106,20 +114,22 @@ class ChatClient:
         raise JudgeError(f"judge {self.url} failed after {self.max_retries + 1} attempts; last error: {last}")
 
 
-def _error_text(e: urllib.error.HTTPError) -> str:
-    try:
-        raw = e.read().decode("utf-8", "replace")
-    except Exception:  # noqa: BLE001
-        return str(e.reason)
-    try:
-        err = json.loads(raw).get("error")
-        if isinstance(err, dict):
-            return str(err.get("message", err))
-        if err:
-            return str(err)
-    except (ValueError, AttributeError):
-        pass
-    return raw[:300] or str(e.reason)
+_SDK_FIELDS = ("model", "messages", "temperature", "max_tokens")  # the rest: extra_body
+
+
+class _NotJSON(Exception):
+    pass
+
+
+def _error_text(e: openai.APIStatusError) -> str:
+    """The server's error message: ``error.message`` (or a string ``error``) of a JSON error body,
+    else the body text."""
+    err = e.body  # the SDK gives the "error" member of a JSON body, else the parsed body or its text
+    if isinstance(err, dict) and err.get("message") is not None:
+        return str(err["message"])
+    if isinstance(err, str) and err:
+        return err[:300]
+    return e.response.text[:300] or f"HTTP {e.status_code}"
 
 
 def _content_text(content) -> str:
