@@ -208,3 +208,41 @@ def test_bad_key_stops_at_once(world, tmp_path):
         p = subprocess.run(cli(tmp_path / "o2", server.base_url[:-3] + "/wrong"), env=env(), cwd=REPO,
                            capture_output=True, text=True, timeout=120)
         assert p.returncode == 2 and "Check --base-url" in p.stdout
+
+
+def test_backend_speaks_through_the_openai_sdk():
+    """The request on the wire is the official client's, with exactly body(req) as JSON (the
+    --extra-body fields merged over the others); no key: the placeholder "EMPTY"; a 429 is retried
+    after its Retry-After, 401 stops everything, another 4xx fails only the item."""
+    from judge_server import ScriptedJudge
+
+    from llava_jax.datagen.backends import FatalBackendError
+
+    state = {"n": 0}
+
+    def reply(body):
+        state["n"] += 1
+        return (429, "slow down") if state["n"] == 1 else "hello"
+
+    req = Request("detail", None, [{"role": "user", "content": "hi"}])
+    sleeps = []
+    with ScriptedJudge(reply) as server:
+        b = OpenAIChatBackend(server.url, "m", None, temperature=0.5, top_p=0.9, backoff=5.0, sleep=sleeps.append,
+                              extra_body={"seed": 7, "temperature": 0.0, "max_completion_tokens": 9})
+        stats = Stats()
+        comp = b.complete(req, stats)
+        assert (comp.text, comp.finish_reason) == ("hello", "stop")
+        assert stats.requests == 2 and stats.retries == {"http_429": 1} and sleeps == [0.0]
+        assert server.requests[-1] == b.body(req) == {"model": "m", "messages": req.messages, "temperature": 0.0,
+                                                      "max_tokens": 1024, "top_p": 0.9, "seed": 7,
+                                                      "max_completion_tokens": 9}
+        assert server.headers[-1]["User-Agent"].startswith("OpenAI/Python")
+        assert server.headers[-1]["Authorization"] == "Bearer EMPTY"
+    with ScriptedJudge(lambda body: (401, "bad key")) as server:
+        with pytest.raises(FatalBackendError, match="HTTP 401: .*bad key.*API key"):
+            OpenAIChatBackend(server.url, "m", "sk-x", sleep=lambda s: None).complete(req, Stats())
+        assert len(server.requests) == 1 and server.headers[0]["Authorization"] == "Bearer sk-x"
+    with ScriptedJudge(lambda body: (400, "context too long")) as server:
+        with pytest.raises(RequestFailed, match="HTTP 400: .*context too long") as e:
+            OpenAIChatBackend(server.url, "m", sleep=lambda s: None).complete(req, Stats())
+        assert e.value.cause == "http_400" and len(server.requests) == 1

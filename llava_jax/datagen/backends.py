@@ -1,11 +1,11 @@
 """Backends that turn a chat prompt into a reply.
 
 * :class:`OpenAIChatBackend`: any OpenAI-compatible ``POST {base_url}/chat/completions``
-  endpoint (OpenAI, vLLM, llama.cpp server, TGI, this project's own server, ...). Standard
-  library only (``urllib``). Per request: a socket timeout (connect and each read), and retries
-  with exponential backoff and jitter on HTTP 408/409/429/5xx, timeouts, dropped connections and
-  unreadable 200 replies (not JSON, no ``choices``); a ``Retry-After`` header is honoured (capped
-  by ``max_backoff``). Delay before retry ``k`` (k = 1, 2, ...): ``min(max_backoff, backoff *
+  endpoint (OpenAI, vLLM, llama.cpp server, TGI, this project's own server, ...), through the
+  official ``openai`` client (no key: the placeholder ``EMPTY``, as for a local vLLM). Per
+  request: a timeout (connect and each read), and retries with exponential backoff and jitter on
+  HTTP 408/409/425/429/5xx, timeouts, dropped connections and unreadable 200 replies (not JSON, no
+  ``choices``); a ``Retry-After`` header is honoured (capped by ``max_backoff``). Delay before retry ``k`` (k = 1, 2, ...): ``min(max_backoff, backoff *
   2**(k-1)) * U(0.5, 1)``. HTTP 401/403/404 stop the whole run (a wrong key, model or URL will
   not fix itself); other 4xx fail only that item.
 * :class:`TemplateBackend`: the offline deterministic writer of :mod:`.offline`.
@@ -15,17 +15,15 @@ Both are thread-safe; :class:`Stats` collects requests, retries (by cause) and t
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import random
-import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
+
+import openai
 
 from llava_jax.datagen.annotations import Annotation
 
@@ -117,6 +115,10 @@ class _BadReply(Exception):
     pass
 
 
+_SDK_FIELDS = ("model", "messages", "temperature", "max_tokens", "top_p")  # the rest: extra_body
+_USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
+
+
 class OpenAIChatBackend:
     """OpenAI-compatible chat completions over HTTP (see the module docstring)."""
 
@@ -143,6 +145,12 @@ class OpenAIChatBackend:
         self.extra_body = dict(extra_body or {})
         self._sleep = sleep
         self._rng = random.Random()
+        # max_retries=0: the SDK sends each attempt once and the loop in complete() retries. The
+        # SDK's own retries would hide the attempts from Stats (requests, retries by cause), use
+        # their own delays instead of the documented ones (and of `sleep`), and never retry an
+        # unreadable 200 reply. The client is thread-safe: one for all worker threads.
+        self._client = openai.OpenAI(base_url=self.base_url, api_key=api_key or "EMPTY", timeout=timeout,
+                                     max_retries=0)
 
     def fingerprint(self) -> dict:
         return {"backend": self.name, "model": self.model, "temperature": self.temperature,
@@ -163,40 +171,29 @@ class OpenAIChatBackend:
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
     # -- one HTTP exchange ---------------------------------------------------------------
-    def _post(self, data: bytes) -> tuple[int, dict, bytes]:
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        r = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(r, timeout=self.timeout) as resp:
-                return resp.status, dict(resp.headers), resp.read()
-        except urllib.error.HTTPError as e:
-            try:
-                body = e.read()
-            except Exception:  # noqa: BLE001 - the error body is only for the message
-                body = b""
-            return e.code, dict(e.headers or {}), body
+    def _post(self, body: dict):
+        """One attempt: the raw response of a 200 (parsed by :meth:`_parse`), else the SDK's error.
+        The --extra-body fields go as the SDK's ``extra_body``: merged into the same JSON body,
+        over the fields of the same name, so the server gets exactly :meth:`body`."""
+        fields = {k: v for k, v in body.items() if k in _SDK_FIELDS}
+        extra = {k: v for k, v in body.items() if k not in _SDK_FIELDS}
+        return self._client.chat.completions.with_raw_response.create(**fields, extra_body=extra or None)
 
     @staticmethod
-    def _parse(body: bytes) -> Completion:
+    def _parse(raw) -> Completion:
         try:
-            d = json.loads(body)
-            choice = d["choices"][0]
-            msg = choice.get("message") or {}
-            text = msg.get("content")
+            d = raw.parse()  # the SDK's ChatCompletion (lenient: a missing field fails on access)
+            choice = d.choices[0]
+            text = choice.message.content
             if text is not None and not isinstance(text, str):
                 raise TypeError("content is not a string")
-            usage = d.get("usage") or {}
-            if not isinstance(usage, dict):
-                usage = {}
-            return Completion(text, choice.get("finish_reason"),
-                              {k: v for k, v in usage.items() if k in ("prompt_tokens", "completion_tokens",
-                                                                       "total_tokens") and isinstance(v, int)})
+            u = getattr(d, "usage", None)
+            usage = {k: getattr(u, k, None) for k in _USAGE_KEYS}
+            return Completion(text, choice.finish_reason, {k: v for k, v in usage.items() if isinstance(v, int)})
         except Exception as e:  # noqa: BLE001 - any shape problem is a bad reply
-            raise _BadReply(f"{type(e).__name__}: {e}; body starts {body[:120]!r}") from None
+            raise _BadReply(f"{type(e).__name__}: {e}; body starts {raw.http_response.content[:120]!r}") from None
 
-    def _delay(self, retry: int, headers: dict) -> float:
+    def _delay(self, retry: int, headers) -> float:
         ra = {k.lower(): v for k, v in headers.items()}.get("retry-after")
         if ra is not None:
             try:
@@ -206,41 +203,36 @@ class OpenAIChatBackend:
         return min(self.max_backoff, self.backoff * 2 ** (retry - 1)) * (0.5 + 0.5 * self._rng.random())
 
     def complete(self, req: Request, stats: Stats) -> Completion:
-        data = json.dumps(self.body(req), ensure_ascii=False).encode("utf-8")
+        body = self.body(req)
         last = ""
         for attempt in range(self.max_retries + 1):
             headers: dict = {}
             stats.request()
             try:
-                status, headers, body = self._post(data)
-            except (TimeoutError, socket.timeout):
+                raw = self._post(body)
+            except openai.APITimeoutError:
                 cause, last = "timeout", f"no reply within {self.timeout}s"
-            except urllib.error.URLError as e:
-                if isinstance(e.reason, (TimeoutError, socket.timeout)):
-                    cause, last = "timeout", f"no reply within {self.timeout}s"
-                else:
-                    cause, last = "connection", f"{self.url}: {e.reason}"
-            except (ConnectionError, http.client.HTTPException, OSError) as e:
-                cause, last = "connection", f"{type(e).__name__}: {e}"
-            else:
-                if status == 200:
-                    try:
-                        comp = self._parse(body)
-                    except _BadReply as e:
-                        cause, last = "bad_reply", str(e)
-                    else:
-                        stats.usage(comp.usage)
-                        return comp
-                elif status in _FATAL_STATUS:
+            except openai.APIConnectionError as e:
+                cause, last = "connection", f"{self.url}: {e.__cause__ or e}"
+            except openai.APIStatusError as e:
+                status, headers, text = e.status_code, dict(e.response.headers), e.response.text
+                if status in _FATAL_STATUS:
                     raise FatalBackendError(
-                        f"{self.url} answered HTTP {status}: {body[:300].decode('utf-8', 'replace')}. "
+                        f"{self.url} answered HTTP {status}: {text[:300]}. "
                         + {401: "Check the API key (--api-key-env names the variable that holds it).",
                            403: "The key is not allowed to use this model or endpoint.",
                            404: "Check --base-url (it should end before /chat/completions) and --model."}[status])
-                elif status in _RETRY_STATUS or 500 <= status < 600:
-                    cause, last = f"http_{status}", body[:200].decode("utf-8", "replace")
+                if not (status in _RETRY_STATUS or 500 <= status < 600):
+                    raise RequestFailed(f"http_{status}", f"HTTP {status}: {text[:300]}")
+                cause, last = f"http_{status}", text[:200]
+            else:
+                try:
+                    comp = self._parse(raw)
+                except _BadReply as e:
+                    cause, last = "bad_reply", str(e)
                 else:
-                    raise RequestFailed(f"http_{status}", f"HTTP {status}: {body[:300].decode('utf-8', 'replace')}")
+                    stats.usage(comp.usage)
+                    return comp
             if attempt == self.max_retries:
                 raise RequestFailed(cause, f"gave up after {attempt + 1} attempts; last: {cause}: {last}")
             stats.retry(cause)
