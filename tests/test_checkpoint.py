@@ -1,9 +1,11 @@
 """Checkpoints under damage: a step whose files were flipped, truncated or emptied is reported in
 one line naming the step and the file, and the newest intact step is restored instead (the
 damaged one moved aside); with none intact, one error line. Checkpoints written before checksums
-existed still restore. (End to end through the trainer: test_trainer.py.)"""
+existed, and those keeping the input iterator state in the JSON part, still restore. (End to end
+through the trainer: test_trainer.py.)"""
 from __future__ import annotations
 
+import json
 import logging
 
 import jax
@@ -13,6 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from llava_jax.convert.hf import CheckpointError
+from llava_jax.train import integrity
 from llava_jax.train.checkpoint import Checkpointer
 from train_util import empty_folder, flip_params_data, truncate
 
@@ -44,6 +47,7 @@ DAMAGE = {
     "truncated params data": truncate("params data"),
     "truncated optimizer metadata": truncate("opt_state/_METADATA"),
     "truncated json part": truncate("extra/metadata"),
+    "truncated iterator state": truncate("data_iterator/process_0-of-1.json"),
     "empty step folder": empty_folder,
 }
 
@@ -136,3 +140,84 @@ def test_params_only_restore_checks_the_checksums(tmp_path):
     with pytest.raises(CheckpointError, match=r"step 3 is damaged: .*checkpoints/3/params"):
         ck.restore_params(3, trees(0)[0])
     ck.close()
+
+
+def test_changed_iterator_state_is_named(tmp_path):
+    """An iterator state file that still parses but holds other values fails its checksum."""
+    save_steps(tmp_path, async_save=False)
+    f = tmp_path / "checkpoints" / "6" / "data_iterator" / "process_0-of-1.json"
+    f.write_text(f.read_text().replace('"epoch": 6', '"epoch": 5'))
+    with pytest.raises(CheckpointError, match=r"step 6 is damaged: .*checkpoints/6/data_iterator/process_0-of-1.json: "
+                                              r"the input iterator state does not match"):
+        Checkpointer(tmp_path, async_save=False).restore(6, *trees(0))
+    got, _ = restore_latest(tmp_path)
+    assert_restored(got, 3)
+
+
+def old_layout_save(workdir, step, data, checksums=True):
+    """A step as the versions before Grain's handler wrote it: three items, the iterator
+    state(s) inside the JSON part (bytes tagged), with or without checksums."""
+    params, opt = trees(step)
+    mgr = ocp.CheckpointManager(workdir / "checkpoints", options=ocp.CheckpointManagerOptions(create=True))
+    extra = {"step": step, "rng": np.asarray(jax.random.key_data(jax.random.key(step))).tolist(),
+             "data": data, "meta": {"trainable": ["x"]}}
+    if checksums:
+        extra["integrity"] = {"params": integrity.tree_checksums(params),
+                              "opt_state": integrity.tree_checksums(opt), "json": integrity.json_digest(extra)}
+    mgr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt),
+                                           extra=ocp.args.JsonSave(extra)))
+    mgr.wait_until_finished()
+    mgr.close()
+
+
+def test_checkpoint_with_the_iterator_state_in_the_json_part_still_restores(tmp_path):
+    old_layout_save(tmp_path, 5, {"epoch": 5, "b": {"__bytes__": "0001"}})
+    assert not (tmp_path / "checkpoints" / "5" / "data_iterator").exists()
+    got, _ = restore_latest(tmp_path)
+    assert_restored(got, 5)
+    # a run resumed from it saves the new layout next to it
+    save_steps(tmp_path, steps=(6,))
+    assert (tmp_path / "checkpoints" / "6" / "data_iterator" / "process_0-of-1.json").is_file()
+    got, _ = restore_latest(tmp_path)
+    assert_restored(got, 6)
+
+
+def test_another_process_count_is_refused(tmp_path):
+    """Each process restores its own input shard's state: both layouts refuse another count."""
+    old_layout_save(tmp_path / "old", 5, {"per_process": [{"epoch": 5}, {"epoch": 5}], "process_count": 2})
+    with pytest.raises(ValueError, match=r"state of 2 process\(es\), this run has 1"):
+        restore_latest(tmp_path / "old")
+    # the new layout: Grain's files of two processes
+    params, opt = trees(5)
+    mgr = ocp.CheckpointManager(tmp_path / "new" / "checkpoints", options=ocp.CheckpointManagerOptions(create=True))
+    extra = {"step": 5, "rng": np.asarray(jax.random.key_data(jax.random.key(5))).tolist(),
+             "data_iterator": {"process_count": 2}, "meta": {}}
+    mgr.save(5, args=ocp.args.Composite(params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt),
+                                        extra=ocp.args.JsonSave(extra)))
+    mgr.wait_until_finished()
+    mgr.close()
+    for i in range(2):
+        (tmp_path / "new" / "checkpoints" / "5" / "data_iterator").mkdir(exist_ok=True)
+        (tmp_path / "new" / "checkpoints" / "5" / "data_iterator" / f"process_{i}-of-2.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"state of 2 process\(es\), this run has 1"):
+        restore_latest(tmp_path / "new")
+
+
+def test_iterator_state_file_is_grains_own(tmp_path):
+    """The data_iterator item is Grain's: Grain's handler restores a real Grain iterator from it."""
+    import grain
+
+    ds = grain.MapDataset.range(10).to_iter_dataset()
+    it = iter(ds)
+    [next(it) for _ in range(3)]
+    params, opt = trees(1)
+    ck = Checkpointer(tmp_path, async_save=False)
+    ck.save(1, params, opt, jax.random.key(1), data_state=it.get_state())
+    ck.close()
+    fresh = iter(ds)
+    mgr = ocp.CheckpointManager(tmp_path / "checkpoints")
+    mgr.restore(1, args=ocp.args.Composite(data_iterator=grain.checkpoint.CheckpointRestore(fresh)))
+    mgr.close()
+    assert next(fresh) == 3
+    assert json.loads((tmp_path / "checkpoints" / "1" / "data_iterator" / "process_0-of-1.json").read_text()) \
+        == it.get_state()

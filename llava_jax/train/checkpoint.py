@@ -7,17 +7,24 @@ checkpoint of a 7B run is the projector plus its Adam moments, like the original
 `mm_projector.bin`. Restoring takes abstract arrays carrying the CURRENT mesh's shardings, so a
 run may resume on a different mesh shape.
 
-Multi-host: every process calls save/restore (Orbax writes each host's shards and syncs them);
-the workdir must be shared by all hosts (a `gs://` bucket or a shared file system). Each host
-reads its own input shard, so the input iterator states of all processes are gathered and
-stored together in the JSON part (written by process 0); on restore each process takes its own.
+A step folder holds four Orbax items: `params/` and `opt_state/` (arrays), `extra/` (the JSON
+part: step, RNG key, meta, checksums) and `data_iterator/`, written by Grain's own Orbax handler
+(`grain.checkpoint.CheckpointSave`): one `process_<i>-of-<n>.json` per process, the state of that
+process's input iterator. Each host reads its own input shard, so each process writes and
+restores its own file; a run resumes only on the same process count.
 
-Damage: every save records checksums of its arrays and of its JSON part (`integrity.py` says
-why values, not files); `restore` checks them and raises `DamagedCheckpoint`, one line naming the
-step and its file, for those and for anything Orbax cannot read. `restore_latest` (the trainer's
-resume) reports a damaged step, moves it aside to `checkpoints/N.damaged` and takes the newest
-intact step, or raises when none is intact. Checkpoints saved before checksums existed (no
-"integrity" in the JSON part) are restored unverified, as before: only what Orbax itself checks.
+Multi-host: every process calls save/restore (Orbax writes each host's shards and syncs them);
+the workdir must be shared by all hosts (a `gs://` bucket or a shared file system).
+
+Damage: every save records checksums of its arrays, of its JSON part and of every process's
+iterator state (`integrity.py` says why values, not files); `restore` checks them and raises
+`DamagedCheckpoint`, one line naming the step and its file, for those and for anything Orbax or
+Grain cannot read. `restore_latest` (the trainer's resume) reports a damaged step, moves it aside
+to `checkpoints/N.damaged` and takes the newest intact step, or raises when none is intact.
+Checkpoints saved before checksums existed (no "integrity" in the JSON part) are restored
+unverified, as before: only what Orbax itself checks. Checkpoints of earlier versions keep the
+iterator state inside the JSON part ("data": one state, or every process's under "per_process");
+they restore as before.
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ import json
 import logging
 from typing import Any
 
+import grain.checkpoint as grain_ckpt
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -34,6 +42,8 @@ from llava_jax.fileio import as_path, is_remote
 from llava_jax.train import integrity
 
 log = logging.getLogger(__name__)
+
+ITERATOR = "data_iterator"  # the item Grain's handler writes: one file per process
 
 
 class DamagedCheckpoint(CheckpointError):
@@ -49,26 +59,37 @@ def _abstract(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-def _jsonable(x):
+def _json_leaf(x):
+    """`json.dumps` default: bytes (tagged) and numpy scalars in an iterator state."""
     if isinstance(x, bytes):
         return {"__bytes__": x.hex()}
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
     if isinstance(x, np.generic):
         return x.item()
-    return x
+    raise TypeError(f"an input iterator state holds a {type(x).__name__}, which JSON cannot store")
 
 
-def _from_jsonable(x):
-    if isinstance(x, dict):
-        if set(x) == {"__bytes__"}:
-            return bytes.fromhex(x["__bytes__"])
-        return {k: _from_jsonable(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_from_jsonable(v) for v in x]
-    return x
+def _json_object(d: dict):
+    """`json.loads` object hook, the inverse of `_json_leaf`."""
+    return bytes.fromhex(d["__bytes__"]) if set(d) == {"__bytes__"} else d
+
+
+class _IteratorState:
+    """The item Grain's Orbax handler saves and restores: one process's iterator state (what the
+    trainer's `it.get_state()` gave). It hands the handler the state as JSON bytes, which Grain
+    writes to this process's file as they are (as it does for its DataLoader iterators), and
+    takes the file's bytes back on restore."""
+
+    def __init__(self, state: Any = None):
+        self.raw = json.dumps(state, default=_json_leaf).encode() if state is not None else b""
+
+    def get_state(self) -> bytes:
+        return self.raw
+
+    def set_state(self, raw: bytes) -> None:
+        self.raw = raw
+
+    def start_prefetch(self) -> None:  # Grain's handler calls it after set_state (grain >= 0.2.18)
+        pass
 
 
 class Checkpointer:
@@ -84,20 +105,18 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, trainable, opt_state, rng, data_state: Any = None, meta: dict | None = None):
-        data = _jsonable(data_state)
-        if jax.process_count() > 1:  # one state per process, in process order
-            data = {"per_process": _allgather_json(data), "process_count": jax.process_count()}
+        items = {"params": ocp.args.StandardSave(trainable), "opt_state": ocp.args.StandardSave(opt_state)}
         extra = {"step": int(step), "rng": np.asarray(jax.random.key_data(rng)).tolist(),
-                 "data": data, "meta": meta or {}}
+                 ITERATOR: None, "meta": meta or {}}
+        sums = {"params": integrity.tree_checksums(trainable), "opt_state": integrity.tree_checksums(opt_state)}
+        if data_state is not None:  # every process saves its own state (its own file)
+            state = _IteratorState(data_state)
+            items[ITERATOR] = grain_ckpt.CheckpointSave(state)
+            extra[ITERATOR] = {"process_count": jax.process_count()}
+            sums[ITERATOR] = _allgather_digests(integrity.json_digest(json.loads(state.raw)))
         extra = json.loads(json.dumps(extra))  # as a restore reads it back, for the digest
-        extra["integrity"] = {"params": integrity.tree_checksums(trainable),
-                              "opt_state": integrity.tree_checksums(opt_state),
-                              "json": integrity.json_digest(extra)}
-        self.manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(trainable),
-            opt_state=ocp.args.StandardSave(opt_state),
-            extra=ocp.args.JsonSave(extra),
-        ), force=True)
+        extra["integrity"] = {**sums, "json": integrity.json_digest(extra)}
+        self.manager.save(step, args=ocp.args.Composite(**items, extra=ocp.args.JsonSave(extra)), force=True)
 
     def restore(self, step: int, trainable_like, opt_state_like):
         """Restore onto the shardings of `*_like` (arrays or ShapeDtypeStructs with shardings);
@@ -106,8 +125,12 @@ class Checkpointer:
         params = self._read(step, "params", ocp.args.StandardRestore(_abstract(trainable_like)), extra)
         opt_state = self._read(step, "opt_state", ocp.args.StandardRestore(_abstract(opt_state_like)), extra)
         rng = jax.random.wrap_key_data(np.asarray(extra["rng"], np.uint32))
-        data = _this_process_data(extra["data"], step, self.directory)
-        return params, opt_state, int(extra["step"]), rng, _from_jsonable(data), extra.get("meta", {})
+        if ITERATOR in extra:
+            data = self._read_iterator_state(step, extra)
+        else:  # the layout of earlier versions: the state(s) in the JSON part
+            data = _this_process_data(extra["data"], step, self.directory)
+            data = json.loads(json.dumps(data), object_hook=_json_object)
+        return params, opt_state, int(extra["step"]), rng, data, extra.get("meta", {})
 
     def restore_latest(self, trainable_like, opt_state_like):
         """`restore` of the newest intact step, or None without checkpoints. A damaged newer
@@ -142,9 +165,10 @@ class Checkpointer:
         return self._read(step, "params", ocp.args.StandardRestore(_abstract(trainable_like)), self.extra(step))
 
     def extra(self, step: int) -> dict:
-        """The JSON part (step, rng, data state, meta) without reading arrays."""
+        """The JSON part (step, rng, meta, ...) without reading arrays."""
         extra = self._read(step, "extra", ocp.args.JsonRestore())
-        if not isinstance(extra, dict) or not {"step", "rng", "data"} <= extra.keys():
+        if (not isinstance(extra, dict) or not {"step", "rng"} <= extra.keys()
+                or not ({"data", ITERATOR} & extra.keys())):
             raise DamagedCheckpoint(step, f"{self.directory / str(step) / 'extra'}: not a llava-jax checkpoint's JSON part")
         saved = extra.get("integrity")
         if saved is not None:
@@ -173,6 +197,25 @@ class Checkpointer:
                 more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
                 raise DamagedCheckpoint(step, f"{folder}: array {bad[0]}{more} does not match the checksum saved with it")
         return value
+
+    def _read_iterator_state(self, step: int, extra: dict):
+        """This process's input iterator state from the step's `data_iterator` item (None when
+        the run saved none), checked against the checksum saved with it."""
+        saved = extra[ITERATOR]
+        if saved is None:
+            return None
+        _check_process_count(saved["process_count"], step, self.directory)
+        state = self._read(step, ITERATOR, grain_ckpt.CheckpointRestore(_IteratorState()))
+        i, n = jax.process_index(), jax.process_count()
+        file = self.directory / str(step) / ITERATOR / f"process_{i}-of-{n}.json"
+        try:
+            plain = json.loads(state.raw)
+        except ValueError as e:
+            raise DamagedCheckpoint(step, f"{file}: not valid JSON ({integrity.one_line(e, 120)})") from None
+        sums = extra.get("integrity", {}).get(ITERATOR)
+        if sums and integrity.json_digest(plain) != sums[i]:
+            raise DamagedCheckpoint(step, f"{file}: the input iterator state does not match the checksum saved with it")
+        return json.loads(state.raw, object_hook=_json_object)
 
     def _move_aside(self, step: int) -> str:
         """Step folder N -> N.damaged (kept for inspection; Orbax lists only numeric names). On
@@ -214,26 +257,28 @@ def _agreed(error: DamagedCheckpoint | None, step: int) -> DamagedCheckpoint | N
     return error
 
 
-def _allgather_json(obj) -> list:
-    """Every process's `obj` (JSON-able), on every process, in process order."""
+def _allgather_digests(digest: str) -> list[str]:
+    """Every process's sha256 hex digest, on every process, in process order."""
+    if jax.process_count() == 1:
+        return [digest]
     from jax.experimental import multihost_utils
 
-    raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
-    lengths = multihost_utils.process_allgather(np.asarray([raw.size], np.int64)).reshape(-1)
-    padded = np.zeros(int(lengths.max()), np.uint8)
-    padded[: raw.size] = raw
-    everyone = multihost_utils.process_allgather(padded).reshape(len(lengths), -1)
-    return [json.loads(bytes(row[:n]).decode()) for row, n in zip(everyone, lengths)]
+    everyone = multihost_utils.process_allgather(np.frombuffer(bytes.fromhex(digest), np.uint8))
+    return [bytes(row).hex() for row in np.asarray(everyone).reshape(jax.process_count(), -1)]
 
 
-def _this_process_data(data, step, directory):
-    n, i = jax.process_count(), jax.process_index()
-    saved_n = data["process_count"] if isinstance(data, dict) and "per_process" in data else 1
+def _check_process_count(saved_n: int, step, directory):
+    n = jax.process_count()
     if saved_n != n:
         raise ValueError(
             f"checkpoint {directory}/{step} holds the input-pipeline state of {saved_n} process(es), this run "
             f"has {n}. Each process reads its own data shard, so the input order cannot be resumed on a "
             "different process count: resume with the same number of hosts, or start a new workdir with "
             "model.init_from_workdir pointing at this one.")
-    return data["per_process"][i] if n > 1 else data
 
+
+def _this_process_data(data, step, directory):
+    """This process's state from the JSON part of a checkpoint of an earlier version."""
+    per_process = isinstance(data, dict) and "per_process" in data
+    _check_process_count(data["process_count"] if per_process else 1, step, directory)
+    return data["per_process"][jax.process_index()] if per_process else data

@@ -113,9 +113,10 @@ def quiet_failed_reads():
 
 
 # Orbax's small JSON files of an item (the arrays' tree, shardings, per-host array metadata, the
-# JSON item itself): parsed before the restore so a damaged one is named exactly. A file of
-# another Orbax layout is simply not pre-checked; the restore still fails on it.
-_JSON_FILES = ("_METADATA", "_sharding", "metadata", "array_metadatas/process_*")
+# JSON item itself) and Grain's per-process iterator states: parsed before the restore so a
+# damaged one is named exactly. A file of another layout is simply not pre-checked; the restore
+# still fails on it.
+_JSON_FILES = ("_METADATA", "_sharding", "metadata", "array_metadatas/process_*", "process_*-of-*.json")
 
 
 def item_error(step_dir, item: str) -> str | None:
