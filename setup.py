@@ -51,5 +51,14 @@ setup(
         "browser": ["playwright>=1.40"],
         # gs:// workdirs: etils.epath goes through gcsfs; Orbax also asks google-cloud-storage
         "gcs": ["gcsfs", "google-cloud-storage"],
+        # `lmms-eval --model llava_jax` (llava_jax/eval/lmms.py; docs/eval.md). Pulls lmms-eval's
+        # full dependency set, CUDA torch included (a GPU machine's normal install); on a CPU
+        # machine follow docs/eval.md instead. 0.7.3: the first with the lmms_eval.models
+        # entry-point group we register in; it imports filelock._api, which filelock 4 removed.
+        "lmms": ["lmms-eval>=0.7.3", "filelock<4"],
+    },
+    entry_points={
+        # lmms-eval (>= 0.6) finds plugin models in this group: `lmms-eval --model llava_jax ...`
+        "lmms_eval.models": ["llava_jax = llava_jax.eval.lmms:manifest"],
     },
 )

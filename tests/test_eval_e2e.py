@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from judge_server import ScriptedJudge, section, user_content
+from shapes_model import make_shapes_model
 from llava_jax.demo import dataset, scoring
 from llava_jax.eval import answer as answer_cli
 from llava_jax.eval import llava_bench
@@ -19,38 +20,8 @@ REF_SCORE, RIGHT, WRONG = 10, 9, 2
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     """Shapes-world eval set in LLaVA-Bench form + a tiny random model saved as llava-hf."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from flax import nnx
-
-    import llava_jax
-    from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
-    from llava_jax.data.tokenize import add_llava_special_tokens, load_tokenizer
-    from llava_jax.data.tokenizer_build import build_llama_tokenizer
-    from llava_jax.demo.run import SYSTEM
-    from llava_jax.models.llava import LlavaModel
-
     root = tmp_path_factory.mktemp("shapes_bench")
-    dataset.generate(root / "data", num_train=0, num_eval=5, seed=3, image_size=16)
-    questions = read_jsonl(root / "data" / "eval.jsonl")
-    anns = read_jsonl(root / "data" / "eval_annotations.jsonl")
-    texts = [SYSTEM + " USER: ASSISTANT:"] * 20 + [q["text"] + " " + q["answer"] for q in questions]
-    texts += [c for a in anns for c in a["captions"]]
-    build_llama_tokenizer(texts, root / "tok", vocab_size=320)
-    tok = load_tokenizer(root / "tok")
-    ids = add_llava_special_tokens(tok)
-    cfg = LlavaConfig(
-        vision=VisionConfig(hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, image_size=16,
-                            patch_size=8),
-        text=TextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                        num_kv_heads=2, head_dim=8, max_position_embeddings=512),
-        image_token_id=ids.image_token_id, vision_feature_layer=-1)
-    # random params from numpy: an eager/jitted init compiles one random op per shape (~20 s on CPU)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: LlavaModel(cfg, rngs=nnx.Rngs(0))))
-    rng = np.random.default_rng(0)
-    state = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.3, s.shape).astype(s.dtype)), abstract)
-    llava_jax.save_pretrained(nnx.merge(graphdef, state), root / "hf", tokenizer=tok)
+    questions, anns = make_shapes_model(root)
     # LLaVA-Bench files: questions as they are, the canonical answers as the references, the
     # captions + boxes of each image as the context (the same format as caps_boxes_coco2014_val_80)
     refs = [{"question_id": q["question_id"], "text": q["answer"], "answer_id": f"ref{q['question_id']}"}

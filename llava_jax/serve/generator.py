@@ -286,10 +286,12 @@ class ChatGenerator:
                    engine=Engine(model, mesh=mesh, chunk_size=chunk_size), name=name or workdir.name)
 
     # ------------------------------------------------------------------ prompts
-    def encode(self, messages: Sequence[dict]) -> Encoded:
+    def encode(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> Encoded:
         """OpenAI-like messages [{"role", "content": str | [parts]}], parts
         {"type": "text", "text"} or {"type": "image", "image": PIL image}, -> prompt ids (image
-        tokens expanded) and preprocessed images. Raises RequestError for bad conversations."""
+        tokens expanded) and preprocessed images. Raises RequestError for bad conversations.
+        `add_generation_prompt=False`: the messages end with an assistant reply, rendered closed
+        (for scoring a reply, e.g. the lmms-eval plugin's loglikelihood)."""
         turns: list[tuple[str, list[dict]]] = []
         images: list[np.ndarray] = []
         size = self.cfg.vision.image_size
@@ -327,7 +329,8 @@ class ChatGenerator:
         try:
             with self.tokenizer_lock:
                 enc = tokenize_conversation(self.tokenizer, self.template, conv, self.cfg.image_token_id,
-                                            self.cfg.num_image_tokens, add_generation_prompt=True)
+                                            self.cfg.num_image_tokens,
+                                            add_generation_prompt=add_generation_prompt)
         except ValueError as e:
             raise RequestError(f"bad conversation: {e}", "messages") from None
         imgs = np.stack(images) if images else None
