@@ -56,6 +56,8 @@ setup(
         # machine follow docs/eval.md instead. 0.7.3: the first with the lmms_eval.models
         # entry-point group we register in; it imports filelock._api, which filelock 4 removed.
         "lmms": ["lmms-eval>=0.7.3", "filelock<4"],
+        # `python -m llava_jax.export --format=gguf`: llama.cpp's GGUF writer (0.19.0: tested)
+        "gguf": ["gguf>=0.19.0"],
     },
     entry_points={
         # lmms-eval (>= 0.6) finds plugin models in this group: `lmms-eval --model llava_jax ...`

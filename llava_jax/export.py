@@ -13,6 +13,13 @@ A param that no checkpoint provided (neither the base checkpoints, nor a previou
 workdir) would be exported with its random initialisation: the export refuses, naming the missing
 subtrees and the flag that supplies them; `--allow_random_init` exports anyway.
 
+GGUF for llama.cpp and Ollama (`llava_jax/convert/gguf_export.py`; needs `pip install -e ".[gguf]"`):
+
+    python -m llava_jax.export --format=gguf --workdir=DIR --out=GGUF_DIR [--quant=f16|q8_0|q4_0|q4_K_M]
+    python -m llava_jax.export --format=gguf --model=HF_DIR --out=GGUF_DIR     # any checkpoint llava-jax loads
+
+writes the LLM GGUF, the `mmproj` GGUF (vision tower + projector) and an Ollama `Modelfile`.
+
 HF_DIR must be empty or new: old weight files left next to the new ones would be read back
 instead of them (a stale shard index). `--overwrite` writes into a non-empty HF_DIR, removing
 the weight files there (*.safetensors, model.safetensors.index.json) first; other files stay.
@@ -31,11 +38,15 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "the run's config file (path:arg); default: the config the run recorded in WORKDIR",
     lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "the training workdir to export (its latest checkpoint)")
+_MODEL = flags.DEFINE_string("model", None, "or (--format=gguf): a llava-hf directory / any checkpoint llava-jax loads")
+_FORMAT = flags.DEFINE_enum("format", "hf", ["hf", "gguf"], "hf: a llava-hf directory; gguf: llama.cpp/Ollama files")
+_QUANT = flags.DEFINE_enum("quant", "f16", ["f16", "q8_0", "q4_0", "q4_K_M"], "GGUF weight type of the LLM "
+                           "(the mmproj is f16); q4_K_M runs llama.cpp's llama-quantize")
 _OUT = flags.DEFINE_string("out", None, "the llava-hf directory to write")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "stored weight dtype")
 _RANDOM = flags.DEFINE_bool("allow_random_init", False, "export even if some params were never trained or loaded")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "write into a non-empty --out, removing the weight files there first")
-flags.mark_flags_as_required(["workdir", "out"])
+flags.mark_flags_as_required(["out"])
 
 
 def export(workdir: str, out: str, config=None, dtype: str = "float32", allow_random_init: bool = False,
@@ -57,8 +68,18 @@ def main(argv):
     from llava_jax.convert.hf import CheckpointError
 
     try:
+        if _FORMAT.value == "gguf":
+            from llava_jax.convert.gguf_export import export_checkpoint
+
+            files = export_checkpoint(_OUT.value, _WORKDIR.value, _MODEL.value, _QUANT.value, _CONFIG.value,
+                                      _RANDOM.value)
+            if jax.process_index() == 0:
+                print("\n".join(f"{k}: {v}" for k, v in files.items()))
+            return
+        if not _WORKDIR.value:
+            raise ValueError("--format=hf exports a training workdir: give --workdir")
         export(_WORKDIR.value, _OUT.value, _CONFIG.value, _DTYPE.value, _RANDOM.value, _OVERWRITE.value)
-    except (ProvenanceError, CheckpointError, FileNotFoundError, FileExistsError) as e:
+    except (ProvenanceError, CheckpointError, FileNotFoundError, FileExistsError, ValueError, NotImplementedError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     if jax.process_index() == 0:
