@@ -394,12 +394,11 @@ def frozen_for_training(frozen, config):
 def abstract_sharded(state, mesh):
     """nnx.State of abstract Params -> the same tree with ShapeDtypeStruct values carrying the
     rules' shardings (tools/aot.py compiles on these; nothing is materialised)."""
-    def one(v):
-        val = v.get_value() if hasattr(v, "get_value") else v.value
-        sh = shd.named_sharding(v.get_metadata()["axes"], val.shape, mesh)
+    def one(v, sh):
+        val = v.get_value()
         return v.replace(jax.ShapeDtypeStruct(val.shape, val.dtype, sharding=sh))
 
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree.map(one, state, shd.state_shardings(state, mesh), is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def grad_accum_steps(config, mesh) -> int:
