@@ -133,16 +133,23 @@ def state_shardings(state, mesh: Mesh, rules=LOGICAL_RULES):
     return jax.tree.map(lambda s: NamedSharding(mesh, s), state_specs(state, mesh, rules))
 
 
-def param_sharding_fn(model_abs, mesh: Mesh, rules=LOGICAL_RULES):
-    """`path -> sharding` for `llava_jax.from_pretrained(sharding_fn=...)`, from the abstract
-    model's param metadata."""
+def abstract_model(init_fn, mesh: Mesh | None = None, rules=LOGICAL_RULES):
+    """(graphdef, state) of the model `init_fn` builds, nothing allocated: each Variable holds a
+    ShapeDtypeStruct carrying its sharding on `mesh` (no sharding without a mesh). The one place
+    that builds an abstract model for its shardings (the trainer's init, HF loading, the AOT
+    compile). `nnx.get_abstract_model` has this contract but places NNX's unfitted specs, which
+    fail on our models (see `fit_spec`)."""
     from flax import nnx
 
-    from llava_jax.models.params import path_str
+    graphdef, state = nnx.split(nnx.eval_shape(init_fn))
+    if mesh is None:
+        return graphdef, state
 
-    shardings = state_shardings(nnx.state(model_abs, nnx.Param), mesh, rules)
-    by_path = {path_str(p): s for p, s in nnx.to_flat_state(shardings)}
-    return lambda path, shape: by_path[path]
+    def place(v, sharding):
+        x = v.get_value()
+        return v.replace(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding))
+
+    return graphdef, jax.tree.map(place, state, state_shardings(state, mesh, rules), is_leaf=_is_variable)
 
 
 def batch_sharding(mesh: Mesh, ndim: int, rules=LOGICAL_RULES) -> NamedSharding:

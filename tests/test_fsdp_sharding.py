@@ -77,3 +77,7 @@ def test_params_carry_nnx_sharding_metadata():
     assert placed["projector"]["linear_1_kernel"] == P("fsdp", None)
     assert placed["vision"]["layers"]["q_kernel"] == P(None, "fsdp", None, None)  # 2 heads, tensor=4
     assert placed["llm"]["layers"]["q_kernel"] == P(None, "fsdp", "tensor", None)
+    # the abstract model (trainer init, HF loading, AOT) carries exactly these shardings
+    _, abstract = shd.abstract_model(lambda: LlavaModel(cfg, rngs=None), mesh)
+    flat = {path: v.get_value().sharding.spec for path, v in nnx.to_flat_state(abstract)}
+    assert flat == dict(nnx.to_flat_state(placed)) and len(flat) > 30
