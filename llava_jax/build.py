@@ -148,9 +148,8 @@ def model(config, mesh, tokenizer_ids=None, vocab_size: int | None = None) -> Ll
     m = config.model
     if m.init == "scratch":
         cfg = scratch_config(config, vocab_size, tokenizer_ids.image_token_id)
-        abs_model = nnx.eval_shape(lambda: LlavaModel(cfg, rngs=nnx.Rngs(m.seed)))
-        graphdef, abs_state = nnx.split(abs_model)
-        shardings = shd.state_shardings(abs_state, mesh)
+        graphdef, abs_state = shd.abstract_model(lambda: LlavaModel(cfg, rngs=nnx.Rngs(m.seed)), mesh)
+        shardings = jax.tree.map(lambda x: x.sharding, abs_state)
 
         def init():
             return nnx.split(LlavaModel(cfg, rngs=nnx.Rngs(m.seed)))[1]
@@ -364,13 +363,12 @@ class TrainParts:
 def train_parts(config, mesh, model: LlavaModel, num_steps: int, *, abstract: bool = False, batch=None) -> TrainParts:
     """Split `model` into trainable and frozen params (`config.trainable`), build the optimizer
     and its state in the params' shardings, and the compiled step (`compiled_train_step`).
-    `abstract`: `model` comes from `nnx.eval_shape` and nothing is materialised (tools/aot.py
-    lowers the same step for a TPU topology; `batch`: a `batch_spec`)."""
+    `abstract`: `model` is `shd.abstract_model`'s (params are ShapeDtypeStructs carrying their
+    shardings) and nothing is materialised (tools/aot.py lowers the same step for a TPU topology;
+    `batch`: a `batch_spec`)."""
     from llava_jax.train.state import make_optimizer, opt_state_shardings, split_model
 
     graphdef, trainable, frozen = split_model(model, list(config.trainable))
-    if abstract:
-        trainable, frozen = abstract_sharded(trainable, mesh), abstract_sharded(frozen, mesh)
     frozen = frozen_for_training(frozen, config)
     tx, schedule = make_optimizer(config.optim, num_steps, trainable)
     shardings = opt_state_shardings(tx, trainable, mesh)
@@ -389,17 +387,6 @@ def frozen_for_training(frozen, config):
     from llava_jax.train.state import cast_frozen
 
     return cast_frozen(frozen, DTYPES[config.model.dtype]) if config.model.cast_frozen else frozen
-
-
-def abstract_sharded(state, mesh):
-    """nnx.State of abstract Params -> the same tree with ShapeDtypeStruct values carrying the
-    rules' shardings (tools/aot.py compiles on these; nothing is materialised)."""
-    def one(v):
-        val = v.get_value() if hasattr(v, "get_value") else v.value
-        sh = shd.named_sharding(v.get_metadata()["axes"], val.shape, mesh)
-        return v.replace(jax.ShapeDtypeStruct(val.shape, val.dtype, sharding=sh))
-
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def grad_accum_steps(config, mesh) -> int:

@@ -1,9 +1,12 @@
 """Device mesh and the ONE logical-axis rules table.
 
-Every param carries logical axes (`embed`, `mlp`, `heads`, ...; see `llava_jax.models.layers`);
-activations/batches use `batch` and `length`. `LOGICAL_RULES` maps each logical axis to mesh
-axes (`data`, `fsdp`, `tensor`). A dimension that a mesh axis does not divide is replicated
-instead (so tiny test models run on any mesh), and a mesh axis is used at most once per array.
+Every param carries its logical axes (`embed`, `mlp`, `heads`, ...) in NNX's standard sharding
+metadata, `out_sharding` (see `llava_jax.models.layers.make_param`); activations/batches use
+`batch` and `length`. `LOGICAL_RULES` maps each logical axis to mesh axes (`data`, `fsdp`,
+`tensor`); params get their specs from `nnx.get_partition_spec` under these rules
+(`flax_rules`). On top of NNX's renaming, a dimension that a mesh axis does not divide is
+replicated instead (so tiny test models run on any mesh), and a mesh axis is used at most once
+per array (`fit_spec`).
 """
 from __future__ import annotations
 
@@ -65,43 +68,88 @@ def make_mesh(shape: dict[str, int] | Sequence[int] = (-1, 1, 1), devices=None) 
         return Mesh(grid, MESH_AXES, axis_types=auto)
 
 
-def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
-                    rules: dict[str, tuple[str, ...]] = LOGICAL_RULES) -> P:
+def flax_rules(rules: dict[str, tuple[str, ...]] = LOGICAL_RULES) -> tuple:
+    """The table in Flax's `LogicalRules` form, ((logical, mesh axes or None), ...), for
+    `nnx.logical_axis_rules`: inside it `nnx.get_partition_spec(state)` maps the params' logical
+    names to these mesh axes (names only; `fit_spec` then makes the spec fit the array)."""
+    return tuple((name, (axes[0] if len(axes) == 1 else tuple(axes)) if axes else None)
+                 for name, axes in rules.items())
+
+
+def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+    """`spec` made valid for an array of `shape` on `mesh`. NNX's logical->mesh mapping renames
+    axes only, so its specs can name a mesh axis twice in one array (the projector kernel is
+    (vision_embed, embed), both `fsdp`) or split a dimension the mesh axis does not divide (tiny
+    test models on 8 devices); both fail at placement. Per dimension, in order: drop mesh axes
+    already used by an earlier one, of size 1, or not in `mesh`; keep the longest prefix of the
+    rest whose product divides the dimension (none = replicated)."""
+    entries = tuple(spec) + (None,) * (len(shape) - len(spec))
     used: set[str] = set()
-    spec = []
-    for name, dim in zip(axes, shape):
-        mesh_axes = [a for a in rules.get(name, ()) if name is not None and a not in used and mesh.shape[a] > 1]
-        # keep the longest prefix of mesh axes whose product divides the dimension
+    out = []
+    for entry, dim in zip(entries, shape):
+        names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        mesh_axes = [a for a in names if a in mesh.shape and a not in used and mesh.shape[a] > 1]
         while mesh_axes and dim % math.prod(mesh.shape[a] for a in mesh_axes):
             mesh_axes.pop()
         used.update(mesh_axes)
-        spec.append(tuple(mesh_axes) if len(mesh_axes) > 1 else (mesh_axes[0] if mesh_axes else None))
-    return P(*spec)
+        out.append(tuple(mesh_axes) if len(mesh_axes) > 1 else (mesh_axes[0] if mesh_axes else None))
+    return P(*out)
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules: dict[str, tuple[str, ...]] = LOGICAL_RULES) -> P:
+    """PartitionSpec of a plain array (not a param; e.g. the KV cache) with these logical axes:
+    the renaming NNX applies to params' `out_sharding` (`from_sharding_rules`), then `fit_spec`."""
+    from flax.core.spmd import from_sharding_rules
+
+    return fit_spec(P(*from_sharding_rules(tuple(axes), flax_rules(rules))), shape, mesh)
 
 
 def named_sharding(axes, shape, mesh: Mesh, rules=LOGICAL_RULES) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))
 
 
-def param_sharding_fn(model_abs, mesh: Mesh, rules=LOGICAL_RULES):
-    """`path -> sharding` for `llava_jax.from_pretrained(sharding_fn=...)`, from the abstract
-    model's param metadata."""
+def _is_variable(x) -> bool:
     from flax import nnx
 
-    from llava_jax.models.params import path_str
+    return isinstance(x, nnx.Variable)
 
-    axes = {path_str(p): v.get_metadata()["axes"] for p, v in nnx.to_flat_state(nnx.state(model_abs, nnx.Param))}
-    return lambda path, shape: named_sharding(axes[path], shape, mesh, rules)
+
+def state_specs(state, mesh: Mesh, rules=LOGICAL_RULES):
+    """PartitionSpec for every Variable of an nnx.State (same tree, the spec in each Variable's
+    place): `nnx.get_partition_spec` under `nnx.logical_axis_rules(flax_rules(rules))` (Variables
+    without `out_sharding` get P()), then `fit_spec` for each value's shape."""
+    from flax import nnx
+
+    with nnx.logical_axis_rules(flax_rules(rules)):
+        specs = nnx.get_partition_spec(state)
+    return jax.tree.map(lambda v, s: fit_spec(s.get_value(), v.get_value().shape, mesh), state, specs,
+                        is_leaf=_is_variable)
 
 
 def state_shardings(state, mesh: Mesh, rules=LOGICAL_RULES):
-    """NamedSharding for every leaf of an nnx.State of Params (same tree structure)."""
+    """NamedSharding for every Variable of an nnx.State (same tree, the sharding in each
+    Variable's place: a valid `out_shardings` / `device_put` target for the state)."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), state_specs(state, mesh, rules))
+
+
+def abstract_model(init_fn, mesh: Mesh | None = None, rules=LOGICAL_RULES):
+    """(graphdef, state) of the model `init_fn` builds, nothing allocated: each Variable holds a
+    ShapeDtypeStruct carrying its sharding on `mesh` (no sharding without a mesh). The one place
+    that builds an abstract model for its shardings (the trainer's init, HF loading, the AOT
+    compile). `nnx.get_abstract_model` has this contract but places NNX's unfitted specs, which
+    fail on our models (see `fit_spec`)."""
     from flax import nnx
 
-    def one(v):
-        return named_sharding(v.get_metadata()["axes"], v.value.shape, mesh, rules)
+    graphdef, state = nnx.split(nnx.eval_shape(init_fn))
+    if mesh is None:
+        return graphdef, state
 
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    def place(v, sharding):
+        x = v.get_value()
+        return v.replace(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding))
+
+    return graphdef, jax.tree.map(place, state, state_shardings(state, mesh, rules), is_leaf=_is_variable)
 
 
 def batch_sharding(mesh: Mesh, ndim: int, rules=LOGICAL_RULES) -> NamedSharding:

@@ -58,3 +58,26 @@ def test_activations_stay_split_over_the_batch():
     a, b = pinned(*args)[2], free(*args)[2]  # and the numbers do not change
     np.testing.assert_allclose(float(a["loss"]), float(b["loss"]), rtol=1e-6)
     np.testing.assert_allclose(float(a["grad_norm"]), float(b["grad_norm"]), rtol=1e-5)
+
+
+def test_params_carry_nnx_sharding_metadata():
+    """The logical axes are NNX's own `out_sharding` metadata, so nnx.get_partition_spec reads
+    them (mesh axes under the rules table); the placed specs are NNX's with the fallback: a mesh
+    axis once per array, replicated where it does not divide the dimension."""
+    P = jax.sharding.PartitionSpec
+    mesh = shd.make_mesh({"data": 1, "fsdp": 2, "tensor": 4}, devices(8))
+    cfg = tiny_model_config()
+    state = nnx.state(nnx.eval_shape(lambda: LlavaModel(cfg, rngs=None)), nnx.Param)
+    assert nnx.get_partition_spec(state)["llm"]["embed"].get_value() == P("vocab", "embed")
+    with nnx.logical_axis_rules(shd.flax_rules()):
+        nnx_specs = nnx.get_partition_spec(state)
+    assert nnx_specs["projector"]["linear_1_kernel"].get_value() == P("fsdp", "fsdp")
+    assert nnx_specs["vision"]["layers"]["q_kernel"].get_value() == P(None, "fsdp", "tensor", None)
+    placed = shd.state_specs(state, mesh)
+    assert placed["projector"]["linear_1_kernel"] == P("fsdp", None)
+    assert placed["vision"]["layers"]["q_kernel"] == P(None, "fsdp", None, None)  # 2 heads, tensor=4
+    assert placed["llm"]["layers"]["q_kernel"] == P(None, "fsdp", "tensor", None)
+    # the abstract model (trainer init, HF loading, AOT) carries exactly these shardings
+    _, abstract = shd.abstract_model(lambda: LlavaModel(cfg, rngs=None), mesh)
+    flat = {path: v.get_value().sharding.spec for path, v in nnx.to_flat_state(abstract)}
+    assert flat == dict(nnx.to_flat_state(placed)) and len(flat) > 30

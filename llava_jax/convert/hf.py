@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llava_jax import sharding as shd
 from llava_jax.config import LlavaConfig
 from llava_jax.convert import keymap
 from llava_jax.convert.safetensors_io import checkpoint_files, prepare_output_dir, write_sharded
@@ -27,8 +27,6 @@ from llava_jax.data.tokenize import save_tokenizer
 from llava_jax.models.llava import LlavaModel
 from llava_jax.models.params import path_str
 from llava_jax.models.projector import Projector
-
-ShardingFn = Callable[[str, tuple[int, ...]], "jax.sharding.Sharding | None"]
 
 
 class CheckpointError(ValueError):
@@ -119,12 +117,12 @@ def _key_index(path: Path, clip_path):
 
 
 def load_params_into(model_abs: LlavaModel, index: _KeyIndex, fresh_pattern: str | None = None,
-                     fresh_values: dict | None = None, sharding_fn: ShardingFn | None = None,
-                     strict: bool = True) -> LlavaModel:
-    """Fill an abstract model (from `nnx.eval_shape`) with checkpoint tensors.
+                     fresh_values: dict | None = None, strict: bool = True) -> LlavaModel:
+    """Fill an abstract model (`llava_jax.sharding.abstract_model`) with checkpoint tensors.
 
     Each target param is assembled on the host from memory-mapped views (stacked layers filled
-    one layer at a time) and placed straight into its sharding, then the host buffer is dropped.
+    one layer at a time) and placed straight into the sharding its abstract value carries (on
+    the default device when it carries none), then the host buffer is dropped.
     """
     graphdef, state = nnx.split(model_abs)
     flat = _flat_params(state)
@@ -159,7 +157,7 @@ def load_params_into(model_abs: LlavaModel, index: _KeyIndex, fresh_pattern: str
                 buf[i] = t
             else:
                 buf[...] = t
-        sharding = sharding_fn(path, shape) if sharding_fn else None
+        sharding = getattr(var.value, "sharding", None)
         if sharding is None:
             values[path] = jax.device_put(buf)
         else:
@@ -202,18 +200,13 @@ def from_pretrained(path, *, clip_path=None, projector_path=None, dtype=jnp.floa
         fresh = None
     cfg = cfg.with_runtime(dtype=dtype, param_dtype=param_dtype, remat_policy=remat_policy,
                            attention_impl=attention_impl)
-    model_abs = nnx.eval_shape(lambda: LlavaModel(cfg, rngs=None))
-    sharding_fn = None
-    if mesh is not None:
-        from llava_jax import sharding
-
-        sharding_fn = sharding.param_sharding_fn(model_abs, mesh, rules or sharding.LOGICAL_RULES)
+    model_abs = nnx.merge(*shd.abstract_model(lambda: LlavaModel(cfg, rngs=None), mesh, rules or shd.LOGICAL_RULES))
     fresh_values = None
     if fresh:
         proj = Projector(cfg.projector_type, cfg.projector_in_features, cfg.text.hidden_size, cfg.projector_bias,
                          param_dtype=param_dtype, dtype=dtype, rngs=nnx.Rngs(seed))
         fresh_values = {"projector/" + k: v.value for k, v in _flat_params(proj).items()}
-    return load_params_into(model_abs, index, fresh, fresh_values, sharding_fn, strict)
+    return load_params_into(model_abs, index, fresh, fresh_values, strict)
 
 
 # ------------------------------------------------------------------ export

@@ -1,9 +1,10 @@
 """Building blocks shared by the CLIP and LLaMA modules: params with logical axes, norms,
 rotary embeddings, masked attention, remat policies.
 
-Every parameter is an `nnx.Param` whose metadata `axes` names its logical axes (`embed`, `mlp`,
-`heads`, `kv_heads`, `head_dim`, `vocab`, `layers`, ...). The trainer's single rules table maps
-those to mesh axes; nothing here knows about meshes.
+Every parameter is an `nnx.Param` whose NNX sharding metadata `out_sharding` names its logical
+axes (`embed`, `mlp`, `heads`, `kv_heads`, `head_dim`, `vocab`, `layers`, ...), so NNX's own tools
+(`nnx.get_partition_spec`, `nnx.logical_axis_rules`) read them. The single rules table in
+`llava_jax.sharding` maps those to mesh axes; nothing here knows about meshes.
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
 def make_param(rngs: nnx.Rngs | None, shape, axes, init: str = "normal", dtype=jnp.float32, std: float = 0.02):
-    """A parameter with logical `axes` metadata. `rngs=None` gives zeros (used under eval_shape)."""
+    """A parameter whose `out_sharding` metadata is its logical `axes`. `rngs=None` gives zeros
+    (used under eval_shape)."""
     assert len(shape) == len(axes), (shape, axes)
     if init == "ones":
         value = jnp.ones(shape, dtype)
@@ -32,7 +34,10 @@ def make_param(rngs: nnx.Rngs | None, shape, axes, init: str = "normal", dtype=j
         value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
     else:
         raise ValueError(init)
-    return nnx.Param(value, axes=tuple(axes))
+    # eager_sharding=False: params are created without a mesh (the trainer jits their init with
+    # `out_shardings` from `llava_jax.sharding`); NNX's default would place each one on creation
+    # and raise without a mesh context, or with one apply the unfitted spec (`sharding.fit_spec`).
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
 def dequantize(q, scale, dtype):

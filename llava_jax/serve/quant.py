@@ -69,10 +69,10 @@ def quantize_model(model, mode: str = "int8", group_size: int = 64):
         var = getattr(layers, name)
         if hasattr(layers, name + "_scale"):
             raise ValueError("the model is already quantized")
-        axes = var.get_metadata().get("axes")
         q, scale = quantize_array(var[...], mode, in_axes, group_axis, group_size)
-        setattr(layers, name, nnx.Param(q, axes=axes))
-        setattr(layers, name + "_scale", nnx.Param(scale, axes=axes))
+        # `replace` keeps the kernel's metadata (its logical axes) for both new params
+        setattr(layers, name, var.replace(q))
+        setattr(layers, name + "_scale", var.replace(scale))
     return model
 
 

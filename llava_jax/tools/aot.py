@@ -6,11 +6,12 @@
 
 The TPU topology's devices come from `jax.experimental.topologies.get_topology_desc` (libtpu, no
 TPU needed). The model, its trainable/frozen split, the optimizer state and one global batch are
-abstract (`jax.eval_shape` / `ShapeDtypeStruct` with the run's shardings): no weight is ever
-materialised. The step that `llava_jax.train` runs is lowered and compiled for the real model
-size and mesh, then the tool prints per-device memory (arguments, outputs, temporaries, total vs
-the chip's HBM), FLOPs per step and the sharding of the largest arrays. Exit status 1 when the
-step does not fit (XLA's own out-of-memory error included), 2 on a usage error.
+abstract (`ShapeDtypeStruct`s with the run's shardings; the params from
+`llava_jax.sharding.abstract_model`): no weight is ever materialised. The step that
+`llava_jax.train` runs is lowered and compiled for the real model size and mesh, then the tool
+prints per-device memory (arguments, outputs, temporaries, total vs the chip's HBM), FLOPs per
+step and the sharding of the largest arrays. Exit status 1 when the step does not fit (XLA's own
+out-of-memory error included), 2 on a usage error.
 
 Model sizes come from the config's checkpoint directories when they exist locally, else from the
 named preset `model.preset` or the one the directory names (vicuna-7b-v1.5, llava-1.5-13b-hf, ...:
@@ -127,7 +128,8 @@ def compile_step(config, topo: Topology, vocab_size: int = 32064, devices=None, 
                                  else None)
     except ValueError as e:
         raise UsageError(f"{e}; set --config.train.global_batch / the model paths") from None
-    abs_model = nnx.eval_shape(lambda: LlavaModel(cfg, rngs=nnx.Rngs(0)))
+    # params as ShapeDtypeStructs with the run's shardings on the topology's mesh
+    abs_model = nnx.merge(*shd.abstract_model(lambda: LlavaModel(cfg, rngs=nnx.Rngs(0)), mesh))
     t0 = time.perf_counter()
     replicated = NamedSharding(mesh, P())
     batch = build.batch_spec(config, cfg, mesh)
