@@ -553,3 +553,51 @@ def test_chance_rates():
                         max_objects=3)
     assert scoring.chance_rates(w) == pytest.approx(
         {"color": 1 / 5, "shape": 1 / 3, "count": 1 / 3, "position": 1 / 9, "existence": 0.5})
+
+
+def test_text_existence_rows_answer_from_the_caption(tmp_path):
+    """`num_text_existence` adds text-only stage-2 rows: a caption, then existence questions
+    answered in the image rows' format. Each answer is recomputed here from the caption's words
+    alone (the colours it names for the asked shape, and whether the asked pair is among them)."""
+    n_rows = 40
+    m = demo_data.generate(tmp_path, num_train=30, num_eval=6, seed=2, image_size=48, grid=3,
+                           size_range=(0.6, 0.9), turns=(3, 6), existence_evidence=True,
+                           existence_recheck=True, shape_negative_prob=0.75, num_text_existence=n_rows)
+    assert m["counts"]["stage2_text_existence_rows"] == n_rows
+    rows = [r for r in json.loads((tmp_path / "stage2.json").read_text())
+            if r["id"].startswith("text_existence_")]
+    assert len(rows) == n_rows and not any("image" in r for r in rows)
+    cfg = m["config"]
+    colors, shapes = cfg["colors"], cfg["shapes"]
+    plurals = {("crosses" if s == "cross" else s + "s"): s for s in shapes}
+    counts = {"a": 1, "an": 1, "two": 2, "three": 3, "four": 4}
+    phrase = re.compile(r"\b(a|an|two|three|four) (%s) (%s)\b" % ("|".join(colors), "|".join([*shapes, *plurals])))
+    verdicts = Counter()
+    for row in rows:
+        conv = row["conversations"]
+        assert [t["from"] for t in conv] == ["human", "gpt"] * (len(conv) // 2) and 3 <= len(conv) // 2 <= 6
+        first_q = conv[0]["value"]
+        caption = first_q[: first_q.index(".") + 1]
+        scene = Counter()
+        for n, color, shape in phrase.findall(caption.lower()):
+            scene[(color, plurals.get(shape, shape))] += counts[n]
+        assert scene, caption
+        asked_pairs = set()
+        for q, a in zip(conv[0::2], conv[1::2]):
+            words = q["value"][len(caption):] if q is conv[0] else q["value"]
+            (color,) = [w for w in re.findall(r"[a-z]+", words) if w in colors]
+            (shape,) = [w for w in re.findall(r"[a-z]+", words) if w in shapes]
+            assert (color, shape) not in asked_pairs  # one question per pair
+            asked_pairs.add((color, shape))
+            named = sorted(c for (c, s), k in scene.items() if s == shape for _ in range(k))
+            yes = (color, shape) in scene
+            answer = a["value"]
+            assert answer.endswith("Yes." if yes else "No."), (caption, q["value"], answer)
+            if named:
+                listed = re.match(r"The \w+ (?:is|are) (.+?)\. An? (\w+) (\w+)\? (?:Yes|No)\.$", answer)
+                assert listed and (listed.group(2), listed.group(3)) == (color, shape), answer
+                assert sorted(re.split(r", | and ", listed.group(1))) == named, (caption, answer)
+            else:
+                assert answer == f"There is no {shape}. No.", answer
+            verdicts[yes] += 1
+    assert verdicts[True] > 20 and verdicts[False] > 20, verdicts

@@ -28,7 +28,10 @@ Files written under ``out_dir``
 ``stage2.json``
     LLaVA instruction rows (like ``llava_v1_5_mix665k.json``): one per train image with 1-3
     question/answer turns (``<image>\\n`` starts the first human turn), plus a few text-only rows
-    (no ``image`` key, no ``<image>``). Question types: ``color``, ``shape``, ``count``,
+    (no ``image`` key, no ``<image>``). ``num_text_existence=N`` adds N more text-only rows that
+    tell a scene in words (one of its captions) and ask 3-6 existence questions about it,
+    answered in the image rows' format (``ShapesWorld.text_existence_turns``): the verdict
+    without the seeing (off by default; BENCHMARKS.md, "Session 8"). Question types: ``color``, ``shape``, ``count``,
     ``position``, ``existence`` (yes/no about 50/50), and rarely ``describe`` (answer = a caption).
     ``ShapesWorld(turns=(lo, hi), question_mix={category: weight})`` set the questions per row and
     their mix; ``existence_evidence=True`` makes existence answers state what the image has of the
@@ -131,6 +134,7 @@ def generate(
     max_objects: int = 4,
     eval_questions_per_image: int = 3,
     num_text_only: int | None = None,
+    num_text_existence: int = 0,
     image_format: str = "png",
     **world_kwargs: Any,
 ) -> dict[str, Any]:
@@ -179,6 +183,12 @@ def generate(
     for j in range(n_text):
         row = {"id": f"text_{j:06d}", "conversations": _conv(_text_only_conversation(trng), None)}
         stage2.insert(trng.randint(0, len(stage2)), row)
+    xrng = world.rng("text_existence", 0, "rows")
+    for j in range(int(num_text_existence)):
+        scene = world.sample_scene(j, "text")
+        row = {"id": f"text_existence_{j:06d}",
+               "conversations": _conv(world.text_existence_turns(scene, xrng), None)}
+        stage2.insert(xrng.randint(0, len(stage2)), row)
 
     # ---- eval: held-out scenes (own seeds; any layout identical to a train one is resampled)
     eval_ann, eval_rows = [], []
@@ -237,6 +247,7 @@ def generate(
         "counts": {
             "train_images": num_train, "eval_images": num_eval,
             "stage1_rows": len(stage1), "stage2_rows": len(stage2), "stage2_text_only_rows": n_text,
+            "stage2_text_existence_rows": int(num_text_existence),
             "eval_questions": len(eval_rows), "eval_questions_per_category": dict(per_cat),
         },
         "chance": chance_rates(world),

@@ -371,6 +371,29 @@ class ShapesWorld:
         raise ValueError(f"no fixed choices for category {category!r}")
 
     # -- rows -----------------------------------------------------------------------------------
+    def text_existence_turns(self, scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
+        """A text-only conversation about a scene told in words: the first question starts with
+        one of its captions, then `turns` existence questions answered exactly as about the
+        image ("The circle is blue. A green circle? No."). The evidence is read from the
+        caption instead of the image, so these rows teach the verdict (compare the asked colour
+        with the ones just named) apart from seeing."""
+        k = rng.randint(*self.turns)
+        caption = self.captions(scene, rng, k=1)[0]
+        turns: list[tuple[str, str]] = []
+        seen: set[str] = set()
+        for _ in range(10 * k):
+            if len(turns) == k:
+                break
+            qa = self.make_question(scene, "existence", rng, shape_negatives=self.shape_negative_prob)
+            if qa is None:
+                continue
+            asked = " ".join(w for w in qa.question.rstrip("?").split() if w in self.colors or w in self.shapes)
+            if asked in seen:  # one question per (colour, shape), whatever its wording
+                continue
+            seen.add(asked)
+            turns.append((qa.question if turns else f"{caption} {qa.question}", qa.response))
+        return turns
+
     def conversation(self, scene: Scene, rng: random.Random, captions: Sequence[str]) -> list[QA]:
         """`turns` (lo..hi) distinct questions about one scene (stage 2); categories drawn
         uniformly or by `question_mix`."""
