@@ -178,5 +178,7 @@ def test_adapters_shard_like_their_kernels():
                            jax.tree.map(lambda x: x.sharding, abstract))
     model = lpeft.add_lora(nnx.merge(graphdef, state), cfg.lora)
     assert model.llm.layers.lora.q_a.value.sharding.spec == spec["llm/layers/lora/q_a"]
+    kernel_sharding = model.llm.layers.q_kernel.value.sharding
+    assert lpeft.merge(model).llm.layers.q_kernel.value.sharding == kernel_sharding
     logits = nnx.jit(lambda m, ids: m(ids))(model, jnp.ones((2, 5), jnp.int32))
     assert np.isfinite(np.asarray(logits)).all()

@@ -81,7 +81,10 @@ def merge(model):
         return model
     merged = lora_lib.merged_flat({p: v.value for p, v in _flat_params(model).items()}, lora)
     for n in lora.modules:
-        getattr(model.llm.layers, f"{n}_kernel").value = merged[f"llm/layers/{n}_kernel"]
+        var = getattr(model.llm.layers, f"{n}_kernel")
+        new = merged[f"llm/layers/{n}_kernel"]
+        sharding = getattr(var.value, "sharding", None)  # keep the kernel where it was (FSDP / TP shards)
+        var.value = new if sharding is None else jax.device_put(new, sharding)
     model.llm.layers.lora = None
     model.config = model.config.replace(lora=None)
     return model
