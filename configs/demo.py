@@ -16,14 +16,18 @@ stage-2 rows hold 3-6 questions each, weighted toward colour, existence and posi
 existence answers that state the evidence and restate the asked object before the verdict
 (`demo.world_settings`, `llava_jax/demo/run.py: STAGE2_ROWS`).
 The tokenizer is trained on the world's text with punctuation kept out of its pieces
-(`data/tokenizer_build.py`). `tiny_*` are the test configs.
+(`data/tokenizer_build.py`). `tiny_*` are the test configs; `tiny_stage2_lora` is stage 2 with
+LoRA adapters on a frozen LLM (the LLaVA-1.5 LoRA recipe's shape: adapters at 2e-4, the
+projector at 2e-5 through `optim.group_lr`).
 """
 from llava_jax.train.defaults import base_config
 
 
 def get_config(arg: str = "stage1"):
-    if arg not in ("stage1", "stage2", "tiny_stage1", "tiny_stage2"):
-        raise ValueError(f"unknown demo config {arg!r}; use stage1, stage2, tiny_stage1, tiny_stage2")
+    if arg not in ("stage1", "stage2", "tiny_stage1", "tiny_stage2", "tiny_stage2_lora"):
+        raise ValueError(f"unknown demo config {arg!r}; use stage1, stage2, tiny_stage1, tiny_stage2, tiny_stage2_lora")
+    lora = arg.endswith("_lora")
+    arg = arg.removesuffix("_lora")
     tiny = arg.startswith("tiny")
     stage = 1 if arg.endswith("stage1") else 2
     c = base_config()
@@ -85,4 +89,10 @@ def get_config(arg: str = "stage1"):
         c.train.progress_bar = False
         c.train.tensorboard = True
         c.train.async_checkpoint = True
+    if lora:
+        c.name += "-lora"
+        c.model.lora.update(rank=8, alpha=16.0, dropout=0.05)
+        c.trainable = (r".*lora.*", r"projector/.*")
+        c.optim.lr = 2e-4
+        c.optim.group_lr = ((r"projector/.*", 2e-5),)
     return c

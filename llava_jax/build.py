@@ -66,6 +66,13 @@ def tokenizer(config):
 
 
 # =============================================================================== model config
+def lora_config(config):
+    """The run's LoRA adapters (`model.lora`; None when rank is 0 or the config predates LoRA)."""
+    from llava_jax.models.lora import LoraConfig
+
+    return LoraConfig.from_config(config.model.get("lora"))
+
+
 def runtime(config) -> RuntimeOptions:
     m = config.model
     return RuntimeOptions(dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype], remat_policy=m.remat,
@@ -88,6 +95,7 @@ def scratch_config(config, vocab_size: int, image_token_id: int) -> LlavaConfig:
         vision_feature_layer=config.model.vision_feature_layer,
         vision_feature_select_strategy=config.model.vision_feature_select_strategy,
         runtime=runtime(config),
+        lora=lora_config(config),
     )
 
 
@@ -119,7 +127,7 @@ def model_config(config, vocab_size: int | None = None, image_token_id: int | No
     local = (Path(path) / "config.json").exists() and (m.init == "hf" or (Path(m.clip_path) / "config.json").exists())
     if local:
         kw.pop("projector_path")
-        return resolve_config(Path(path), **kw).replace(runtime=runtime(config))
+        return resolve_config(Path(path), **kw).replace(runtime=runtime(config), lora=lora_config(config))
     preset = m.get("preset") or preset_for(path)
     if preset not in PRESETS:
         raise ValueError(f"no local config.json for {path!r} / {m.clip_path!r} and model.preset={preset!r} is not a "
@@ -129,7 +137,7 @@ def model_config(config, vocab_size: int | None = None, image_token_id: int | No
         cfg = cfg.replace(projector_type=m.projector_type, vision_feature_layer=m.vision_feature_layer)
     if vocab_size is not None:
         cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=vocab_size))
-    return cfg.replace(runtime=runtime(config))
+    return cfg.replace(runtime=runtime(config), lora=lora_config(config))
 
 
 def preset_for(path: str) -> str | None:
@@ -166,6 +174,10 @@ def model(config, mesh, tokenizer_ids=None, vocab_size: int | None = None) -> Ll
         rt = runtime(config)
         built = from_pretrained(path, mesh=mesh, dtype=rt.dtype, param_dtype=rt.param_dtype,
                                 remat_policy=rt.remat_policy, attention_impl=rt.attention_impl, **kw)
+        if lora_config(config) is not None:  # fresh adapters (a no-op) in the kernels' shardings
+            from llava_jax.convert.peft import add_lora
+
+            built = add_lora(built, lora_config(config), seed=m.seed)
     for wd in previous_stages(config):
         built, _ = apply_workdir_params(built, wd, m.init_from_workdir_patterns)
     return built
@@ -408,7 +420,9 @@ def compiled_train_step(config, mesh, graphdef, tx, schedule, trainable, opt_sta
 
     sh = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())  # metrics: readable on every host
-    step = make_train_step(graphdef, tx, schedule, grad_accum_steps(config, mesh), loss_chunk=config.model.loss_chunk)
+    lora = lora_config(config)
+    step = make_train_step(graphdef, tx, schedule, grad_accum_steps(config, mesh), loss_chunk=config.model.loss_chunk,
+                           dropout_seed=config.train.seed if lora is not None and lora.dropout > 0 else None)
     return jax.jit(shd.with_batch_sharded_activations(step, mesh),
                    in_shardings=(sh(trainable), sh(opt_state), sh(frozen), None if batch is None else sh(batch),
                                  None if batch is None else replicated),

@@ -235,6 +235,9 @@ class LlavaConfig:
     vision_feature_layer: int | tuple[int, ...] = -2
     vision_feature_select_strategy: str = "default"  # default (drop CLS) | full
     runtime: RuntimeOptions = RuntimeOptions()
+    # LoRA adapters on the LLM (`llava_jax.models.lora.LoraConfig`; None = none). Not part of the
+    # HF JSON: an adapter travels as a PEFT adapter directory (`convert/peft.py`).
+    lora: Any = None
 
     def __post_init__(self):
         projector_depth(self.projector_type)  # validates

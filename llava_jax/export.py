@@ -20,6 +20,15 @@ GGUF for llama.cpp and Ollama (`llava_jax/convert/gguf_export.py`; needs `pip in
 
 writes the LLM GGUF, the `mmproj` GGUF (vision tower + projector) and an Ollama `Modelfile`.
 
+A run that trained LoRA adapters (`model.lora`) exports merged weights in both formats (the
+adapters folded into the kernels, as PEFT's `merge_and_unload`), or the adapter alone:
+
+    python -m llava_jax.export --format=peft --workdir=DIR --out=ADAPTER_DIR
+
+a PEFT adapter directory (`peft.PeftModel.from_pretrained(llava_hf_model, ADAPTER_DIR)`; the base
+is the run's `model.hf_path`). A LoRA run's projector trains too: export it with the default
+format, or the merged model, as PEFT's adapter holds the LLM's adapters only.
+
 HF_DIR must be empty or new: old weight files left next to the new ones would be read back
 instead of them (a stale shard index). `--overwrite` writes into a non-empty HF_DIR, removing
 the weight files there (*.safetensors, model.safetensors.index.json) first; other files stay.
@@ -39,7 +48,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "the training workdir to export (its latest checkpoint)")
 _MODEL = flags.DEFINE_string("model", None, "or (--format=gguf): a llava-hf directory / any checkpoint llava-jax loads")
-_FORMAT = flags.DEFINE_enum("format", "hf", ["hf", "gguf"], "hf: a llava-hf directory; gguf: llama.cpp/Ollama files")
+_FORMAT = flags.DEFINE_enum("format", "hf", ["hf", "gguf", "peft"], "hf: a llava-hf directory; gguf: llama.cpp/Ollama "
+                            "files; peft: the run's LoRA adapter as a PEFT adapter directory")
 _QUANT = flags.DEFINE_enum("quant", "f16", ["f16", "q8_0", "q4_0", "q4_K_M"], "GGUF weight type of the LLM "
                            "(the mmproj is f16); q4_K_M runs llama.cpp's llama-quantize")
 _OUT = flags.DEFINE_string("out", None, "the llava-hf directory to write")
@@ -62,6 +72,24 @@ def export(workdir: str, out: str, config=None, dtype: str = "float32", allow_ra
     return model
 
 
+def export_adapter(workdir: str, out: str, config=None, dtype: str = "float32", allow_random_init: bool = False,
+                   overwrite: bool = False):
+    """The LoRA adapters a run trained, as a PEFT adapter directory (`convert/peft.py`)."""
+    from llava_jax import build, sharding
+    from llava_jax.convert.peft import save_adapter
+    from llava_jax.convert.safetensors_io import check_output_dir
+
+    check_output_dir(out, overwrite)
+    config = config or build.run_config(workdir)
+    if build.lora_config(config) is None:
+        raise ValueError(f"the run in {workdir} trained no LoRA adapters (model.lora.rank is 0): "
+                         "export it with --format=hf")
+    mesh = sharding.make_mesh(dict(config.train.mesh))
+    model, _, _ = build.trained_model(workdir, config, mesh, allow_random_init=allow_random_init)
+    save_adapter(model, out, dtype=dtype, base_model_name_or_path=config.model.hf_path or None, overwrite=overwrite)
+    return model
+
+
 def main(argv):
     del argv
     from llava_jax.build import ProvenanceError
@@ -77,8 +105,9 @@ def main(argv):
                 print("\n".join(f"{k}: {v}" for k, v in files.items()))
             return
         if not _WORKDIR.value:
-            raise ValueError("--format=hf exports a training workdir: give --workdir")
-        export(_WORKDIR.value, _OUT.value, _CONFIG.value, _DTYPE.value, _RANDOM.value, _OVERWRITE.value)
+            raise ValueError(f"--format={_FORMAT.value} exports a training workdir: give --workdir")
+        write = export_adapter if _FORMAT.value == "peft" else export
+        write(_WORKDIR.value, _OUT.value, _CONFIG.value, _DTYPE.value, _RANDOM.value, _OVERWRITE.value)
     except (ProvenanceError, CheckpointError, FileNotFoundError, FileExistsError, ValueError, NotImplementedError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

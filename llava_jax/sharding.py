@@ -31,6 +31,7 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "kv_heads": ("tensor",),
     "head_dim": (),
     "vocab": ("tensor",),
+    "lora_rank": (),  # LoRA adapters' rank axis: small, rarely divisible by a mesh axis
 }
 
 

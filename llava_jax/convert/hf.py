@@ -7,6 +7,8 @@ Import paths (all streamed from memory-mapped files, one target param at a time)
   * optionally a stage-1 projector file (`projector_path`) overriding the projector.
 Export writes the legacy llava-hf layout that `LlavaForConditionalGeneration.from_pretrained`
 loads with no missing or unexpected keys.
+A model with LoRA adapters is exported merged (the adapters folded into their kernels, as
+PEFT's `merge_and_unload`); `convert/peft.py` writes the adapters alone, as a PEFT adapter.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from llava_jax.config import LlavaConfig
 from llava_jax.convert import keymap
 from llava_jax.convert.safetensors_io import checkpoint_files, prepare_output_dir, write_sharded
 from llava_jax.data.tokenize import save_tokenizer
+from llava_jax.models import lora as lora_lib
 from llava_jax.models.llava import LlavaModel
 from llava_jax.models.params import path_str
 from llava_jax.models.projector import Projector
@@ -210,11 +213,19 @@ def from_pretrained(path, *, clip_path=None, projector_path=None, dtype=jnp.floa
 
 
 # ------------------------------------------------------------------ export
-def hf_tensors(model_or_params, dtype=None):
-    """Yield (canonical HF key, numpy array) for every param, one param on the host at a time."""
-    for path, var in sorted(_flat_params(model_or_params).items()):
+def hf_tensors(model_or_params, dtype=None, lora=None, select=None):
+    """Yield (canonical HF key, numpy array) for every param (those whose path `select` accepts),
+    one param on the host at a time. LoRA adapters are merged into their kernels first (`lora`:
+    their LoraConfig, default the model's), unless `select` asks for the adapters themselves."""
+    flat = {p: v.value for p, v in _flat_params(model_or_params).items()}
+    lora = lora if lora is not None else getattr(getattr(model_or_params, "config", None), "lora", None)
+    if lora is not None and select is None:
+        flat = lora_lib.merged_flat(flat, lora)
+    for path, value in sorted(flat.items()):
+        if select is not None and not select(path):
+            continue
         template, transform, stacked = keymap.hf_key_for(path)
-        arr = np.asarray(jax.device_get(var.value))
+        arr = np.asarray(jax.device_get(value))
         if dtype is not None:
             arr = arr.astype(np.dtype(dtype))
         if stacked:

@@ -4,6 +4,8 @@ Each row maps a llava_jax param path (regex over `vision/...`, `projector/...`, 
 canonical HF key (the legacy llava-hf layout) and a named transform. `{i}` is the layer index of
 a stacked param; regex groups fill `{1}`, `{2}`, ... Other checkpoint layouts are first rewritten
 to canonical keys by a small per-layout `normalize_*` function, so the map itself never branches.
+LoRA adapters (`llm/layers/lora/*`) map to PEFT's tensor names on the same canonical keys
+(`...q_proj.lora_A.weight`); `normalize_peft` / `peft_key` translate a PEFT adapter file's keys.
 """
 from __future__ import annotations
 
@@ -48,6 +50,13 @@ KEY_MAP: list[tuple[str, str, str]] = [
     (r"llm/layers/o_bias", LL + "self_attn.o_proj.bias", "id"),
     (r"llm/layers/(gate|up|down)_kernel", LL + "mlp.{1}_proj.weight", "T"),
     (r"llm/layers/(gate|up|down)_bias", LL + "mlp.{1}_proj.bias", "id"),
+    # LoRA: A [*in, r] is PEFT's lora_A.weight [r, in], B [r, *out] its lora_B.weight [out, r]
+    (r"llm/layers/lora/([qkv])_a", LL + "self_attn.{1}_proj.lora_A.weight", "T"),
+    (r"llm/layers/lora/([qkv])_b", LL + "self_attn.{1}_proj.lora_B.weight", "split_heads_out"),
+    (r"llm/layers/lora/o_a", LL + "self_attn.o_proj.lora_A.weight", "split_heads_in"),
+    (r"llm/layers/lora/o_b", LL + "self_attn.o_proj.lora_B.weight", "T"),
+    (r"llm/layers/lora/(gate|up|down)_a", LL + "mlp.{1}_proj.lora_A.weight", "T"),
+    (r"llm/layers/lora/(gate|up|down)_b", LL + "mlp.{1}_proj.lora_B.weight", "T"),
 ]
 _COMPILED = [(re.compile(p + "$"), t, x) for p, t, x in KEY_MAP]
 
@@ -122,6 +131,26 @@ def normalize_llava_hf(key: str) -> str | None:
     if key.startswith("vision_tower.") and not key.startswith(V):
         key = V + key[len("vision_tower."):]
     return key
+
+
+# PEFT names a tensor by the module path in the wrapped model (`base_model.model.` + the
+# transformers module name, adapter name dropped), so its keys are llava-hf keys behind a prefix.
+PEFT_PREFIX = "base_model.model."
+
+
+def normalize_peft(key: str) -> str | None:
+    """A PEFT adapter file's key -> canonical (legacy llava-hf) key."""
+    if not key.startswith(PEFT_PREFIX):
+        return None
+    return normalize_llava_hf(key[len(PEFT_PREFIX):])
+
+
+def peft_key(canonical: str) -> str:
+    """Canonical key -> the name PEFT gives it on transformers-5 `LlavaForConditionalGeneration`
+    (whose language model sits at `model.language_model.`)."""
+    if canonical.startswith(L):
+        canonical = "model.language_model." + canonical[len(L):]
+    return PEFT_PREFIX + canonical
 
 
 _MM_PROJ = re.compile(r"^(?:model\.)?mm_projector\.(\d+)\.(weight|bias)$")

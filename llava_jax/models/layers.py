@@ -24,7 +24,8 @@ MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 def make_param(rngs: nnx.Rngs | None, shape, axes, init: str = "normal", dtype=jnp.float32, std: float = 0.02):
     """A parameter whose `out_sharding` metadata is its logical `axes`. `rngs=None` gives zeros
-    (used under eval_shape)."""
+    (used under eval_shape). `std`: the normal's standard deviation, or for `init="uniform"` the
+    half-width of the uniform interval (LoRA's kaiming-uniform A)."""
     assert len(shape) == len(axes), (shape, axes)
     if init == "ones":
         value = jnp.ones(shape, dtype)
@@ -32,6 +33,8 @@ def make_param(rngs: nnx.Rngs | None, shape, axes, init: str = "normal", dtype=j
         value = jnp.zeros(shape, dtype)
     elif init == "normal":
         value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    elif init == "uniform":
+        value = jax.random.uniform(rngs.params(), shape, jnp.float32, -std, std).astype(dtype)
     else:
         raise ValueError(init)
     # eager_sharding=False: params are created without a mesh (the trainer jits their init with

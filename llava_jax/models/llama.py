@@ -4,6 +4,7 @@ fp32 RMSNorm, rotate-half RoPE (default / linear / llama3), GQA, SwiGLU, optiona
 MLP biases, tied or untied LM head. Inputs carry explicit `positions` (RoPE) and `segment_ids`
 (attention = causal AND same segment, 0 = padding), so packed rows and padded batches share one
 code path. Decoding uses a preallocated KV cache (`init_cache`) written at `cache["index"]`.
+Optional LoRA adapters on the linear layers live in `layers/lora` (`models/lora.py`).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from llava_jax.config import TextConfig
+from llava_jax.models import lora as lora_lib
 from llava_jax.models.layers import (
     apply_rope,
     attention_mask,
@@ -28,7 +30,8 @@ from llava_jax.models.layers import (
 
 class LlamaDecoder(nnx.Module):
     def __init__(self, cfg: TextConfig, *, param_dtype=jnp.float32, dtype=jnp.float32,
-                 remat_policy: str = "none", attention_impl: str = "xla", rngs: nnx.Rngs | None = None):
+                 remat_policy: str = "none", attention_impl: str = "xla", lora: lora_lib.LoraConfig | None = None,
+                 rngs: nnx.Rngs | None = None):
         self.cfg = cfg
         self.dtype = dtype
         self.remat_policy = remat_policy
@@ -39,6 +42,8 @@ class LlamaDecoder(nnx.Module):
         self.final_norm = P((cfg.hidden_size,), ("embed",), "ones")
         if not cfg.tie_word_embeddings:
             self.lm_head = P((cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"))
+        if lora is not None:  # drawn last: a seed gives the same base params with or without LoRA
+            self.layers.lora = lora_lib.LoraAdapters(cfg, lora, param_dtype, rngs)
 
     def embed_tokens(self, ids):
         return jnp.take(self.embed.value, ids, axis=0, mode="clip").astype(self.dtype)
@@ -47,8 +52,10 @@ class LlamaDecoder(nnx.Module):
         head = self.embed.value.T if self.cfg.tie_word_embeddings else self.lm_head.value
         return jnp.einsum("bld,dv->blv", h, head.astype(self.dtype))
 
-    def __call__(self, embeds, positions, segment_ids, cache: dict | None = None, return_hidden: bool = False):
-        """embeds [B, L, D]; positions, segment_ids [B, L] int.
+    def __call__(self, embeds, positions, segment_ids, cache: dict | None = None, return_hidden: bool = False,
+                 dropout_rng=None):
+        """embeds [B, L, D]; positions, segment_ids [B, L] int; `dropout_rng`: a key for LoRA
+        dropout (training; None = no dropout).
 
         Without a cache, query/key slot i is token i. With a cache, the L new tokens occupy slots
         `cache["index"] + arange(L)`; they attend to earlier valid slots of the cache.
@@ -60,7 +67,8 @@ class LlamaDecoder(nnx.Module):
             slots = jnp.arange(l)
             mask = attention_mask(slots, slots, segment_ids, segment_ids, causal=True)
             h, _ = self.layers(embeds.astype(self.dtype), cos, sin, mask, None, None,
-                               self.dtype, self.remat_policy, self.attention_impl, segment_ids=segment_ids)
+                               self.dtype, self.remat_policy, self.attention_impl, segment_ids=segment_ids,
+                               dropout_rng=dropout_rng)
             new_cache = None
         else:
             index = cache["index"]
@@ -89,10 +97,12 @@ class LlamaDecoder(nnx.Module):
 
 
 class LlamaLayers(nnx.Module):
-    """All decoder layers, params stacked on a leading `layers` axis."""
+    """All decoder layers, params stacked on a leading `layers` axis (LoRA adapters too)."""
 
     def __init__(self, cfg: TextConfig, P):
         self.cfg = cfg
+        # LlamaDecoder sets the adapters after drawing the base params (data: a sub-module or None)
+        self.lora: lora_lib.LoraAdapters | None = nnx.data(None)
         L, d, f, h, kv, hd = (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
                               cfg.num_kv_heads, cfg.head_dim)
         self.attn_norm = P((L, d), ("layers", "embed"), "ones")
@@ -116,13 +126,20 @@ class LlamaLayers(nnx.Module):
 
 
     def __call__(self, x, cos, sin, mask, kv_cache, cache_index, dtype, remat_policy, attention_impl,
-                 segment_ids=None):
+                 segment_ids=None, dropout_rng=None):
         """`mask` is the causal same-segment mask; `segment_ids` (no cache only) lets a fused
         attention impl use the segments instead (layers.dot_product_attention)."""
         cfg = self.cfg
         eps = cfg.rms_norm_eps
-        # every stacked param, whatever the config added (biases) or quantization (`*_scale`)
-        stacked = {k: v[...] for k, v in nnx.state(self, nnx.Param).items()}
+        # every stacked param, whatever the config added (biases) or quantization (`*_scale`);
+        # the LoRA adapters (a sub-module) ride along as one more stacked dict
+        stacked = {k: v[...] for k, v in nnx.state(self, nnx.Param).items() if k != "lora"}
+        lcfg = None if self.lora is None else self.lora.config
+        if self.lora is not None:
+            stacked["lora"] = self.lora.stacked()
+        drop = lcfg is not None and lcfg.dropout > 0 and dropout_rng is not None
+        if drop:  # one key per layer, scanned with the params; one per projection inside the layer
+            stacked["lora_rng"] = jax.random.split(dropout_rng, cfg.num_layers)
 
         def bias(p, name):
             return p[name].astype(dtype) if name in p else 0
@@ -134,10 +151,19 @@ class LlamaLayers(nnx.Module):
                 scale = p.get(name + "_scale")
                 return p[name].astype(dtype) if scale is None else dequantize(p[name], scale, dtype)
 
+            def lin(name, inp, spec):  # x W (+ b) (+ the LoRA adapter's scale * (x A) B)
+                out = jnp.einsum(spec, inp, c(name + "_kernel")) + bias(p, name + "_bias")
+                ad = p.get("lora", {})
+                if name + "_a" not in ad:
+                    return out
+                rng = jax.random.fold_in(p["lora_rng"], lora_lib.PROJECTIONS.index(name)) if drop else None
+                return out + lora_lib.delta(inp, ad[name + "_a"], ad[name + "_b"], lcfg.scale, dtype,
+                                            lcfg.dropout, rng)
+
             y = rms_norm(x, p["attn_norm"], eps)
-            q = jnp.einsum("bld,dhk->blhk", y, c("q_kernel")) + bias(p, "q_bias")
-            k = jnp.einsum("bld,dhk->blhk", y, c("k_kernel")) + bias(p, "k_bias")
-            v = jnp.einsum("bld,dhk->blhk", y, c("v_kernel")) + bias(p, "v_bias")
+            q = lin("q", y, "bld,dhk->blhk")
+            k = lin("k", y, "bld,dhk->blhk")
+            v = lin("v", y, "bld,dhk->blhk")
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             # names for the `save_qkv_out` remat policy
             q, k, v = (checkpoint_name(t, "qkv") for t in (q, k, v))
@@ -150,12 +176,11 @@ class LlamaLayers(nnx.Module):
                 a = dot_product_attention(q, k, v, mask, attention_impl, segment_ids=segment_ids, causal=True)
                 new_kv = None
             a = checkpoint_name(a, "attn_out")
-            x = x + jnp.einsum("blhk,hkd->bld", a, c("o_kernel")) + bias(p, "o_bias")
+            x = x + lin("o", a, "blhk,hkd->bld")
             y = rms_norm(x, p["mlp_norm"], eps)
-            gate = jnp.einsum("bld,df->blf", y, c("gate_kernel")) + bias(p, "gate_bias")
-            up = jnp.einsum("bld,df->blf", y, c("up_kernel")) + bias(p, "up_bias")
-            mlp = checkpoint_name(jnp.einsum("blf,fd->bld", jax.nn.silu(gate) * up, c("down_kernel")), "mlp_out")
-            x = x + mlp + bias(p, "down_bias")
+            gate = lin("gate", y, "bld,df->blf")
+            up = lin("up", y, "bld,df->blf")
+            x = x + checkpoint_name(lin("down", jax.nn.silu(gate) * up, "blf,fd->bld"), "mlp_out")
             return x, new_kv
 
         x, new_kv = jax.lax.scan(maybe_remat(layer, remat_policy), x, (stacked, kv_cache))

@@ -34,7 +34,8 @@ class LlavaModel(nnx.Module):
         self.vision = VisionTower(config.vision, remat_policy=rt.remat_policy, attention_impl=rt.attention_impl, **kw)
         self.projector = Projector(config.projector_type, config.projector_in_features, config.text.hidden_size,
                                    config.projector_bias, **kw)
-        self.llm = LlamaDecoder(config.text, remat_policy=rt.remat_policy, attention_impl=rt.attention_impl, **kw)
+        self.llm = LlamaDecoder(config.text, remat_policy=rt.remat_policy, attention_impl=rt.attention_impl,
+                                lora=config.lora, **kw)
 
     # ------------------------------------------------------------------ images
     def encode_images(self, pixels_nhwc):
@@ -90,9 +91,10 @@ class LlavaModel(nnx.Module):
 
     # ------------------------------------------------------------------ forward
     def __call__(self, input_ids, pixel_values=None, attention_mask=None, *, images=None, image_mask=None,
-                 positions=None, segment_ids=None, return_hidden: bool = False):
+                 positions=None, segment_ids=None, return_hidden: bool = False, dropout_rng=None):
         """Logits [B, L, V]. `attention_mask` (1 = token, 0 = padding) is transformers-style;
-        packed rows pass `segment_ids` (0 = padding) and per-segment `positions` instead."""
+        packed rows pass `segment_ids` (0 = padding) and per-segment `positions` instead.
+        `dropout_rng`: the key for LoRA dropout while training (None: no dropout)."""
         input_ids = jnp.asarray(input_ids)
         b, l = input_ids.shape
         if segment_ids is None:
@@ -101,7 +103,7 @@ class LlavaModel(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
         embeds = self.embed_inputs(input_ids, pixel_values, images, image_mask)
-        out, _ = self.llm(embeds, positions, segment_ids, return_hidden=return_hidden)
+        out, _ = self.llm(embeds, positions, segment_ids, return_hidden=return_hidden, dropout_rng=dropout_rng)
         return out
 
 

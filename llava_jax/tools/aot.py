@@ -147,7 +147,8 @@ def compile_step(config, topo: Topology, vocab_size: int = 32064, devices=None, 
         "dtype": config.model.dtype, "param_dtype": config.model.param_dtype, "hbm_gib": topo.hbm_gib,
         "trainable": list(config.trainable),
         # model FLOPs (6N + attention per token; every image slot filled, as the static-shape step computes)
-        "model_tflops_per_step": step_flops(cfg, {p.split("/")[0] for p in config.trainable}, gb * L, gb * M, L) / 1e12,
+        "model_tflops_per_step": step_flops(cfg, {"lora" if "lora" in p else p.split("/")[0] for p in config.trainable},
+                                            gb * L, gb * M, L) / 1e12,
         "params": {"trainable": _count(trainable), "frozen": _count(frozen)},
         "largest": _largest([("params", trainable), ("frozen", frozen), ("opt_state", opt_state)], top),
     }

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from llava_jax.models.lora import DEFAULT_TARGETS
+
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -43,6 +45,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.loss_chunk = 0
     c.model.cast_frozen = False
     c.model.seed = 0
+    # LoRA adapters on the LLM's linear layers (llava_jax/models/lora.py; docs/lora.md). rank 0 =
+    # none. They are params like any other: train them with trainable=(r".*lora.*", ...); the base
+    # they sit on stays frozen. targets: regexes over the base kernels' paths (llm/layers/q_kernel).
+    c.model.lora = ml_collections.ConfigDict({"rank": 0, "alpha": 16.0, "dropout": 0.0, "rslora": False,
+                                              "targets": DEFAULT_TARGETS})
     c.model.scratch = ml_collections.ConfigDict({
         "vision": {"hidden_size": 64, "intermediate_size": 128, "num_layers": 2, "num_heads": 4,
                    "image_size": 32, "patch_size": 8},
@@ -79,6 +86,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.b2 = 0.999
     c.optim.eps = 1e-8
     c.optim.grad_clip = 1.0
+    # Per-group learning rates: ((regex over param paths, lr), ...), first match wins; params no
+    # pattern matches take optim.lr. Same schedule shape for every group (e.g. the LoRA recipe's
+    # projector at 2e-5 beside adapters at 2e-4: ((r"projector/.*", 2e-5),)).
+    c.optim.group_lr = ()
 
     c.train = ml_collections.ConfigDict()
     c.train.global_batch = 256  # rows per optimizer step, whatever the device count

@@ -94,15 +94,43 @@ def decay_mask(trainable_state):
     return jax.tree_util.tree_map_with_path(mask, trainable_state)
 
 
+def lr_groups(optim_cfg, trainable_state):
+    """({group: lr}, the group label of every trainable param): `optim.group_lr` is a table of
+    (regex over param paths, lr), first match wins; "default" (optim.lr) takes the rest."""
+    table = [(PathPatterns([pattern]), float(lr)) for pattern, lr in (optim_cfg.get("group_lr") or ())]
+    lrs = {"default": float(optim_cfg.lr)}
+
+    def label(path, _):
+        for i, (match, lr) in enumerate(table):
+            if match(path):
+                lrs[f"group{i}"] = lr
+                return f"group{i}"
+        return "default"
+
+    return lrs, jax.tree_util.tree_map_with_path(label, trainable_state)
+
+
 def make_optimizer(optim_cfg, total_steps: int, trainable_state):
-    schedule = lr_schedule(optim_cfg.lr, total_steps, optim_cfg.warmup_ratio,
-                           optim_cfg.get("warmup_steps"), optim_cfg.get("schedule", "cosine"))
+    """Global-norm clipping over all trainable params, then AdamW; with `optim.group_lr`, one
+    AdamW per learning-rate group (`optax.multi_transform`), each with the same schedule shape."""
+    def schedule_for(lr):
+        return lr_schedule(lr, total_steps, optim_cfg.warmup_ratio, optim_cfg.get("warmup_steps"),
+                           optim_cfg.get("schedule", "cosine"))
+
+    def adamw(lr):  # the decay mask is a function: under multi_transform it sees its group's params only
+        return optax.adamw(schedule_for(lr), b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+                           weight_decay=optim_cfg.weight_decay, mask=decay_mask)
+
+    lrs, labels = lr_groups(optim_cfg, trainable_state)
+    if len(lrs) == 1:
+        update = adamw(lrs["default"])
+    else:
+        update = optax.multi_transform({g: adamw(lr) for g, lr in lrs.items()}, labels)
     tx = optax.chain(
         optax.clip_by_global_norm(optim_cfg.grad_clip) if optim_cfg.grad_clip else optax.identity(),
-        optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
-                    weight_decay=optim_cfg.weight_decay, mask=decay_mask(trainable_state)),
+        update,
     )
-    return tx, schedule
+    return tx, schedule_for(float(optim_cfg.lr))
 
 
 def opt_state_shardings(tx, trainable, mesh):
@@ -113,40 +141,48 @@ def opt_state_shardings(tx, trainable, mesh):
 
     replicated = NamedSharding(mesh, PartitionSpec())
     param_shardings = jax.tree.map(lambda x: x.sharding, trainable)
-    return optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, trainable), param_shardings,
-                                 transform_non_params=lambda _: replicated)
+    # Under `multi_transform` (optim.group_lr) each group's moments hold `MaskedNode`s where the
+    # other groups' params are: taken as leaves, they stay as they are.
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+    return optax.tree_map_params(tx, lambda p, s: p if masked(p) else s, jax.eval_shape(tx.init, trainable),
+                                 param_shardings, transform_non_params=lambda _: replicated, is_leaf=masked)
 
 
 # ---------------------------------------------------------------- loss / step
-def batch_loss(trainable, frozen, graphdef, batch, loss_chunk: int = 0):
+def batch_loss(trainable, frozen, graphdef, batch, loss_chunk: int = 0, dropout_rng=None):
     """(sum of token losses, number of supervised tokens) for one (micro-)batch.
 
     `batch["targets"]` is already shifted (target of token t at position t, -100 = ignore).
     `loss_chunk`: the vocabulary loss over chunks of this many positions (0 = the full [B, L, V]
-    logits); equal loss and gradients (`llava_jax.models.llava.chunked_loss_fn`)."""
+    logits); equal loss and gradients (`llava_jax.models.llava.chunked_loss_fn`).
+    `dropout_rng`: the key for LoRA dropout (None: none)."""
     model = nnx.merge(graphdef, trainable, jax.lax.stop_gradient(frozen))
     out = model(batch["input_ids"], images=batch.get("images"), image_mask=batch.get("image_mask"),
-                positions=batch["positions"], segment_ids=batch["segment_ids"], return_hidden=bool(loss_chunk))
+                positions=batch["positions"], segment_ids=batch["segment_ids"], return_hidden=bool(loss_chunk),
+                dropout_rng=dropout_rng)
     if loss_chunk:  # logits over the vocabulary a chunk of positions at a time (no [B, L, V] buffer)
         return chunked_loss_fn(out, batch["targets"], model.llm.logits, loss_chunk)
     return loss_fn_from_logits(out, batch["targets"])
 
 
-def make_train_step(graphdef, tx, schedule, grad_accum: int = 1, loss_chunk: int = 0):
+def make_train_step(graphdef, tx, schedule, grad_accum: int = 1, loss_chunk: int = 0, dropout_seed: int | None = None):
     """step(trainable, opt_state, frozen, batch, step) -> (trainable, opt_state, metrics).
 
     The batch is split into `grad_accum` micro-batches (strided, so each stays spread over the
     data-parallel devices); gradients of the summed token loss are accumulated and divided once
     by the total supervised-token count of the whole batch: k micro-batches == one big batch.
+    `dropout_seed` (LoRA dropout): each step's key is derived from it and the step number, each
+    micro-batch's from that and its index, so a resumed run draws the same masks.
     """
 
-    def grads_of(trainable, frozen, mb):
-        (s, n), g = jax.value_and_grad(batch_loss, has_aux=True)(trainable, frozen, graphdef, mb, loss_chunk)
+    def grads_of(trainable, frozen, mb, rng=None):
+        (s, n), g = jax.value_and_grad(batch_loss, has_aux=True)(trainable, frozen, graphdef, mb, loss_chunk, rng)
         return s, n, g
 
     def step_fn(trainable, opt_state, frozen, batch, step):
+        rng = None if dropout_seed is None else jax.random.fold_in(jax.random.key(dropout_seed), step)
         if grad_accum == 1:
-            s, n, g = grads_of(trainable, frozen, batch)
+            s, n, g = grads_of(trainable, frozen, batch, rng)
         else:
             def split(x):
                 b = x.shape[0]
@@ -156,13 +192,15 @@ def make_train_step(graphdef, tx, schedule, grad_accum: int = 1, loss_chunk: int
 
             micro = jax.tree.map(split, batch)
 
-            def body(carry, mb):
+            def body(carry, xs):
                 s0, n0, g0 = carry
-                s, n, g = grads_of(trainable, frozen, mb)
+                mb, i = xs
+                s, n, g = grads_of(trainable, frozen, mb, None if rng is None else jax.random.fold_in(rng, i))
                 return (s0 + s, n0 + n, jax.tree.map(jnp.add, g0, g)), None
 
             zeros = jax.tree.map(jnp.zeros_like, trainable)
-            (s, n, g), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), zeros), micro)
+            init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), zeros)
+            (s, n, g), _ = jax.lax.scan(body, init, (micro, jnp.arange(grad_accum)))
         denom = jnp.maximum(n, 1).astype(jnp.float32)
         grads = jax.tree.map(lambda x: x / denom, g)
         updates, opt_state = tx.update(grads, opt_state, trainable)
@@ -187,6 +225,8 @@ def step_flops(cfg, trains: set[str], llm_tokens: int, num_images: int, seq_len:
                       a = 3 / 2 likewise (fwd 1 + bwd 2 / fwd 1 + bwd 1);
       per image:      vision forward only (frozen, inputs need no grad): 2 * N_vision_run * patches
                       + attention, x3 if the tower trains; projector 6 * N_proj * image_tokens.
+      LoRA adapters (`trains` holds "lora"): 6 * N_adapters per LLM token, on top of the LLM's 4N
+      (frozen, but back-propagated through: the adapters' inputs need its gradients).
     N counts matmul weights (LM head included, embedding lookups excluded); layers after the
     feature layer are not run and not counted.
     """
@@ -197,6 +237,13 @@ def step_flops(cfg, trains: set[str], llm_tokens: int, num_images: int, seq_len:
     llm_m, attn_m = (6, 3) if "llm" in trains else (4, 2)
     attn = 2 * t.num_layers * seq_len * t.num_heads * t.head_dim
     llm = llm_tokens * (llm_m * n_llm + attn_m * attn)
+    if cfg.lora is not None:
+        from llava_jax.models.lora import io_dims
+
+        dims = io_dims(t)
+        n_lora = t.num_layers * cfg.lora.rank * sum(math.prod(dims[m][0]) + math.prod(dims[m][2])
+                                                    for m in cfg.lora.modules)
+        llm += llm_tokens * (6 if "lora" in trains else 2) * n_lora
     run = max(cfg.feature_layers)
     n_vis = run * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
     patches = v.num_patches + 1
@@ -209,8 +256,9 @@ def step_flops(cfg, trains: set[str], llm_tokens: int, num_images: int, seq_len:
 
 
 def param_count_by_subtree(state) -> dict[str, int]:
+    """Param counts by top-level subtree, LoRA adapters (`llm/layers/lora/...`) as "lora"."""
     out: dict[str, int] = {}
     for path, v in nnx.to_flat_state(state):
-        top = str(path[0])
+        top = "lora" if "lora" in map(str, path) else str(path[0])
         out[top] = out.get(top, 0) + math.prod(v.value.shape)
     return out

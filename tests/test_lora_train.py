@@ -1,0 +1,142 @@
+"""Training LoRA adapters: the loss falls, the base (LLM kernels, tower) stays bit-identical,
+the optimizer holds Adam moments for the adapters and the projector only, and each learning-rate
+group (`optim.group_lr`) steps at its own rate; through the trainer's own assembly (`build`) on
+a sharded mesh with dropout and gradient accumulation."""
+import json
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from llava_jax import build
+from llava_jax import sharding as shd
+from llava_jax.models.lora import LoraConfig
+from llava_jax.train.state import make_optimizer, make_train_step, split_model
+from test_trainer import cmd, run, world  # noqa: F401 - world: the shapes-world fixture
+from train_util import IMAGE_TOKEN, devices, optim_config, params_by_path, synthetic_batch, tiny_model
+
+TRAINABLE = (r".*lora.*", r"projector/.*")
+
+
+def _moments(opt_state) -> int:
+    return sum(x.size for x in jax.tree.leaves(opt_state) if x.ndim > 0)
+
+
+@pytest.mark.slow  # ~35 s on 2 cores (compiles); the preset test below checks the same through build
+def test_lora_trains_adapters_and_projector_only():
+    model = tiny_model(lora=LoraConfig(rank=4, alpha=8, dropout=0.1))
+    before = params_by_path(nnx.state(model, nnx.Param))
+    graphdef, trainable, frozen = split_model(model, TRAINABLE)
+    assert set(params_by_path(trainable)) == {p for p in before if "/lora/" in p or p.startswith("projector/")}
+    lr, proj_lr = 1e-2, 1e-3
+    # no warm-up: the first step runs at the full lr (with a warm-up, optax's first lr is 0)
+    tx, sched = make_optimizer(optim_config(lr, warmup_steps=0, group_lr=((r"projector/.*", proj_lr),)), 20,
+                               trainable)
+    opt_state = jax.jit(tx.init)(trainable)
+    n_trainable = sum(v.size for v in params_by_path(trainable).values())
+    assert _moments(opt_state) == 2 * n_trainable  # mu and nu of adapters + projector, nothing else
+    step = jax.jit(make_train_step(graphdef, tx, sched, dropout_seed=0))
+    batch = synthetic_batch(model.config)
+    losses = []
+    for i in range(12):
+        trainable, opt_state, m = step(trainable, opt_state, frozen, batch, jnp.asarray(i + 1))
+        losses.append(float(m["loss"]))
+        if i == 0:  # Adam's first step moves a param by its group's lr at most (|m / sqrt(v)| <= 1)
+            moved = {p: np.abs(v - before[p]).max() for p, v in params_by_path(trainable).items()}
+            np.testing.assert_allclose(max(v for p, v in moved.items() if "/lora/" in p), lr, rtol=1e-4)
+            np.testing.assert_allclose(max(v for p, v in moved.items() if p.startswith("projector/")), proj_lr,
+                                       rtol=1e-4)
+    assert losses[-1] < losses[0] - 0.05, losses
+    after = params_by_path(frozen)
+    assert set(after) == {p for p in before if "/lora/" not in p and not p.startswith("projector/")}
+    for path, old in after.items():
+        np.testing.assert_array_equal(old, before[path], err_msg=path)  # the base: bit-identical
+    assert np.abs(params_by_path(trainable)["llm/layers/lora/q_b"]).max() > 0
+
+
+def test_tiny_lora_preset_through_build_on_a_sharded_mesh():
+    from llava_jax.demo.run import load_demo_config
+
+    config = load_demo_config("tiny_stage2_lora")
+    config.model.scratch.text.update(hidden_size=16, intermediate_size=32, num_heads=4, num_kv_heads=2, head_dim=4)
+    lr, proj_lr = 1e-2, 1e-3
+    config.optim.lr, config.optim.group_lr = lr, ((r"projector/.*", proj_lr),)
+    config.optim.warmup_steps = 0  # the first step at the full lr (optax's warm-up starts at 0)
+    mesh = shd.make_mesh((2, 2, 2), devices=devices(8))
+    model = build.model(config, mesh, types.SimpleNamespace(image_token_id=IMAGE_TOKEN), vocab_size=64)
+    assert model.config.lora == LoraConfig(rank=8, alpha=16.0, dropout=0.05)
+    assert model.llm.layers.lora.q_a.value.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
+    before = params_by_path(nnx.state(model, nnx.Param))
+    parts = build.train_parts(config, mesh, model, num_steps=20)
+    assert _moments(parts.opt_state) == 2 * sum(v.size for v in params_by_path(parts.trainable).values())
+    batch = {k: jax.device_put(v, shd.batch_sharding(mesh, v.ndim))
+             for k, v in synthetic_batch(model.config).items()}
+    trainable, opt_state, losses = parts.trainable, parts.opt_state, []
+    for i in range(8):
+        trainable, opt_state, m = parts.step(trainable, opt_state, parts.frozen, batch, jnp.asarray(i + 1))
+        losses.append(float(m["loss"]))
+        if i == 0:  # Adam's first step moves a param by its group's lr at most (|m / sqrt(v)| <= 1)
+            moved = {p: np.abs(v - before[p]).max() for p, v in params_by_path(trainable).items()}
+            np.testing.assert_allclose(max(v for p, v in moved.items() if "/lora/" in p), lr, rtol=1e-4)
+            np.testing.assert_allclose(max(v for p, v in moved.items() if p.startswith("projector/")), proj_lr,
+                                       rtol=1e-4)
+    assert losses[-1] < losses[0], losses
+    for path, v in params_by_path(parts.frozen).items():
+        np.testing.assert_array_equal(v, before[path], err_msg=path)
+    # dropout (rate 0.05 in the preset) draws masks only with a key, the same masks for one key
+    trained = nnx.merge(parts.graphdef, trainable, parts.frozen)
+    fwd = nnx.jit(lambda m, rng: m(batch["input_ids"][:, 6:], dropout_rng=rng))
+    plain, a, b = fwd(trained, None), fwd(trained, jax.random.key(0)), fwd(trained, jax.random.key(1))
+    assert not np.allclose(a, plain) and not np.allclose(a, b)
+    np.testing.assert_array_equal(a, fwd(trained, jax.random.key(0)))
+
+
+@pytest.mark.slow  # a trainer and two export subprocesses: minutes on 2 busy cores
+def test_trained_adapter_exports_as_peft_and_merged_alike(world, tmp_path):  # noqa: F811 - the fixture
+    """`python -m llava_jax.train` with the LoRA preset, then `export --format=peft` and the
+    default (merged) export: the base + the exported adapter computes what the merged model does."""
+    import llava_jax
+    from llava_jax.convert import peft as lpeft
+    from llava_jax.demo.run import load_demo_config
+
+    w = tmp_path / "run"
+    run(cmd(world, w, "tiny_stage2_lora", "--config.train.num_steps=3", "--config.optim.lr=1e-2"))
+    for fmt, out in (("peft", tmp_path / "adapter"), ("hf", tmp_path / "merged")):
+        run([sys.executable, "-m", "llava_jax.export", f"--format={fmt}", f"--workdir={w}", f"--out={out}",
+             "--allow_random_init"])  # the tiny preset's tower and LLM are seeded, not loaded
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 8
+    config = load_demo_config("tiny_stage2_lora")
+    config.tokenizer_path = str(world / "tok")
+    tok, ids = build.tokenizer(config)
+    base = build.model(config, shd.make_mesh((1, 1, 1), devices=jax.devices()[:1]), ids, vocab_size=len(tok))
+    base, _ = build.apply_workdir_params(base, str(w), [r"projector/.*"])  # the trained projector
+    base = lpeft.merge(base)  # fresh adapters (B = 0) merge into exactly the base, and go
+    adapted = lpeft.load_adapter(base, tmp_path / "adapter")
+    merged = llava_jax.from_pretrained(tmp_path / "merged")
+    cfg = merged.config
+    x = np.array([[1] + [cfg.image_token_id] * cfg.num_image_tokens + [5, 6, 7, 8]])
+    px = np.random.default_rng(0).normal(size=(1, 3, cfg.vision.image_size, cfg.vision.image_size)).astype(np.float32)
+    a, b = np.asarray(adapted(x, pixel_values=px)), np.asarray(merged(x, pixel_values=px))
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+    assert np.abs(np.asarray(adapted.llm.layers.lora.q_b.value)).max() > 0  # the adapter trained
+
+
+def test_step_flops_count_the_adapters_on_a_frozen_llm():
+    from llava_jax.train.state import param_count_by_subtree, step_flops
+    from train_util import tiny_model_config
+
+    lora = LoraConfig(rank=2, alpha=4, targets=(r"llm/layers/(q|down)_kernel",))
+    cfg = tiny_model_config(lora=lora)  # hidden 16, mlp 32, 4 heads x 4, 2 layers
+    # q: A 16x2 + B 2x(4*4); down: A 32x2 + B 2x16; two layers; fwd 2 + bwd 4 per weight
+    n_lora = 2 * (16 * 2 + 2 * 16 + 32 * 2 + 2 * 16)
+    extra = step_flops(cfg, {"projector", "lora"}, 100, 3, 50) - step_flops(cfg.replace(lora=None), {"projector"},
+                                                                              100, 3, 50)
+    assert extra == 100 * 6 * n_lora
+    from llava_jax.models.llava import LlavaModel
+
+    counts = param_count_by_subtree(split_model(LlavaModel(cfg, rngs=None), TRAINABLE)[1])  # zeros: quick
+    assert set(counts) == {"projector", "lora"} and counts["lora"] == n_lora
