@@ -6,7 +6,7 @@ from llava_jax.demo import dataset
 from llava_jax.eval.report import read_jsonl
 
 
-def make_shapes_model(root: Path, num_eval: int = 5, seed: int = 3):
+def make_shapes_model(root: Path, num_eval: int = 5, seed: int = 3, legacy: bool = False):
     """-> (questions, annotations); writes root/data (eval.jsonl, images/) and root/hf."""
     import jax
     import jax.numpy as jnp
@@ -25,7 +25,7 @@ def make_shapes_model(root: Path, num_eval: int = 5, seed: int = 3):
     anns = read_jsonl(root / "data" / "eval_annotations.jsonl")
     texts = [SYSTEM + " USER: ASSISTANT:"] * 20 + [q["text"] + " " + q["answer"] for q in questions]
     texts += [c for a in anns for c in a["captions"]]
-    build_llama_tokenizer(texts, root / "tok", vocab_size=320)
+    build_llama_tokenizer(texts, root / "tok", vocab_size=320, legacy=legacy)
     tok = load_tokenizer(root / "tok")
     ids = add_llava_special_tokens(tok)
     cfg = LlavaConfig(

@@ -95,3 +95,31 @@ def test_gguf_layout_and_weights(model_dir, tmp_path, quant):
         assert tuple(int(x) for x in t[name].shape) == ref.shape[::-1]
         got = np.asarray(t[name].data, np.float32).reshape(ref.shape)
         np.testing.assert_allclose(got, ref, atol=2e-3)
+
+
+@pytest.mark.parametrize("name", ["vicuna_v1", "llava_hf", "chatml", "qwen2", "llama_2"])
+def test_chat_template_renders_as_llava_jax(name):
+    """The Jinja chat template written into the LLM GGUF (llama.cpp's tools and server apply it)
+    renders exactly llava-jax's prompt; templates of another shape get none (and no Modelfile
+    TEMPLATE)."""
+    jinja2 = pytest.importorskip("jinja2")
+    from llava_jax.convert.gguf_export import chat_template_jinja, modelfile
+    from llava_jax.data.templates import render
+
+    j = chat_template_jinja(name)
+    if name == "llama_2":
+        assert j is None and "TEMPLATE" not in modelfile("a.gguf", "m.gguf", name).replace("no TEMPLATE", "")
+        return
+    tpl = jinja2.Environment().from_string(j)
+    for conv in ([("human", "<image>\nWhat is it?")], [("system", "Be brief."), ("human", "q1"), ("gpt", "a1"),
+                                                       ("human", "<image>\nq2")], [("system", ""), ("human", "x")]):
+        msgs = [{"role": {"human": "user", "gpt": "assistant"}.get(r, r), "content": c} for r, c in conv]
+        assert tpl.render(messages=msgs, add_generation_prompt=True) == render(name, conv, True).text
+
+
+def test_gguf_has_chat_template(model_dir, tmp_path):
+    from llava_jax.convert.gguf_export import chat_template_jinja, export_checkpoint
+
+    files = export_checkpoint(str(tmp_path), model_dir=str(model_dir), quant="f16")
+    r, _ = _read(files["llm"])
+    assert _val(r, "tokenizer.chat_template") == chat_template_jinja("vicuna_v1")

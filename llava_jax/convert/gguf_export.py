@@ -137,6 +137,43 @@ def _vocab(tokenizer, vocab_size: int):
     return tokens, scores, types
 
 
+# ------------------------------------------------------------------------------ chat template
+def chat_template_jinja(template: str = "vicuna_v1") -> str | None:
+    """The llava-jax conversation template as a Jinja chat template (`tokenizer.chat_template`),
+    which llama.cpp's tools and server apply to chat messages (llama-mtmd-cli refuses a model
+    without one). It renders exactly what `llava_jax.data.templates.render` renders for messages
+    whose user content already holds the image markers in front ("<__media__>\\n" + text for
+    llama.cpp, as llava-jax puts "<image>\\n" in front). None for templates with a shape this
+    simple form does not cover (a system block inside the first user turn, stripped contents,
+    image-replacing `plain`)."""
+    from llava_jax.data.templates import get_template
+
+    t = get_template(template)
+    if t.first_user_format is not None or t.strip_content or t.image_placement != "front":
+        return None
+    user, asst = t.roles
+    lits = [t.system, t.system_format, t.user_format, t.assistant_prefix, t.reply_prefix, t.reply_suffix, t.turn_end]
+    if any(c in s for s in lits for c in ("{%", "{{", "{#", "%}", "}}")):
+        return None
+
+    def fmt(s: str, **kw) -> str:  # str.format fields -> Jinja expressions; literal text stays literal
+        for k, v in kw.items():
+            s = s.replace("{" + k + "}", v)
+        return s
+
+    msg = "{{ message['content'] }}"
+    default_sys = fmt(t.system_format, system=t.system) if t.system else ""
+    return ("{% if messages[0]['role'] == 'system' %}{% if messages[0]['content'] %}"
+            + fmt(t.system_format, system="{{ messages[0]['content'] }}") + "{% endif %}"
+            + "{% else %}" + default_sys + "{% endif %}"
+            + "{% for message in messages %}{% if message['role'] == 'user' %}"
+            + fmt(t.user_format, role=user, content=msg)
+            + "{% elif message['role'] == 'assistant' %}"
+            + fmt(t.assistant_prefix, role=asst) + t.reply_prefix + msg + t.reply_suffix + t.turn_end
+            + "{% endif %}{% endfor %}{% if add_generation_prompt %}" + fmt(t.assistant_prefix, role=asst)
+            + "{% endif %}")
+
+
 # ------------------------------------------------------------------------------ writers
 def _add(writer, name: str, arr: np.ndarray, quant: str):
     gguf = _gguf()
@@ -151,7 +188,8 @@ def _add(writer, name: str, arr: np.ndarray, quant: str):
     writer.add_tensor(name, arr.astype(np.float16))
 
 
-def write_llm(path, cfg, hf: dict, tokenizer, quant: str = "f16", name: str = "llava-jax"):
+def write_llm(path, cfg, hf: dict, tokenizer, quant: str = "f16", name: str = "llava-jax",
+              template: str | None = "vicuna_v1"):
     gguf = _gguf()
     t = cfg.text
     w = gguf.GGUFWriter(str(path), arch="llama")
@@ -188,6 +226,9 @@ def write_llm(path, cfg, hf: dict, tokenizer, quant: str = "f16", name: str = "l
             getattr(w, f"add_{key}_token_id")(int(tid))
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
+    jinja = chat_template_jinja(template) if template else None
+    if jinja:
+        w.add_chat_template(jinja)
     for tname, arr in llm_tensors(hf, cfg):
         _add(w, tname, arr, quant)
     _finish(w)
@@ -236,15 +277,22 @@ def _finish(w):
 
 
 def modelfile(llm_file: str, mmproj_file: str, template: str = "vicuna_v1") -> str:
-    """An Ollama Modelfile for the exported pair (vicuna_v1: LLaVA-1.5's prompt)."""
+    """An Ollama Modelfile for the exported pair, its TEMPLATE (Go template) rendering `template`'s
+    generation prompt (vicuna_v1: LLaVA-1.5's 'S USER: q ASSISTANT:'); a template of a shape this
+    form does not cover (see `chat_template_jinja`) gets no TEMPLATE line."""
     from llava_jax.data.templates import get_template
 
-    tpl = get_template(template)
-    system = getattr(tpl, "system", "") or ""
-    return (f"FROM ./{llm_file}\nFROM ./{mmproj_file}\n"
-            'TEMPLATE """{{ if .System }}{{ .System }} {{ end }}USER: {{ .Prompt }} ASSISTANT: """\n'
-            + (f'SYSTEM """{system}"""\n' if system else "")
-            + 'PARAMETER stop "</s>"\nPARAMETER stop "USER:"\nPARAMETER temperature 0\n')
+    t = get_template(template)
+    user, asst = t.roles
+    head = f"FROM ./{llm_file}\nFROM ./{mmproj_file}\n"
+    if chat_template_jinja(template) is None:
+        return head + f"# no TEMPLATE: write one for llava-jax's {template!r} prompt format\nPARAMETER temperature 0\n"
+    go = ("{{ if .System }}" + t.system_format.replace("{system}", "{{ .System }}") + "{{ end }}"
+          + t.user_format.replace("{role}", user).replace("{content}", "{{ .Prompt }}")
+          + t.assistant_prefix.replace("{role}", asst))
+    stops = [x for x in (t.reply_suffix.strip(), t.user_format.split("{content}")[0].replace("{role}", user).strip()) if x]
+    return (head + f'TEMPLATE """{go}"""\n' + (f'SYSTEM """{t.system}"""\n' if t.system else "")
+            + "".join(f'PARAMETER stop "{x}"\n' for x in stops) + "PARAMETER temperature 0\n")
 
 
 def export_gguf(model, tokenizer, out_dir, quant: str = "f16", name: str | None = None,
@@ -269,10 +317,10 @@ def export_gguf(model, tokenizer, out_dir, quant: str = "f16", name: str | None 
     llm = out / f"{name}-{quant}.gguf"
     if quant == "q4_K_M":
         f16 = out / f"{name}-f16.gguf"
-        write_llm(f16, cfg, hf, tokenizer, "f16", name)
+        write_llm(f16, cfg, hf, tokenizer, "f16", name, template)
         _llama_quantize(f16, llm, "Q4_K_M")
     else:
-        write_llm(llm, cfg, hf, tokenizer, quant, name)
+        write_llm(llm, cfg, hf, tokenizer, quant, name, template)
     mf = out / "Modelfile"
     mf.write_text(modelfile(llm.name, mmproj.name, template), encoding="utf-8")
     return {"llm": llm, "mmproj": mmproj, "modelfile": mf}
@@ -287,14 +335,18 @@ def export_checkpoint(out, workdir=None, model_dir=None, quant: str = "f16", con
     if workdir:
         from llava_jax import build
 
-        model, tokenizer, _ = build.trained_model(workdir, config, allow_random_init=allow_random_init)
+        model, tokenizer, config = build.trained_model(workdir, config, allow_random_init=allow_random_init)
         name = Path(workdir).name
+        template = config.data.get("template", "vicuna_v1")  # the prompt format the run trained with
     else:
         import llava_jax
         from llava_jax.data.tokenize import load_tokenizer
 
         model, tokenizer, name = llava_jax.from_pretrained(model_dir), load_tokenizer(model_dir), Path(model_dir).name
-    return export_gguf(model, tokenizer, out, quant=quant, name=name)
+        template = "vicuna_v1"
+    if template == "chat_template":  # the tokenizer's own template: its Jinja is no Template to convert
+        template = "vicuna_v1"
+    return export_gguf(model, tokenizer, out, quant=quant, name=name, template=template)
 
 
 def _llama_quantize(src: Path, dst: Path, qtype: str):
