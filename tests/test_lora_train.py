@@ -140,3 +140,33 @@ def test_step_flops_count_the_adapters_on_a_frozen_llm():
 
     counts = param_count_by_subtree(split_model(LlavaModel(cfg, rngs=None), TRAINABLE)[1])  # zeros: quick
     assert set(counts) == {"projector", "lora"} and counts["lora"] == n_lora
+
+
+@pytest.mark.slow  # three trainer subprocesses: minutes on 2 busy cores
+def test_lora_run_killed_and_restarted_gives_the_uninterrupted_losses(world, tmp_path):  # noqa: F811
+    """SIGKILL mid-run, then the same command: the LoRA preset (adapters + projector in two
+    learning-rate groups, dropout on) resumes to exactly the uninterrupted losses, so the
+    per-group optimizer state, the step and the dropout keys all come back from the checkpoint."""
+    import signal
+    import subprocess
+
+    from test_trainer import REPO, env, losses, wait_for_steps
+
+    steps = ["--config.train.num_steps=12", "--config.train.ckpt_every=3", "--config.optim.lr=1e-2"]
+    ref = tmp_path / "ref"
+    run(cmd(world, ref, "tiny_stage2_lora", *steps))
+    want = losses(ref)
+    assert sorted(want) == list(range(1, 13))
+    w = tmp_path / "run"
+    proc = subprocess.Popen(cmd(world, w, "tiny_stage2_lora", *steps), env=env(), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert wait_for_steps(proc, w, 5), "run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert max(losses(w)) < 12
+    saved = [int(d.name) for d in (w / "checkpoints").iterdir() if d.name.isdigit()]
+    assert saved and max(saved) < 12  # the restart resumes from a checkpoint, not from scratch
+    p = run(cmd(world, w, "tiny_stage2_lora", *steps))
+    assert "resumed from" in p.stdout + p.stderr
+    got = losses(w)
+    assert [got[s] for s in range(1, 13)] == [want[s] for s in range(1, 13)]  # exactly equal
