@@ -22,6 +22,14 @@ from train_util import IMAGE_TOKEN, devices, optim_config, params_by_path, synth
 TRAINABLE = (r".*lora.*", r"projector/.*")
 
 
+def _assert_each_group_moved_by_its_lr(before, trainable, lr, proj_lr) -> None:
+    """Adam's first step moves a param by its group's lr at most (|m / sqrt(v)| <= 1): the
+    largest move of the adapters is `lr`, of the projector `proj_lr`."""
+    moved = {p: np.abs(v - before[p]).max() for p, v in params_by_path(trainable).items()}
+    np.testing.assert_allclose(max(v for p, v in moved.items() if "/lora/" in p), lr, rtol=1e-4)
+    np.testing.assert_allclose(max(v for p, v in moved.items() if p.startswith("projector/")), proj_lr, rtol=1e-4)
+
+
 def _moments(opt_state) -> int:
     return sum(x.size for x in jax.tree.leaves(opt_state) if x.ndim > 0)
 
@@ -45,11 +53,8 @@ def test_lora_trains_adapters_and_projector_only():
     for i in range(12):
         trainable, opt_state, m = step(trainable, opt_state, frozen, batch, jnp.asarray(i + 1))
         losses.append(float(m["loss"]))
-        if i == 0:  # Adam's first step moves a param by its group's lr at most (|m / sqrt(v)| <= 1)
-            moved = {p: np.abs(v - before[p]).max() for p, v in params_by_path(trainable).items()}
-            np.testing.assert_allclose(max(v for p, v in moved.items() if "/lora/" in p), lr, rtol=1e-4)
-            np.testing.assert_allclose(max(v for p, v in moved.items() if p.startswith("projector/")), proj_lr,
-                                       rtol=1e-4)
+        if i == 0:
+            _assert_each_group_moved_by_its_lr(before, trainable, lr, proj_lr)
     assert losses[-1] < losses[0] - 0.05, losses
     after = params_by_path(frozen)
     assert set(after) == {p for p in before if "/lora/" not in p and not p.startswith("projector/")}
@@ -79,11 +84,8 @@ def test_tiny_lora_preset_through_build_on_a_sharded_mesh():
     for i in range(8):
         trainable, opt_state, m = parts.step(trainable, opt_state, parts.frozen, batch, jnp.asarray(i + 1))
         losses.append(float(m["loss"]))
-        if i == 0:  # Adam's first step moves a param by its group's lr at most (|m / sqrt(v)| <= 1)
-            moved = {p: np.abs(v - before[p]).max() for p, v in params_by_path(trainable).items()}
-            np.testing.assert_allclose(max(v for p, v in moved.items() if "/lora/" in p), lr, rtol=1e-4)
-            np.testing.assert_allclose(max(v for p, v in moved.items() if p.startswith("projector/")), proj_lr,
-                                       rtol=1e-4)
+        if i == 0:
+            _assert_each_group_moved_by_its_lr(before, trainable, lr, proj_lr)
     assert losses[-1] < losses[0], losses
     for path, v in params_by_path(parts.frozen).items():
         np.testing.assert_array_equal(v, before[path], err_msg=path)
@@ -147,10 +149,7 @@ def test_lora_run_killed_and_restarted_gives_the_uninterrupted_losses(world, tmp
     """SIGKILL mid-run, then the same command: the LoRA preset (adapters + projector in two
     learning-rate groups, dropout on) resumes to exactly the uninterrupted losses, so the
     per-group optimizer state, the step and the dropout keys all come back from the checkpoint."""
-    import signal
-    import subprocess
-
-    from test_trainer import REPO, env, losses, wait_for_steps
+    from test_trainer import losses, run_and_sigkill
 
     steps = ["--config.train.num_steps=12", "--config.train.ckpt_every=3", "--config.optim.lr=1e-2"]
     ref = tmp_path / "ref"
@@ -158,11 +157,7 @@ def test_lora_run_killed_and_restarted_gives_the_uninterrupted_losses(world, tmp
     want = losses(ref)
     assert sorted(want) == list(range(1, 13))
     w = tmp_path / "run"
-    proc = subprocess.Popen(cmd(world, w, "tiny_stage2_lora", *steps), env=env(), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    assert wait_for_steps(proc, w, 5), "run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    run_and_sigkill(cmd(world, w, "tiny_stage2_lora", *steps), w, 8)  # step 3 is saved (async) by then
     assert max(losses(w)) < 12
     saved = [int(d.name) for d in (w / "checkpoints").iterdir() if d.name.isdigit()]
     assert saved and max(saved) < 12  # the restart resumes from a checkpoint, not from scratch

@@ -70,6 +70,14 @@ def wait_for_steps(proc, workdir, n, timeout=240):
     return False
 
 
+def run_and_sigkill(args, workdir, after_steps: int) -> None:
+    """Start a training command and SIGKILL it once `after_steps` steps are logged."""
+    proc = subprocess.Popen(args, env=env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert wait_for_steps(proc, workdir, after_steps), "run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 STEPS = ["--config.train.num_steps=24", "--config.train.ckpt_every=3"]
 
 
@@ -84,11 +92,7 @@ def test_sigkill_then_restart_gives_the_uninterrupted_losses(world, reference, t
     ref = losses(reference)
     assert sorted(ref) == list(range(1, 25))
     w = tmp_path / "run"
-    proc = subprocess.Popen(cmd(world, w, "tiny_stage1", *STEPS), env=env(), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    assert wait_for_steps(proc, w, 10), "run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    run_and_sigkill(cmd(world, w, "tiny_stage1", *STEPS), w, 10)
     killed_at = max(losses(w))
     assert killed_at < 24
     run(cmd(world, w, "tiny_stage1", *STEPS))  # the same command resumes
