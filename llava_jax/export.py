@@ -59,15 +59,22 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "write into a non-empty --out
 flags.mark_flags_as_required(["out"])
 
 
+def _trained_model(workdir: str, config, allow_random_init: bool):
+    """(model, tokenizer, config) of a workdir, rebuilt on the run's own mesh shape."""
+    from llava_jax import build, sharding
+
+    config = config or build.run_config(workdir)
+    mesh = sharding.make_mesh(dict(config.train.mesh))
+    return build.trained_model(workdir, config, mesh, allow_random_init=allow_random_init)
+
+
 def export(workdir: str, out: str, config=None, dtype: str = "float32", allow_random_init: bool = False,
            overwrite: bool = False):
-    from llava_jax import build, sharding
     from llava_jax.convert.hf import save_pretrained
     from llava_jax.convert.safetensors_io import check_output_dir
 
     check_output_dir(out, overwrite)  # refuse now, not after building the model
-    mesh = sharding.make_mesh(dict((config or build.run_config(workdir)).train.mesh))
-    model, tokenizer, _ = build.trained_model(workdir, config, mesh, allow_random_init=allow_random_init)
+    model, tokenizer, _ = _trained_model(workdir, config, allow_random_init)
     save_pretrained(model, out, tokenizer=tokenizer, dtype=dtype, overwrite=overwrite)
     return model
 
@@ -75,7 +82,7 @@ def export(workdir: str, out: str, config=None, dtype: str = "float32", allow_ra
 def export_adapter(workdir: str, out: str, config=None, dtype: str = "float32", allow_random_init: bool = False,
                    overwrite: bool = False):
     """The LoRA adapters a run trained, as a PEFT adapter directory (`convert/peft.py`)."""
-    from llava_jax import build, sharding
+    from llava_jax import build
     from llava_jax.convert.peft import save_adapter
     from llava_jax.convert.safetensors_io import check_output_dir
 
@@ -84,8 +91,7 @@ def export_adapter(workdir: str, out: str, config=None, dtype: str = "float32", 
     if build.lora_config(config) is None:
         raise ValueError(f"the run in {workdir} trained no LoRA adapters (model.lora.rank is 0): "
                          "export it with --format=hf")
-    mesh = sharding.make_mesh(dict(config.train.mesh))
-    model, _, _ = build.trained_model(workdir, config, mesh, allow_random_init=allow_random_init)
+    model, _, _ = _trained_model(workdir, config, allow_random_init)
     save_adapter(model, out, dtype=dtype, base_model_name_or_path=config.model.hf_path or None, overwrite=overwrite)
     return model
 
