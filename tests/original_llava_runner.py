@@ -27,6 +27,12 @@ import sys
 
 def main() -> None:
     req = json.load(sys.stdin)
+    # transformers 4.37's Trainer module imports these whenever the test environment has them
+    # (peft is a test dependency; lmms-eval brings datasets and accelerate), and their current
+    # releases need a newer huggingface-hub than the original's pinned 0.20.3. The original's
+    # preprocessing uses none of them: hide them (find_spec then says "not installed").
+    for optional in ("peft", "datasets", "accelerate"):
+        sys.modules[optional] = None
     import sentencepiece
     import tokenizers
     import transformers
