@@ -137,6 +137,27 @@ def test_export_loads_in_transformers_with_equal_logits(pair, tmp_path):
     assert llava_jax.from_pretrained(tmp_path / "out").config == model.config
 
 
+def test_clip_plus_llm_dir_is_read_as_its_architecture(pair, tmp_path):
+    """The stage-1 start: a CLIP dir + a Qwen2 / Mistral `*ForCausalLM` dir (+ the stage-1
+    projector) gives the llava-hf model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    name, hf, d, _ = pair
+    hf.model.vision_tower.save_pretrained(tmp_path / "clip")
+    lm = AutoModelForCausalLM.from_config(hf.config.text_config)
+    lm.model.load_state_dict(hf.model.language_model.state_dict())
+    lm.lm_head.load_state_dict(hf.lm_head.state_dict())
+    lm.save_pretrained(tmp_path / "llm")
+    proj = {f"multi_modal_projector.{k}": v for k, v in hf.model.multi_modal_projector.state_dict().items()}
+    torch.save(proj, tmp_path / "mm_projector.bin")
+    model = llava_jax.from_pretrained(tmp_path / "llm", clip_path=tmp_path / "clip",
+                                      projector_path=tmp_path / "mm_projector.bin", image_token_id=IMAGE_TOKEN)
+    assert model.config.text == pair[3].config.text
+    ids, mask, px = make_batch(hf)
+    out = np.asarray(model(ids, pixel_values=px, attention_mask=mask))
+    assert _max_diff(out, torch_logits(hf, ids, mask, px), mask) <= 1e-4
+
+
 def test_peft_adapter_export_loads_in_peft(pair, tmp_path):
     """Qwen2 only: PEFT names modules, not biases, so its adapter keys are LLaMA's; Mistral's
     layer is LLaMA's (tests/test_lora.py)."""
@@ -215,3 +236,26 @@ def test_unsupported_layouts_are_refused():
         TextConfig(sliding_window=16).to_hf_dict()
     with pytest.raises(ValueError, match="a mistral config has"):
         TextConfig(model_type="mistral", attention_bias=True, o_proj_bias=True).to_hf_dict()
+
+
+@pytest.mark.parametrize("llm, preset, template", [("llama3_8b", "llava_llama3_8b", "llama3"),
+                                                    ("qwen2_7b", "llava_qwen2_7b", "qwen2"),
+                                                    ("mistral_7b", "llava_mistral_7b", "chat_template")])
+def test_recipe_configs_use_the_backbone_preset_and_template(llm, preset, template):
+    """configs/llava_v1_5.py on another LLM: without checkpoint dirs its geometry is the preset
+    (what tools/aot.py compiles), stage 2 renders with the backbone's template."""
+    import importlib.util
+    from pathlib import Path
+
+    from llava_jax import build
+    from llava_jax.data.templates import resolve_template
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "llava_v1_5.py"
+    spec = importlib.util.spec_from_file_location("llava_v1_5_config", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config(f"{llm}_stage2")
+    assert c.data.template == template and resolve_template(template)
+    assert build.model_config(c).text == PRESETS[preset]().text
+    assert build.preset_for(c.model.llm_path) == preset
+    assert mod.get_config(f"{llm}_stage1").data.template == "plain"
