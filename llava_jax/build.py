@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -153,8 +154,6 @@ _DIR_PRESETS = (
 def preset_for(path: str) -> str | None:
     """The preset a checkpoint directory's name stands for (vicuna-7b-v1.5, llava-1.5-13b-hf,
     Meta-Llama-3-8B-Instruct, Qwen2-7B-Instruct, Mistral-7B-Instruct-v0.2, ...)."""
-    import re
-
     name = Path(path or "").name.lower()
     for pattern, preset in _DIR_PRESETS:
         if re.search(pattern, name):
