@@ -15,24 +15,40 @@ dropout 0.05 on q/k/v/o/gate/up/down of a frozen Vicuna, lr 2e-4 with the projec
 (`optim.group_lr`); the projector trains fully. Export the adapter with
 `python -m llava_jax.export --format=peft` (or a merged llava-hf dir with the default format).
 Batches count packed rows of 2048 tokens; set --config.data.pack=False for one sample per row.
+
+The same recipe on other LLM backbones (docs/backbones.md): `llama3_8b_*` (Meta-Llama-3-8B-Instruct,
+`llama3` template), `qwen2_7b_*` (Qwen2-7B-Instruct, `qwen2` template), `mistral_7b_*`
+(Mistral-7B-Instruct-v0.2, rendered with its tokenizer's own chat template), each with stage1,
+stage2 and lora, e.g. `--config=configs/llava_v1_5.py:qwen2_7b_stage2 --config.model.llm_path=/ckpt/Qwen2-7B-Instruct`.
+Their geometry (for tools/aot.py without the checkpoints) is the named preset in `model.preset`.
 """
 from llava_jax.train.defaults import base_config
 
-SIZES = {"7b": "vicuna-7b-v1.5", "13b": "vicuna-13b-v1.5"}
+# LLM name -> (checkpoint dir name, stage-2 conversation template, geometry preset or "" = by dir name)
+LLMS = {
+    "7b": ("vicuna-7b-v1.5", "vicuna_v1", ""),
+    "13b": ("vicuna-13b-v1.5", "vicuna_v1", ""),
+    "llama3_8b": ("Meta-Llama-3-8B-Instruct", "llama3", "llava_llama3_8b"),
+    "qwen2_7b": ("Qwen2-7B-Instruct", "qwen2", "llava_qwen2_7b"),
+    "mistral_7b": ("Mistral-7B-Instruct-v0.2", "chat_template", "llava_mistral_7b"),
+}
 
 
 def get_config(arg: str = "7b_stage1"):
-    size, stage = arg.split("_")
-    if size not in SIZES or stage not in ("stage1", "stage2", "lora"):
-        raise ValueError(f"unknown config {arg!r}; use one of 7b_stage1, 7b_stage2, 7b_lora, 13b_stage1, "
-                         "13b_stage2, 13b_lora")
+    size, _, stage = arg.rpartition("_")
+    if size not in LLMS or stage not in ("stage1", "stage2", "lora"):
+        raise ValueError(f"unknown config {arg!r}; use <llm>_<stage> with llm one of {', '.join(LLMS)} and stage "
+                         "one of stage1, stage2, lora (e.g. 7b_stage1, qwen2_7b_stage2)")
     lora = stage == "lora"
     stage = "stage2" if lora else stage
+    llm_dir, template, preset = LLMS[size]
+    prefix = "llava-v1.5" if llm_dir.startswith("vicuna") else "llava"
     c = base_config()
-    c.name = f"llava-v1.5-{size}-{stage}"
+    c.name = f"{prefix}-{size}-{stage}"
     c.model.init = "clip_llama"
     c.model.clip_path = "clip-vit-large-patch14-336"
-    c.model.llm_path = SIZES[size]
+    c.model.llm_path = llm_dir
+    c.model.preset = preset
     c.model.projector_type = "mlp2x_gelu"
     c.model.vision_feature_layer = -2
     c.model.remat = "dots_no_batch"
@@ -50,14 +66,14 @@ def get_config(arg: str = "7b_stage1"):
         c.stage = 2
         c.trainable = (r"projector/.*", r"llm/.*",)
         c.model.init_from_workdir_patterns = (r"projector/.*",)
-        c.data.template = "vicuna_v1"
+        c.data.template = template
         c.data.image_mode = "pad"
         c.train.global_batch = 128
         c.optim.lr = 2e-5
         c.train.mesh.fsdp = -1
         c.train.mesh.data = 1
     if lora:
-        c.name = f"llava-v1.5-{size}-lora"
+        c.name = f"{prefix}-{size}-lora"
         c.model.lora.update(rank=128, alpha=256.0, dropout=0.05)
         c.trainable = (r".*lora.*", r"projector/.*")
         c.optim.lr = 2e-4

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -140,9 +141,23 @@ def model_config(config, vocab_size: int | None = None, image_token_id: int | No
     return cfg.replace(runtime=runtime(config), lora=lora_config(config))
 
 
+# checkpoint dir name patterns of the other backbones -> preset (first match wins)
+_DIR_PRESETS = (
+    (r"llama-?3\.1-8b", "llava_llama3_1_8b"),
+    (r"llama-?3-8b", "llava_llama3_8b"),
+    (r"qwen2-7b", "llava_qwen2_7b"),
+    (r"mistral-7b(-instruct)?-v0\.1", "llava_mistral_7b_v0_1"),
+    (r"mistral-7b", "llava_mistral_7b"),
+)
+
+
 def preset_for(path: str) -> str | None:
-    """The preset a checkpoint directory's name stands for (vicuna-7b-v1.5, llava-1.5-13b-hf, ...)."""
+    """The preset a checkpoint directory's name stands for (vicuna-7b-v1.5, llava-1.5-13b-hf,
+    Meta-Llama-3-8B-Instruct, Qwen2-7B-Instruct, Mistral-7B-Instruct-v0.2, ...)."""
     name = Path(path or "").name.lower()
+    for pattern, preset in _DIR_PRESETS:
+        if re.search(pattern, name):
+            return preset
     for size in ("13b", "7b"):
         if size in name and ("vicuna" in name or "llava" in name):
             return f"llava_1_5_{size}"

@@ -20,7 +20,9 @@ import jax.numpy as jnp
 # and the loss.
 IGNORE_INDEX = -100
 
-SUPPORTED_TEXT_MODEL_TYPES = ("llama",)
+# transformers text model types the one scanned decoder (models/llama.py) runs, through config
+# flags: llama (+ Llama-3 rope), mistral (+ sliding-window attention), qwen2 (q/k/v biases).
+SUPPORTED_TEXT_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_VISION_MODEL_TYPES = ("clip_vision_model", "clip")
 
 
@@ -141,24 +143,48 @@ class TextConfig:
     rms_norm_eps: float = 1e-5
     rope: RopeConfig = RopeConfig()
     max_position_embeddings: int = 4096
-    attention_bias: bool = False
+    attention_bias: bool = False  # biases on the q, k and v projections
+    o_proj_bias: bool = False  # a bias on the output projection (LLaMA's attention_bias has both; Qwen2 none)
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
+    # The transformers architecture written on export (llama | mistral | qwen2); the decoder itself
+    # only reads the flags above and `sliding_window`.
+    model_type: str = "llama"
+    # Sliding-window attention (Mistral-7B-v0.1; Qwen2 with use_sliding_window on every layer): a
+    # query attends to itself and the `sliding_window - 1` tokens before it (transformers' rule
+    # `q - k < window`), within its segment. None = full causal attention.
+    sliding_window: int | None = None
+
+    def __post_init__(self):
+        if self.model_type not in SUPPORTED_TEXT_MODEL_TYPES:
+            raise ValueError(f"unsupported text model_type {self.model_type!r}; supported: "
+                             f"{', '.join(SUPPORTED_TEXT_MODEL_TYPES)}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1 or None, got {self.sliding_window}")
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "TextConfig":
         mt = d.get("model_type", "llama")
-        if mt not in SUPPORTED_TEXT_MODEL_TYPES and not mt.startswith("llava_llama"):
+        if mt.startswith("llava_llama"):
+            mt = "llama"
+        if mt not in SUPPORTED_TEXT_MODEL_TYPES:
             raise ValueError(
                 f"unsupported text model_type {mt!r}; supported: {', '.join(SUPPORTED_TEXT_MODEL_TYPES)}"
             )
         act = d.get("hidden_act", "silu")
         if act != "silu":
-            raise ValueError(f"unsupported LLaMA hidden_act {act!r}; only 'silu' (SwiGLU) is supported")
+            raise ValueError(f"unsupported {mt} hidden_act {act!r}; only 'silu' (SwiGLU) is supported")
         hidden, heads = d.get("hidden_size", 4096), d.get("num_attention_heads", 32)
+        if mt == "qwen2":  # q/k/v always biased, o never (transformers' Qwen2Attention)
+            qkv_bias, o_bias, mlp_bias = True, False, False
+        elif mt == "mistral":  # no biases anywhere (MistralAttention / MistralMLP)
+            qkv_bias = o_bias = mlp_bias = False
+        else:
+            qkv_bias = o_bias = bool(d.get("attention_bias", False))
+            mlp_bias = bool(d.get("mlp_bias", False))
         return cls(
             vocab_size=d.get("vocab_size", 32000),
             hidden_size=hidden,
@@ -170,17 +196,32 @@ class TextConfig:
             rms_norm_eps=d.get("rms_norm_eps", 1e-6),
             rope=RopeConfig.from_hf_dict(d),
             max_position_embeddings=d.get("max_position_embeddings", 2048),
-            attention_bias=bool(d.get("attention_bias", False)),
-            mlp_bias=bool(d.get("mlp_bias", False)),
+            attention_bias=qkv_bias,
+            o_proj_bias=o_bias,
+            mlp_bias=mlp_bias,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             bos_token_id=d.get("bos_token_id", 1),
             eos_token_id=d.get("eos_token_id", 2),
             pad_token_id=d.get("pad_token_id"),
+            model_type=mt,
+            sliding_window=_sliding_window(mt, d),
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
-        return {
-            "model_type": "llama",
+        """The transformers config of `model_type`; refuses flags that architecture cannot hold
+        (transformers would build a different model from the file)."""
+        mt = self.model_type
+        fixed = {"qwen2": (True, False, False), "mistral": (False, False, False)}.get(mt)
+        if fixed is not None and (self.attention_bias, self.o_proj_bias, self.mlp_bias) != fixed:
+            raise ValueError(f"a {mt} config has q/k/v, o and MLP biases {fixed}; this model has "
+                             f"{(self.attention_bias, self.o_proj_bias, self.mlp_bias)}")
+        if mt == "llama" and self.attention_bias != self.o_proj_bias:
+            raise ValueError("LLaMA's attention_bias covers q, k, v and o alike; this model has q/k/v biases "
+                             f"{self.attention_bias} and an o bias {self.o_proj_bias} (model_type='qwen2' is q/k/v only)")
+        if mt == "llama" and self.sliding_window is not None:
+            raise ValueError("transformers' LLaMA has no sliding window; use model_type='mistral'")
+        out = {
+            "model_type": mt,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -192,13 +233,39 @@ class TextConfig:
             "rms_norm_eps": self.rms_norm_eps,
             "rope_parameters": self.rope.to_hf_dict(),
             "max_position_embeddings": self.max_position_embeddings,
-            "attention_bias": self.attention_bias,
-            "mlp_bias": self.mlp_bias,
             "tie_word_embeddings": self.tie_word_embeddings,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
             "pad_token_id": self.pad_token_id,
         }
+        if mt == "llama":
+            out.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
+        elif mt == "mistral":
+            out["sliding_window"] = self.sliding_window
+        else:  # qwen2: one window on every layer (max_window_layers=0), or none
+            out.update(use_sliding_window=self.sliding_window is not None, sliding_window=self.sliding_window,
+                       max_window_layers=0 if self.sliding_window is not None else self.num_layers)
+        return out
+
+
+def _sliding_window(model_type: str, d: dict[str, Any]) -> int | None:
+    """The one window of a transformers text config (None = full attention). Mistral applies
+    `sliding_window` to every layer; Qwen2 only with `use_sliding_window`, and then to the layers
+    its `layer_types` mark (from `max_window_layers` on): a mix of windowed and full layers is
+    refused, the scanned decoder runs one attention rule for all layers."""
+    if model_type == "mistral":
+        return d.get("sliding_window")
+    if model_type != "qwen2" or not d.get("use_sliding_window") or d.get("sliding_window") is None:
+        return None
+    n = d.get("num_hidden_layers", 32)
+    types = d.get("layer_types") or ["sliding_attention" if i >= d.get("max_window_layers", 28) else "full_attention"
+                                     for i in range(n)]
+    if all(t == "full_attention" for t in types):
+        return None
+    if any(t != "sliding_attention" for t in types):
+        raise ValueError(f"Qwen2 with sliding-window attention on some layers only (layer_types={types}) is not "
+                         "supported: llava-jax runs one attention rule for every layer (all windowed or none)")
+    return int(d["sliding_window"])
 
 
 _MLP_RE = re.compile(r"^mlp(\d+)x_gelu$")
@@ -297,12 +364,12 @@ class LlavaConfig:
                 vision_feature_layer=tuple(layer) if isinstance(layer, list) else layer,
                 vision_feature_select_strategy=d.get("vision_feature_select_strategy", "default"),
             )
-        if mt in ("llava_llama", "llama") or "mm_projector_type" in d or "mm_vision_tower" in d:
+        if mt in ("llava_llama",) + SUPPORTED_TEXT_MODEL_TYPES or "mm_projector_type" in d or "mm_vision_tower" in d:
             if vision_dict is None:
                 raise ValueError(
-                    "an original-LLaVA / LLaMA checkpoint needs the CLIP vision config: pass clip_path=..."
+                    f"an original-LLaVA / {mt or 'LLaMA'} checkpoint needs the CLIP vision config: pass clip_path=..."
                 )
-            text = TextConfig.from_hf_dict({**d, "model_type": "llama"})
+            text = TextConfig.from_hf_dict({**d, "model_type": mt if mt in SUPPORTED_TEXT_MODEL_TYPES else "llama"})
             select = d.get("mm_vision_select_feature", "patch")
             return cls(
                 vision=VisionConfig.from_hf_dict(vision_dict),
@@ -318,7 +385,7 @@ class LlavaConfig:
         raise ValueError(
             f"unknown architecture model_type={mt!r} (architectures={d.get('architectures')}); supported: "
             "llava (llava-hf LlavaForConditionalGeneration), llava_llama (original LLaVA "
-            "LlavaLlamaForCausalLM, with clip_path), llama (with clip_path, fresh projector)"
+            "LlavaLlamaForCausalLM, with clip_path), llama / mistral / qwen2 (with clip_path, fresh projector)"
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -360,4 +427,40 @@ def llava_1_5_13b(**overrides) -> LlavaConfig:
     return LlavaConfig(vision=CLIP_VIT_L_14_336, text=VICUNA_13B, **overrides)
 
 
-PRESETS = {"llava_1_5_7b": llava_1_5_7b, "llava_1_5_13b": llava_1_5_13b}
+# Other LLM backbones (their HF config.json values; the LLM's own vocabulary: `<image>` is added
+# after it by the tokenizer, and the decoder never looks its embedding up).
+LLAMA3_8B = TextConfig(  # Meta-Llama-3-8B(-Instruct): plain RoPE at theta 5e5, 8k context
+    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
+    rope=RopeConfig(theta=500000.0), max_position_embeddings=8192, bos_token_id=128000, eos_token_id=128009)
+LLAMA3_1_8B = dataclasses.replace(  # Llama-3.1-8B(-Instruct): the same weights' shapes, llama3 RoPE scaling
+    LLAMA3_8B, rope=RopeConfig(theta=500000.0, type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                               original_max_position_embeddings=8192),
+    max_position_embeddings=131072, eos_token_id=[128001, 128008, 128009])
+QWEN2_7B = TextConfig(  # Qwen2-7B(-Instruct): q/k/v biases, untied head, no sliding window in use
+    model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
+    num_kv_heads=4, rms_norm_eps=1e-6, rope=RopeConfig(theta=1000000.0), max_position_embeddings=32768,
+    attention_bias=True, bos_token_id=151643, eos_token_id=151645)
+MISTRAL_7B_V0_2 = TextConfig(  # Mistral-7B-Instruct-v0.2: no window, theta 1e6
+    model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+    num_kv_heads=8, rope=RopeConfig(theta=1000000.0), max_position_embeddings=32768)
+MISTRAL_7B_V0_1 = dataclasses.replace(  # Mistral-7B-v0.1: 4096-token sliding window, theta 1e4
+    MISTRAL_7B_V0_2, rope=RopeConfig(theta=10000.0), sliding_window=4096)
+
+
+def _clip_336_with(text: TextConfig, doc: str):
+    def preset(**overrides) -> LlavaConfig:
+        return LlavaConfig(vision=CLIP_VIT_L_14_336, text=text, image_token_id=text.vocab_size, **overrides)
+
+    preset.__doc__ = f"CLIP ViT-L/14-336 (penultimate layer, CLS dropped) + mlp2x_gelu + {doc}."
+    return preset
+
+
+PRESETS = {
+    "llava_1_5_7b": llava_1_5_7b,
+    "llava_1_5_13b": llava_1_5_13b,
+    "llava_llama3_8b": _clip_336_with(LLAMA3_8B, "Meta-Llama-3-8B-Instruct"),
+    "llava_llama3_1_8b": _clip_336_with(LLAMA3_1_8B, "Llama-3.1-8B-Instruct (llama3 RoPE scaling)"),
+    "llava_qwen2_7b": _clip_336_with(QWEN2_7B, "Qwen2-7B-Instruct"),
+    "llava_mistral_7b": _clip_336_with(MISTRAL_7B_V0_2, "Mistral-7B-Instruct-v0.2"),
+    "llava_mistral_7b_v0_1": _clip_336_with(MISTRAL_7B_V0_1, "Mistral-7B-v0.1 (sliding window 4096)"),
+}

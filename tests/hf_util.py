@@ -36,14 +36,38 @@ CONFIGS = {
     ),
 }
 
+# The other text architectures (`text_type`: a transformers model_type; default llama), tested in
+# tests/test_backbones.py and the packing / export tests.
+BACKBONES = {
+    # Qwen2: q/k/v biases without an o bias, theta 1e6, untied head (as Qwen2-7B).
+    "qwen2_gqa_bias": dict(
+        text_type="qwen2",
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    image_size=28, patch_size=14),
+        text=dict(vocab_size=144, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                  num_attention_heads=6, num_key_value_heads=2,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+        llava=dict(vision_feature_layer=-2),
+    ),
+    # Mistral with a sliding window of 5, shorter than make_batch's rows (4 image tokens + 12).
+    "mistral_window": dict(
+        text_type="mistral",
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    image_size=28, patch_size=14),
+        text=dict(vocab_size=136, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, sliding_window=5),
+        llava=dict(vision_feature_layer=-2),
+    ),
+}
+
 
 def make_hf_llava(name: str, seed: int = 0):
     import torch
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import CONFIG_MAPPING, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    spec = CONFIGS[name]
+    spec = CONFIGS[name] if name in CONFIGS else BACKBONES[name]
     vc = CLIPVisionConfig(**spec["vision"])
-    tc = LlamaConfig(**spec["text"])
+    tc = CONFIG_MAPPING[spec.get("text_type", "llama")](**spec["text"])
     cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_index=IMAGE_TOKEN, **spec["llava"])
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(cfg).eval()

@@ -228,8 +228,12 @@ def test_missing_and_unexpected_keys_are_listed(hf_dir, tmp_path):
 
 
 def test_unknown_architecture_says_what_is_supported(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma", "architectures": ["GemmaForCausalLM"]}))
+    with pytest.raises(ValueError, match=r"unknown architecture model_type='gemma'.*supported: llava"):
+        llava_jax.from_pretrained(tmp_path)
+    # a plain Mistral / Qwen2 LLM dir is a stage-1 start: it needs the CLIP dir beside it
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}))
-    with pytest.raises(ValueError, match=r"unknown architecture model_type='mistral'.*supported: llava"):
+    with pytest.raises(ValueError, match=r"mistral/original-LLaVA checkpoint; pass clip_path"):
         llava_jax.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava", "text_config": {"model_type": "gemma"}}))
     with pytest.raises(ValueError, match="unsupported text model_type 'gemma'; supported: llama"):

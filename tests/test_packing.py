@@ -258,16 +258,21 @@ def test_all_skipped_raises_instead_of_hanging():
 VOCAB = 832  # covers the 800-token test tokenizer + <image> (800) + <pad> (801)
 
 
-def make_hf_llava_for_tokenizer(image_token_id: int, vocab_size: int = VOCAB, seed: int = 0):
+# Each LLM backbone: Mistral with a sliding window (6) shorter than every packed sample, so the
+# window runs inside segments while the segment boundary still cuts it off.
+BACKBONE_TEXT = {"llama": {}, "qwen2": {}, "mistral": {"sliding_window": 6}}
+
+
+def make_hf_llava_for_tokenizer(image_token_id: int, vocab_size: int = VOCAB, seed: int = 0, text_type: str = "llama"):
     """A tiny random transformers LLaVA whose vocab covers the test tokenizer (hf_util's configs
-    use vocab 128-160 and image token 100)."""
+    use vocab 128-160 and image token 100), on the `text_type` LLM architecture."""
     import torch
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import CONFIG_MAPPING, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
     vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                           image_size=28, patch_size=14)
-    tc = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2)
+    tc = CONFIG_MAPPING[text_type](vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, **BACKBONE_TEXT[text_type])
     cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_index=image_token_id,
                       vision_feature_layer=-2)
     torch.manual_seed(seed)
@@ -278,18 +283,20 @@ def make_hf_llava_for_tokenizer(image_token_id: int, vocab_size: int = VOCAB, se
     return model
 
 
-@pytest.fixture(scope="module")
-def model(tokenizer, tmp_path_factory):
+@pytest.fixture(scope="module", params=sorted(BACKBONE_TEXT))
+def model(request, tokenizer, tmp_path_factory):
     pytest.importorskip("torch")
     import llava_jax
 
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     assert len(tokenizer) <= VOCAB
-    hf = make_hf_llava_for_tokenizer(image_id)
+    hf = make_hf_llava_for_tokenizer(image_id, text_type=request.param)
     d = tmp_path_factory.mktemp("tiny_llava")
     hf.save_pretrained(d)
     m = llava_jax.from_pretrained(d, image_token_id=image_id)
     assert m.config.image_token_id == image_id and m.config.num_image_tokens == 4
+    assert m.config.text.model_type == request.param
+    assert m.config.text.sliding_window == BACKBONE_TEXT[request.param].get("sliding_window")
     return m
 
 

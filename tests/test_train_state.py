@@ -2,30 +2,13 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
 from llava_jax.models.llava import loss_fn_from_logits
 from llava_jax import sharding as shd
-from llava_jax.train.state import batch_loss, lr_schedule, make_optimizer, make_train_step, split_model
-from train_util import devices, optim_config, params_by_path, synthetic_batch, tiny_model
-
-
-def run_steps(model, patterns, batch, steps=2, accum=1, mesh=None, lr=1e-2):
-    graphdef, trainable, frozen = split_model(model, patterns)
-    if mesh is not None:
-        trainable = jax.device_put(trainable, shd.state_shardings(trainable, mesh))
-        frozen = jax.device_put(frozen, shd.state_shardings(frozen, mesh))
-        batch = {k: jax.device_put(v, shd.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
-    tx, sched = make_optimizer(optim_config(lr), 10, trainable)
-    opt_state = jax.jit(tx.init)(trainable)
-    step = jax.jit(make_train_step(graphdef, tx, sched, accum))
-    losses = []
-    for i in range(steps):
-        trainable, opt_state, m = step(trainable, opt_state, frozen, batch, jnp.asarray(i + 1))
-        losses.append(float(m["loss"]))
-    return trainable, frozen, opt_state, losses
+from llava_jax.train.state import batch_loss, lr_schedule, split_model
+from train_util import devices, params_by_path, run_steps, synthetic_batch, tiny_model
 
 
 def test_stage1_trains_only_projector_and_holds_only_its_moments():

@@ -33,10 +33,10 @@ def synthetic_batch(cfg: LlavaConfig, batch=8, length=16, max_images=1, seed=0):
     rng = np.random.default_rng(seed)
     t = cfg.num_image_tokens
     ids = rng.integers(3, cfg.text.vocab_size, (batch, length)).astype(np.int32)
-    ids[ids == IMAGE_TOKEN] = 5
+    ids[ids == cfg.image_token_id] = 5
     has_image = rng.random(batch) < 0.75
     ids[:, 0] = 1
-    ids[has_image, 1:1 + t] = IMAGE_TOKEN
+    ids[has_image, 1:1 + t] = cfg.image_token_id
     seg = np.ones((batch, length), np.int32)
     cut = rng.integers(length - 3, length + 1, batch)
     for b in range(batch):
@@ -54,6 +54,29 @@ def synthetic_batch(cfg: LlavaConfig, batch=8, length=16, max_images=1, seed=0):
     pos = np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)).copy()
     return {"input_ids": ids, "targets": targets, "segment_ids": seg, "positions": pos,
             "images": images, "image_mask": image_mask}
+
+
+def run_steps(model, patterns, batch, steps=2, accum=1, mesh=None, lr=1e-2):
+    """`steps` train steps of `model` on one batch (the trainer's own step function): (trainable,
+    frozen, optimizer state, losses)."""
+    import jax.numpy as jnp
+
+    from llava_jax import sharding as shd
+    from llava_jax.train.state import make_optimizer, make_train_step, split_model
+
+    graphdef, trainable, frozen = split_model(model, patterns)
+    if mesh is not None:
+        trainable = jax.device_put(trainable, shd.state_shardings(trainable, mesh))
+        frozen = jax.device_put(frozen, shd.state_shardings(frozen, mesh))
+        batch = {k: jax.device_put(v, shd.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
+    tx, sched = make_optimizer(optim_config(lr), 10, trainable)
+    opt_state = jax.jit(tx.init)(trainable)
+    step = jax.jit(make_train_step(graphdef, tx, sched, accum))
+    losses = []
+    for i in range(steps):
+        trainable, opt_state, m = step(trainable, opt_state, frozen, batch, jnp.asarray(i + 1))
+        losses.append(float(m["loss"]))
+    return trainable, frozen, opt_state, losses
 
 
 def optim_config(lr=1e-2, **kw):

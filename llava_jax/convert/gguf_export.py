@@ -188,10 +188,28 @@ def _add(writer, name: str, arr: np.ndarray, quant: str):
     writer.add_tensor(name, arr.astype(np.float16))
 
 
+def check_llm_supported(t) -> None:
+    """Refuse LLMs this writer would get wrong, before any file is written. It writes llama.cpp's
+    `llama` arch with a SentencePiece vocabulary: LLaMA / Vicuna, and Mistral without a window
+    (llama.cpp converts MistralForCausalLM to that very arch). A sliding window has no key in the
+    `llama` arch (llama.cpp would attend past it), Qwen2 is another arch (`qwen2`: q/k/v biases,
+    a byte-level BPE vocabulary), and neither is written here."""
+    if t.model_type == "qwen2":
+        raise NotImplementedError("GGUF export of a Qwen2 LLM is not implemented (llama.cpp's 'qwen2' arch and "
+                                  "BPE vocabulary); export a llava-hf dir (save_pretrained) instead")
+    if t.sliding_window is not None:
+        raise NotImplementedError(f"GGUF export of a sliding-window LLM ({t.model_type}, window {t.sliding_window}) "
+                                  "is not implemented: llama.cpp's 'llama' arch attends to the whole context; "
+                                  "export a llava-hf dir (save_pretrained) instead")
+    if t.attention_bias or t.o_proj_bias or t.mlp_bias:
+        raise NotImplementedError("GGUF export of an LLM with attention / MLP biases is not implemented")
+
+
 def write_llm(path, cfg, hf: dict, tokenizer, quant: str = "f16", name: str = "llava-jax",
               template: str | None = "vicuna_v1"):
     gguf = _gguf()
     t = cfg.text
+    check_llm_supported(t)
     w = gguf.GGUFWriter(str(path), arch="llama")
     w.add_name(name)
     w.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
@@ -303,6 +321,7 @@ def export_gguf(model, tokenizer, out_dir, quant: str = "f16", name: str | None 
     if quant not in QUANTS:
         raise ValueError(f"quant must be one of {', '.join(QUANTS)}, not {quant!r}")
     cfg = model.config
+    check_llm_supported(cfg.text)
     if cfg.projector_type not in ("mlp2x_gelu",):
         raise NotImplementedError(f"llama.cpp's LLaVA mmproj has a 2-layer MLP projector; this model's is "
                                   f"{cfg.projector_type!r}")

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from llava_jax import sharding as shd
-from llava_jax.config import LlavaConfig
+from llava_jax.config import SUPPORTED_TEXT_MODEL_TYPES, LlavaConfig
 from llava_jax.convert import keymap
 from llava_jax.convert.safetensors_io import checkpoint_files, prepare_output_dir, write_sharded
 from llava_jax.data.tokenize import save_tokenizer
@@ -66,19 +66,19 @@ class _KeyIndex:
 
 def _layout(path: Path, clip_path):
     """(layout, the checkpoint's config.json, clip_path) of a checkpoint dir: "llava" (llava-hf) or
-    "llama" (original LLaVA / LLaMA + a separate CLIP dir)."""
+    "llama" (original LLaVA, or a LLaMA / Mistral / Qwen2 LLM dir, + a separate CLIP dir)."""
     cfg_dict = _read_json(path / "config.json") if path.is_dir() else {}
     mt = cfg_dict.get("model_type")
     if mt == "llava":
         return "llava", cfg_dict, clip_path
-    if mt in ("llava_llama", "llama") or "mm_vision_tower" in cfg_dict:
+    if mt in ("llava_llama",) + SUPPORTED_TEXT_MODEL_TYPES or "mm_vision_tower" in cfg_dict:
         if clip_path is None:
             tower = cfg_dict.get("mm_vision_tower")
             if tower and Path(tower).is_dir():
                 clip_path = tower
             else:
                 raise ValueError(
-                    f"{path} is a LLaMA/original-LLaVA checkpoint; pass clip_path=<local CLIP dir> "
+                    f"{path} is a {mt or 'LLaMA'}/original-LLaVA checkpoint; pass clip_path=<local CLIP dir> "
                     f"(its mm_vision_tower is {tower!r}, not a local directory)"
                 )
         return "llama", cfg_dict, clip_path
@@ -95,7 +95,8 @@ def resolve_config(path, clip_path=None, projector_type=None, vision_feature_lay
         vision_dict = _read_json(Path(clip_path) / "config.json") if clip_path else None
         cfg = LlavaConfig.from_hf_dict(cfg_dict, vision_dict)
     else:
-        cfg = LlavaConfig.from_hf_dict({**cfg_dict, "model_type": "llava_llama"},
+        mt = cfg_dict.get("model_type")  # a plain LLM dir keeps its architecture; original LLaVA is LLaMA
+        cfg = LlavaConfig.from_hf_dict({**cfg_dict, "model_type": mt if mt in SUPPORTED_TEXT_MODEL_TYPES else "llava_llama"},
                                        _read_json(Path(clip_path) / "config.json"))
     overrides = {k: v for k, v in (("projector_type", projector_type), ("vision_feature_layer", vision_feature_layer),
                                    ("image_token_id", image_token_id)) if v is not None}

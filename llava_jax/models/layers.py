@@ -178,15 +178,20 @@ def apply_rope(x, cos, sin):
 
 
 # ---------------------------------------------------------------- attention
-def attention_mask(q_index, k_index, q_segment, k_segment, causal: bool):
-    """Boolean [B, Lq, Lk]: same non-zero segment, and (if causal) key index <= query index.
+def attention_mask(q_index, k_index, q_segment, k_segment, causal: bool, window: int | None = None):
+    """Boolean [B, Lq, Lk]: same non-zero segment, (if causal) key index <= query index, and (with
+    a sliding `window`) query index - key index < window.
 
     Indices are slot indices in the (cached) sequence, not RoPE positions, so packed rows and
-    left-padded decoding share one rule. Segment 0 marks padding / empty cache slots.
+    left-padded decoding share one rule. Segment 0 marks padding / empty cache slots. A segment
+    fills consecutive slots, so within it slot distance = token distance: the window counts the
+    tokens of the query's own sample, as transformers' `q - k < sliding_window` does.
     """
     mask = (q_segment[:, :, None] == k_segment[:, None, :]) & (k_segment[:, None, :] != 0)
     if causal:
         mask &= k_index[..., None, :] <= q_index[..., :, None]
+    if window is not None:
+        mask &= q_index[..., :, None] - k_index[..., None, :] < window
     return mask
 
 
@@ -204,39 +209,49 @@ def attention_mask(q_index, k_index, q_segment, k_segment, causal: bool):
 #                 interpret mode off GPU (slow; for tests). GQA by repeating K/V heads.
 # The fused impls apply to self-attention without a KV cache (training, the vision tower); cached
 # decoding always takes the `xla` path with its mask.
+# Sliding windows (Mistral): dpa / cudnn pass `local_window_size=(window - 1, 0)` (cuDNN's causal
+# sliding window of `window` keys); the Pallas kernel has no window, so `pallas` with a window
+# takes the `xla` path on the mask (which holds the window).
 ATTENTION_IMPLS = ("xla", "dpa", "cudnn", "dpa_padded", "cudnn_padded", "pallas")
 # Pallas interpret mode: None = interpret unless the default backend is a GPU (tests set False to
 # lower the real Triton kernel for CUDA on a CPU-only machine).
 PALLAS_INTERPRET: bool | None = None
 
 
-def dot_product_attention(q, k, v, mask, impl: str = "xla", *, segment_ids=None, causal: bool = False):
+def dot_product_attention(q, k, v, mask, impl: str = "xla", *, segment_ids=None, causal: bool = False,
+                          window: int | None = None):
     """q [B, Lq, H, D], k/v [B, Lk, KV, D] (GQA: H = KV * G); output [B, Lq, H, D] in q's dtype.
 
     `mask` [B, Lq, Lk] bool (None = every key visible) is what the `xla` path applies. Callers of
-    self-attention without a cache may also pass `segment_ids` [B, L] (0 = padding) and `causal`:
-    their mask must then equal `attention_mask(i, i, seg, seg, causal)`; the fused impls use the
-    segment ids instead of the mask. Without segment ids, a given mask means cached decoding and
-    takes the `xla` path; `mask=None` (the vision tower) runs every impl unmasked.
+    self-attention without a cache may also pass `segment_ids` [B, L] (0 = padding), `causal` and
+    a sliding `window`: their mask must then equal `attention_mask(i, i, seg, seg, causal, window)`;
+    the fused impls use the segment ids and window instead of the mask. Without segment ids, a
+    given mask means cached decoding and takes the `xla` path; `mask=None` (the vision tower) runs
+    every impl unmasked.
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}; known: {', '.join(ATTENTION_IMPLS)}")
     if impl == "xla" or (segment_ids is None and mask is not None):  # reference / cached decoding
         return _attention_xla(q, k, v, mask)
     if impl == "pallas":
+        if window is not None:  # the Pallas kernel has no sliding window: the mask holds it
+            return _attention_xla(q, k, v, mask)
         return _attention_pallas(q, k, v, segment_ids, causal)
     backend, _, variant = impl.partition("_")
     implementation = "cudnn" if backend == "cudnn" else None
     scale = 1.0 / math.sqrt(q.shape[-1])
     if segment_ids is None:  # no mask at all (the vision tower)
         return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
+    # (left, right) keys around the query: `window - 1` before it and itself, as `q - k < window`
+    local = None if window is None else (window - 1, 0)
     if variant == "padded":
         n = (segment_ids != 0).sum(-1).astype(jnp.int32)
         return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal, query_seq_lengths=n,
-                                            key_value_seq_lengths=n, implementation=implementation)
+                                            key_value_seq_lengths=n, local_window_size=local,
+                                            implementation=implementation)
     same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
     return jax.nn.dot_product_attention(q, k, v, mask=same[:, None], scale=scale, is_causal=causal,
-                                        implementation=implementation)
+                                        local_window_size=local, implementation=implementation)
 
 
 def _attention_xla(q, k, v, mask):

@@ -1,9 +1,12 @@
-"""LLaMA / Vicuna decoder (the `llm/` param subtree).
+"""The LLaMA-family decoder (the `llm/` param subtree): LLaMA / Vicuna / Llama-3, Mistral, Qwen2.
 
-fp32 RMSNorm, rotate-half RoPE (default / linear / llama3), GQA, SwiGLU, optional attention and
-MLP biases, tied or untied LM head. Inputs carry explicit `positions` (RoPE) and `segment_ids`
-(attention = causal AND same segment, 0 = padding), so packed rows and padded batches share one
-code path. Decoding uses a preallocated KV cache (`init_cache`) written at `cache["index"]`.
+fp32 RMSNorm, rotate-half RoPE (default / linear / llama3), GQA, SwiGLU, optional q/k/v, o and
+MLP biases (Qwen2: q/k/v only), tied or untied LM head, optional sliding-window attention
+(Mistral). One scanned layer stack for every family: `TextConfig`'s flags choose, never a
+second decoder. Inputs carry explicit `positions` (RoPE) and `segment_ids` (attention = causal
+AND same segment [AND within the window], 0 = padding), so packed rows and padded batches share
+one code path. Decoding uses a preallocated KV cache (`init_cache`) written at `cache["index"]`
+(the full length even with a window: the mask, not the buffer, drops keys out of the window).
 Optional LoRA adapters on the linear layers live in `layers/lora` (`models/lora.py`).
 """
 from __future__ import annotations
@@ -65,7 +68,7 @@ class LlamaDecoder(nnx.Module):
         cos, sin = rope_cos_sin(positions, rope_inv_freq(self.cfg.head_dim, self.cfg.rope), self.dtype)
         if cache is None:
             slots = jnp.arange(l)
-            mask = attention_mask(slots, slots, segment_ids, segment_ids, causal=True)
+            mask = attention_mask(slots, slots, segment_ids, segment_ids, causal=True, window=self.cfg.sliding_window)
             h, _ = self.layers(embeds.astype(self.dtype), cos, sin, mask, None, None,
                                self.dtype, self.remat_policy, self.attention_impl, segment_ids=segment_ids,
                                dropout_rng=dropout_rng)
@@ -75,7 +78,7 @@ class LlamaDecoder(nnx.Module):
             cache_seg = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids.astype(jnp.int32), (0, index))
             q_slots = index + jnp.arange(l)
             k_slots = jnp.arange(cache_seg.shape[1])
-            mask = attention_mask(q_slots, k_slots, segment_ids, cache_seg, causal=True)
+            mask = attention_mask(q_slots, k_slots, segment_ids, cache_seg, causal=True, window=self.cfg.sliding_window)
             h, (k, v) = self.layers(embeds.astype(self.dtype), cos, sin, mask, (cache["k"], cache["v"]), index,
                                     self.dtype, self.remat_policy, self.attention_impl)
             new_cache = {"k": k, "v": v, "segment_ids": cache_seg, "index": index + l}
@@ -114,6 +117,7 @@ class LlamaLayers(nnx.Module):
             self.q_bias = P((L, h, hd), ("layers", "heads", "head_dim"), "zeros")
             self.k_bias = P((L, kv, hd), ("layers", "kv_heads", "head_dim"), "zeros")
             self.v_bias = P((L, kv, hd), ("layers", "kv_heads", "head_dim"), "zeros")
+        if cfg.o_proj_bias:
             self.o_bias = P((L, d), ("layers", "embed"), "zeros")
         self.mlp_norm = P((L, d), ("layers", "embed"), "ones")
         self.gate_kernel = P((L, d, f), ("layers", "embed", "mlp"))
@@ -173,7 +177,8 @@ class LlamaLayers(nnx.Module):
                 a = dot_product_attention(q, k_all.astype(dtype), v_all.astype(dtype), mask, attention_impl)
                 new_kv = (k_all, v_all)
             else:
-                a = dot_product_attention(q, k, v, mask, attention_impl, segment_ids=segment_ids, causal=True)
+                a = dot_product_attention(q, k, v, mask, attention_impl, segment_ids=segment_ids, causal=True,
+                                          window=cfg.sliding_window)
                 new_kv = None
             a = checkpoint_name(a, "attn_out")
             x = x + lin("o", a, "blhk,hkd->bld")

@@ -35,7 +35,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config fil
 _TOPOLOGY = flags.DEFINE_string("topology", None, "v5p-64, v5e-256, v6e-64, ... or generation:chip grid (v5p:2x4x4)")
 _HBM = flags.DEFINE_float("hbm_gib", 0.0, "per-chip HBM capacity in GiB (0: the generation's)")
 _TOP = flags.DEFINE_integer("top", 8, "how many of the largest arrays to list")
-_VOCAB = flags.DEFINE_integer("vocab_size", 32064, "LLM vocabulary for model.init=scratch or known-architecture configs")
+_VOCAB = flags.DEFINE_integer("vocab_size", 0, "LLM vocabulary for model.init=scratch (0: 32064) or to override a "
+                               "named preset's (0: the preset's own, e.g. 152064 for Qwen2-7B)")
 _JSON = flags.DEFINE_string("json", "", "also write the report as JSON to this file")
 flags.mark_flags_as_required(["config", "topology"])
 
@@ -107,7 +108,7 @@ def topology_devices(topo: Topology):
 
 
 # ------------------------------------------------------------------ the step, abstractly
-def compile_step(config, topo: Topology, vocab_size: int = 32064, devices=None, top: int = 8) -> dict:
+def compile_step(config, topo: Topology, vocab_size: int = 0, devices=None, top: int = 8) -> dict:
     """Lower + compile the train step of `config` for `topo`; a report dict (see `main`)."""
     import jax
     import jax.numpy as jnp
@@ -124,8 +125,11 @@ def compile_step(config, topo: Topology, vocab_size: int = 32064, devices=None, 
     pdb, gb = config.train.per_device_batch, config.train.global_batch
     try:
         grad_accum = build.grad_accum_steps(config, mesh)
-        cfg = build.model_config(config, vocab_size, image_token_id=vocab_size - 1 if config.model.init == "scratch"
-                                 else None)
+        if config.model.init == "scratch":
+            vocab_size = vocab_size or 32064
+            cfg = build.model_config(config, vocab_size, image_token_id=vocab_size - 1)
+        else:  # a checkpoint's or preset's own vocabulary unless one is given
+            cfg = build.model_config(config, vocab_size or None)
     except ValueError as e:
         raise UsageError(f"{e}; set --config.train.global_batch / the model paths") from None
     # params as ShapeDtypeStructs with the run's shardings on the topology's mesh
