@@ -5,8 +5,10 @@ import numpy as np
 
 IMAGE_TOKEN = 100
 
-# Three configs covering: MHA/GQA, linear/mlp2x_gelu projector (the latter via llava-hf),
-# default/llama3 rope, feature layer -2 / a list, tied/untied embeddings, biases.
+# Configs covering: MHA/GQA, linear/mlp2x_gelu projector (the latter via llava-hf),
+# default/llama3 rope, feature layer -2 / a list, tied/untied embeddings, biases; CLIP towers and
+# a SigLIP tower ("vision_type": "siglip", with the pooling head; -1 / "full" as llava-hf's
+# SigLIP models).
 CONFIGS = {
     "mha_default_rope": dict(
         vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
@@ -34,15 +36,31 @@ CONFIGS = {
         llava=dict(vision_feature_layer=-1, vision_feature_select_strategy="full",
                    multimodal_projector_bias=False),
     ),
+    "siglip_head_full": dict(
+        vision_type="siglip",
+        vision=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                    image_size=30, patch_size=10, vision_use_head=True),
+        text=dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2),
+        llava=dict(vision_feature_layer=-1, vision_feature_select_strategy="full"),
+    ),
 }
 
 
-def make_hf_llava(name: str, seed: int = 0):
-    import torch
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+def vision_config(spec: dict):
+    from transformers import CLIPVisionConfig, SiglipVisionConfig
 
-    spec = CONFIGS[name]
-    vc = CLIPVisionConfig(**spec["vision"])
+    cls = SiglipVisionConfig if spec.get("vision_type") == "siglip" else CLIPVisionConfig
+    return cls(**spec["vision"])
+
+
+def make_hf_llava(name: str | dict, seed: int = 0):
+    """A perturbed random LlavaForConditionalGeneration of `CONFIGS[name]` (or of a spec dict)."""
+    import torch
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    spec = CONFIGS[name] if isinstance(name, str) else name
+    vc = vision_config(spec)
     tc = LlamaConfig(**spec["text"])
     cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_index=IMAGE_TOKEN, **spec["llava"])
     torch.manual_seed(seed)
@@ -57,7 +75,8 @@ def make_hf_llava(name: str, seed: int = 0):
 def num_image_tokens(model) -> int:
     c = model.config
     n = (c.vision_config.image_size // c.vision_config.patch_size) ** 2
-    return n + (1 if c.vision_feature_select_strategy == "full" else 0)
+    n += 0 if c.vision_config.model_type == "siglip_vision_model" else 1  # CLIP's class token
+    return n - (1 if c.vision_feature_select_strategy == "default" else 0)  # transformers drops the first
 
 
 def make_batch(model, seed: int = 0):

@@ -303,6 +303,8 @@ def export_gguf(model, tokenizer, out_dir, quant: str = "f16", name: str | None 
     if quant not in QUANTS:
         raise ValueError(f"quant must be one of {', '.join(QUANTS)}, not {quant!r}")
     cfg = model.config
+    if cfg.vision.is_siglip:
+        raise NotImplementedError("the GGUF export writes llama.cpp's CLIP mmproj; a SigLIP tower is not supported")
     if cfg.projector_type not in ("mlp2x_gelu",):
         raise NotImplementedError(f"llama.cpp's LLaVA mmproj has a 2-layer MLP projector; this model's is "
                                   f"{cfg.projector_type!r}")
