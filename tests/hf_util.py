@@ -114,3 +114,20 @@ def torch_logits(model, ids, mask, pixels):
         out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
                     pixel_values=torch.tensor(pixels))
     return out.logits.float().numpy()
+
+
+def hf_generate(hf, prompts, pixels, new):
+    """transformers' greedy `generate` on left-padded prompts: the new tokens per prompt."""
+    import torch
+
+    L = max(len(p) for p in prompts)
+    ids = np.zeros((len(prompts), L), np.int64)
+    mask = np.zeros_like(ids)
+    for i, p in enumerate(prompts):  # left padding, as for batched generation
+        ids[i, L - len(p):] = p
+        mask[i, L - len(p):] = 1
+    with torch.no_grad():
+        out = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                          pixel_values=torch.tensor(pixels), max_new_tokens=new, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+    return [list(map(int, r)) for r in out[:, L:].numpy()]

@@ -90,11 +90,19 @@ PREPROCESSOR_CONFIG = "preprocessor_config.json"
 
 
 def _processor_dict(*dirs) -> dict | None:
-    """The first of `dirs` (the checkpoint's, then the vision tower's) holding a
-    preprocessor_config.json: it names the image processor the model was trained with."""
+    """The image processor settings of the first of `dirs` (the checkpoint's, then the vision
+    tower's) that has any: its preprocessor_config.json, or the "image_processor" entry of the
+    processor_config.json that transformers 5's `LlavaProcessor.save_pretrained` writes instead.
+    They name the image processor the model was trained with."""
     for d in dirs:
-        if d is not None and (Path(d) / PREPROCESSOR_CONFIG).is_file():
+        if d is None:
+            continue
+        if (Path(d) / PREPROCESSOR_CONFIG).is_file():
             return _read_json(Path(d) / PREPROCESSOR_CONFIG)
+        if (Path(d) / "processor_config.json").is_file():
+            nested = _read_json(Path(d) / "processor_config.json").get("image_processor")
+            if nested:
+                return nested
     return None
 
 
@@ -102,7 +110,7 @@ def resolve_config(path, clip_path=None, projector_type=None, vision_feature_lay
                    image_token_id=None, vision_feature_select_strategy=None) -> LlavaConfig:
     """The LlavaConfig of a checkpoint dir (+ vision tower dir), from its config.json files alone
     (no weight file is opened), with the given overrides. The image processor comes from the
-    checkpoint's preprocessor_config.json (else the tower dir's, else the tower's own default):
+    checkpoint's processor settings (`_processor_dict`; else the tower dir's, else the tower's own):
     the one place the image preprocessing of a checkpoint is chosen."""
     layout, cfg_dict, clip_path = _layout(Path(path), clip_path)
     processor = _processor_dict(path, clip_path)
