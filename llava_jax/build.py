@@ -108,7 +108,8 @@ def _checkpoint_kwargs(config, image_token_id: int | None) -> tuple[str, dict]:
         raise ValueError(f"model.init={m.init!r} needs model.{'hf_path' if m.init == 'hf' else 'llm_path'}")
     kw: dict[str, Any] = dict(clip_path=m.clip_path or None, projector_path=m.projector_path or None)
     if m.init == "clip_llama":
-        kw.update(projector_type=m.projector_type, vision_feature_layer=m.vision_feature_layer)
+        kw.update(projector_type=m.projector_type, vision_feature_layer=m.vision_feature_layer,
+                  vision_feature_select_strategy=m.vision_feature_select_strategy)
     if image_token_id is not None and m.init != "hf":
         kw["image_token_id"] = image_token_id
     return path, kw
@@ -135,7 +136,8 @@ def model_config(config, vocab_size: int | None = None, image_token_id: int | No
                          f"named preset ({sorted(PRESETS)}); point the config at checkpoint dirs or name a preset")
     cfg = PRESETS[preset]()
     if m.init == "clip_llama":
-        cfg = cfg.replace(projector_type=m.projector_type, vision_feature_layer=m.vision_feature_layer)
+        cfg = cfg.replace(projector_type=m.projector_type, vision_feature_layer=m.vision_feature_layer,
+                          vision_feature_select_strategy=m.vision_feature_select_strategy)
     if vocab_size is not None:
         cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=vocab_size))
     return cfg.replace(runtime=runtime(config), lora=lora_config(config))

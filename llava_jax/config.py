@@ -16,6 +16,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from llava_jax.models.pixels import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD
+
 # The label of a position that is not supervised (HF's convention), shared by the data pipeline
 # and the loss.
 IGNORE_INDEX = -100
@@ -23,11 +25,28 @@ IGNORE_INDEX = -100
 # transformers text model types the one scanned decoder (models/llama.py) runs, through config
 # flags: llama (+ Llama-3 rope), mistral (+ sliding-window attention), qwen2 (q/k/v biases).
 SUPPORTED_TEXT_MODEL_TYPES = ("llama", "mistral", "qwen2")
-SUPPORTED_VISION_MODEL_TYPES = ("clip_vision_model", "clip")
+SUPPORTED_VISION_MODEL_TYPES = ("clip_vision_model", "clip", "siglip_vision_model", "siglip")
+
+# transformers' defaults of each vision tower family, for fields an HF config.json leaves out
+# (`CLIPVisionConfig`, `SiglipVisionConfig`).
+_VISION_HF_DEFAULTS = {
+    "clip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                              image_size=224, patch_size=32, num_channels=3, layer_norm_eps=1e-5,
+                              hidden_act="quick_gelu", projection_dim=512),
+    "siglip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                                image_size=224, patch_size=16, num_channels=3, layer_norm_eps=1e-6,
+                                hidden_act="gelu_pytorch_tanh", vision_use_head=True),
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
+    """A ViT vision tower. `model_type` picks the family (transformers' names):
+    `clip_vision_model`: class token, `pre_layrnorm`, patch conv without bias;
+    `siglip_vision_model`: no class token, no pre-norm, patch conv with bias, and (`use_head`)
+    the attention-pooling head, held only when the checkpoint has it (LLaVA never runs it)."""
+
+    model_type: str = "clip_vision_model"
     hidden_size: int = 1024
     intermediate_size: int = 4096
     num_layers: int = 24
@@ -37,7 +56,23 @@ class VisionConfig:
     num_channels: int = 3
     layer_norm_eps: float = 1e-5
     hidden_act: str = "quick_gelu"
-    projection_dim: int = 768  # unused by LLaVA; kept so export round-trips the HF config
+    projection_dim: int = 768  # unused by LLaVA; kept so export round-trips the HF (CLIP) config
+    use_head: bool = False  # SigLIP's `vision_use_head`: the pooling head's params are present
+
+    def __post_init__(self):
+        if self.model_type not in _VISION_HF_DEFAULTS:
+            raise ValueError(f"unknown vision model_type {self.model_type!r}; known: {', '.join(_VISION_HF_DEFAULTS)}")
+        if self.use_head and not self.is_siglip:
+            raise ValueError("use_head (the attention-pooling head) exists only for siglip_vision_model")
+
+    @property
+    def is_siglip(self) -> bool:
+        return self.model_type == "siglip_vision_model"
+
+    @property
+    def num_class_tokens(self) -> int:
+        """Tokens in front of the patches: CLIP's class token; SigLIP has none."""
+        return 0 if self.is_siglip else 1
 
     @property
     def head_dim(self) -> int:
@@ -53,29 +88,33 @@ class VisionConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "VisionConfig":
-        if d.get("model_type") == "clip" and "vision_config" in d:  # a full CLIPModel config
-            d = d["vision_config"]
+        if d.get("model_type") in ("clip", "siglip") and "vision_config" in d:  # a full CLIPModel / SiglipModel config
+            d = {"model_type": d["model_type"] + "_vision_model", **d["vision_config"]}
         mt = d.get("model_type", "clip_vision_model")
         if mt not in SUPPORTED_VISION_MODEL_TYPES:
             raise ValueError(
                 f"unsupported vision model_type {mt!r}; supported: {', '.join(SUPPORTED_VISION_MODEL_TYPES)}"
             )
+        mt = mt if mt.endswith("_vision_model") else mt + "_vision_model"
+        g = {**_VISION_HF_DEFAULTS[mt], **d}
         return cls(
-            hidden_size=d.get("hidden_size", 768),
-            intermediate_size=d.get("intermediate_size", 3072),
-            num_layers=d.get("num_hidden_layers", 12),
-            num_heads=d.get("num_attention_heads", 12),
-            image_size=d.get("image_size", 224),
-            patch_size=d.get("patch_size", 32),
-            num_channels=d.get("num_channels", 3),
-            layer_norm_eps=d.get("layer_norm_eps", 1e-5),
-            hidden_act=d.get("hidden_act", "quick_gelu"),
-            projection_dim=d.get("projection_dim", 512),
+            model_type=mt,
+            hidden_size=g["hidden_size"],
+            intermediate_size=g["intermediate_size"],
+            num_layers=g["num_hidden_layers"],
+            num_heads=g["num_attention_heads"],
+            image_size=g["image_size"],
+            patch_size=g["patch_size"],
+            num_channels=g["num_channels"],
+            layer_norm_eps=g["layer_norm_eps"],
+            hidden_act=g["hidden_act"],
+            projection_dim=g.get("projection_dim", cls.projection_dim),
+            use_head=bool(g.get("vision_use_head", False)) and mt == "siglip_vision_model",
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
-        return {
-            "model_type": "clip_vision_model",
+        out = {
+            "model_type": self.model_type,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
             "num_hidden_layers": self.num_layers,
@@ -85,8 +124,82 @@ class VisionConfig:
             "num_channels": self.num_channels,
             "layer_norm_eps": self.layer_norm_eps,
             "hidden_act": self.hidden_act,
-            "projection_dim": self.projection_dim,
         }
+        if self.is_siglip:
+            out["vision_use_head"] = self.use_head
+        else:
+            out["projection_dim"] = self.projection_dim
+        return out
+
+
+# transformers' image processors that llava-jax reproduces (data/images.py), by family.
+IMAGE_PROCESSOR_TYPES = {"clip": ("CLIPImageProcessor", "CLIPImageProcessorFast", "CLIPImageProcessorPil"),
+                         "siglip": ("SiglipImageProcessor", "SiglipImageProcessorFast", "SiglipImageProcessorPil")}
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageProcessorConfig:
+    """How an image becomes the tower's pixels: transformers' image processor of the checkpoint
+    (its `preprocessor_config.json`). The output size is always the tower's `image_size`.
+
+    `type` "clip": resize the shortest edge, center-crop the square (`CLIPImageProcessor`);
+    "siglip": resize straight to the square, no crop (`SiglipImageProcessor`). Then ×1/255 and
+    normalise with `mean`/`std`, which the model also applies on device to uint8 images.
+    `resample`: PIL's filter number (2 bilinear, 3 bicubic).
+    """
+
+    type: str = "clip"
+    resample: int = 3
+    mean: tuple[float, ...] = CLIP_MEAN
+    std: tuple[float, ...] = CLIP_STD
+
+    def __post_init__(self):
+        if self.type not in IMAGE_PROCESSOR_TYPES:
+            raise ValueError(f"unknown image processor type {self.type!r}; known: {', '.join(IMAGE_PROCESSOR_TYPES)}")
+        object.__setattr__(self, "mean", tuple(float(x) for x in self.mean))
+        object.__setattr__(self, "std", tuple(float(x) for x in self.std))
+
+    @classmethod
+    def of_type(cls, kind: str) -> "ImageProcessorConfig":
+        """transformers' defaults of that processor (both bicubic; SigLIP's mean/std are 0.5)."""
+        return cls(type="siglip", mean=SIGLIP_MEAN, std=SIGLIP_STD) if kind == "siglip" else cls(type=kind)
+
+    @classmethod
+    def for_tower(cls, vision: VisionConfig) -> "ImageProcessorConfig":
+        """The processor a tower family ships with (no preprocessor_config.json at hand)."""
+        return cls.of_type("siglip" if vision.is_siglip else "clip")
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], vision: VisionConfig) -> "ImageProcessorConfig":
+        """From a `preprocessor_config.json` (its `image_processor_type` picks the family); its
+        size must be the tower's. Settings it leaves out take the family's defaults."""
+        name = d.get("image_processor_type", "")
+        kind = next((k for k, names in IMAGE_PROCESSOR_TYPES.items() if name in names), None)
+        if kind is None:
+            known = ", ".join(n for names in IMAGE_PROCESSOR_TYPES.values() for n in names[:1])
+            raise ValueError(f"unsupported image_processor_type {name!r} in preprocessor_config.json; supported: {known}")
+        base = cls.of_type(kind)
+        size = d.get("size") or {}
+        crop = d.get("crop_size") or {}
+        sides = {size.get("shortest_edge"), size.get("height"), size.get("width"),
+                 crop.get("height") if kind == "clip" else None, crop.get("width") if kind == "clip" else None}
+        sides.discard(None)
+        if sides and sides != {vision.image_size}:
+            raise ValueError(f"preprocessor_config.json sizes {size} {crop if kind == 'clip' else ''} do not give the "
+                             f"vision tower's image_size {vision.image_size}; llava-jax feeds the tower "
+                             f"{vision.image_size}x{vision.image_size} images")
+        return cls(type=kind, resample=int(d.get("resample", base.resample)),
+                   mean=tuple(d.get("image_mean", base.mean)), std=tuple(d.get("image_std", base.std)))
+
+    def to_hf_dict(self, image_size: int) -> dict[str, Any]:
+        common = {"do_resize": True, "resample": self.resample, "do_rescale": True, "rescale_factor": 1 / 255,
+                  "do_normalize": True, "image_mean": list(self.mean), "image_std": list(self.std),
+                  "do_convert_rgb": True, "processor_class": "LlavaProcessor"}
+        if self.type == "siglip":
+            return {"image_processor_type": "SiglipImageProcessor", **common,
+                    "size": {"height": image_size, "width": image_size}}
+        return {"image_processor_type": "CLIPImageProcessor", **common, "size": {"shortest_edge": image_size},
+                "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,7 +413,10 @@ class LlavaConfig:
     projector_type: str = "mlp2x_gelu"
     projector_bias: bool = True
     vision_feature_layer: int | tuple[int, ...] = -2
-    vision_feature_select_strategy: str = "default"  # default (drop CLS) | full
+    vision_feature_select_strategy: str = "default"  # default (drop the first token) | full
+    # The checkpoint's image processor (preprocessor_config.json, not config.json); None: the one
+    # the vision tower ships with (`ImageProcessorConfig.for_tower`).
+    image_processor: ImageProcessorConfig | None = None
     runtime: RuntimeOptions = RuntimeOptions()
     # LoRA adapters on the LLM (`llava_jax.models.lora.LoraConfig`; None = none). Not part of the
     # HF JSON: an adapter travels as a PEFT adapter directory (`convert/peft.py`).
@@ -314,6 +430,8 @@ class LlavaConfig:
             )
         if isinstance(self.vision_feature_layer, list):
             object.__setattr__(self, "vision_feature_layer", tuple(self.vision_feature_layer))
+        if self.image_processor is None:
+            object.__setattr__(self, "image_processor", ImageProcessorConfig.for_tower(self.vision))
 
     @property
     def feature_layers(self) -> tuple[int, ...]:
@@ -332,8 +450,11 @@ class LlavaConfig:
 
     @property
     def num_image_tokens(self) -> int:
-        """Tokens each image contributes to the LLM sequence (576 for ViT-L/14-336)."""
-        return self.vision.num_patches + (1 if self.vision_feature_select_strategy == "full" else 0)
+        """Tokens each image contributes to the LLM sequence (576 for ViT-L/14-336, 729 for SigLIP
+        so400m-14-384 with "full"). "default" drops the first token whatever the tower, as
+        transformers does (for SigLIP that is a patch)."""
+        n = self.vision.num_patches + self.vision.num_class_tokens
+        return n - (1 if self.vision_feature_select_strategy == "default" else 0)
 
     @property
     def projector_in_features(self) -> int:
@@ -347,8 +468,17 @@ class LlavaConfig:
 
     # ---------------------------------------------------------------- HF JSON
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any], vision_dict: dict[str, Any] | None = None) -> "LlavaConfig":
-        """From a llava-hf config, or an original-LLaVA config plus the CLIP config."""
+    def from_hf_dict(cls, d: dict[str, Any], vision_dict: dict[str, Any] | None = None,
+                     processor_dict: dict[str, Any] | None = None) -> "LlavaConfig":
+        """From a llava-hf config, or an original-LLaVA config plus the vision tower's config;
+        `processor_dict`: the checkpoint's preprocessor_config.json (None: the tower's own)."""
+        cfg = cls._from_hf_dict(d, vision_dict)
+        if processor_dict:
+            cfg = cfg.replace(image_processor=ImageProcessorConfig.from_hf_dict(processor_dict, cfg.vision))
+        return cfg
+
+    @classmethod
+    def _from_hf_dict(cls, d: dict[str, Any], vision_dict: dict[str, Any] | None) -> "LlavaConfig":
         mt = d.get("model_type")
         if mt == "llava":
             act = d.get("projector_hidden_act", "gelu")
@@ -413,6 +543,11 @@ class LlavaConfig:
 # The one geometry table of the released models (HF config values). The dataclass defaults above
 # are CLIP ViT-L/14-336 and Vicuna-7B; the presets name them.
 CLIP_VIT_L_14_336 = VisionConfig()
+# google/siglip-so400m-patch14-384 (its SiglipVisionConfig): 27 layers, 27x27 = 729 patches; the
+# released tower has the pooling head. llava-hf's SigLIP conversions keep 26 layers and no head.
+SIGLIP_SO400M_14_384 = VisionConfig(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304,
+                                    num_layers=27, num_heads=16, image_size=384, patch_size=14,
+                                    layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh", use_head=True)
 VICUNA_7B = TextConfig()
 VICUNA_13B = TextConfig(hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40, num_kv_heads=40)
 
@@ -455,6 +590,14 @@ def _clip_336_with(text: TextConfig, doc: str):
     return preset
 
 
+def llava_siglip_7b(**overrides) -> LlavaConfig:
+    """SigLIP so400m-14-384 + mlp2x_gelu + Vicuna-7B: the LLaVA-NeXT/OneVision choice of features,
+    the output of the tower's 26th of 27 layers (layer -2; LLaVA-NeXT deletes the last layer),
+    every token ("full": SigLIP has no class token), 729 tokens per image."""
+    kw = dict(vision_feature_layer=-2, vision_feature_select_strategy="full", **overrides)
+    return LlavaConfig(vision=SIGLIP_SO400M_14_384, text=VICUNA_7B, **kw)
+
+
 PRESETS = {
     "llava_1_5_7b": llava_1_5_7b,
     "llava_1_5_13b": llava_1_5_13b,
@@ -463,4 +606,5 @@ PRESETS = {
     "llava_qwen2_7b": _clip_336_with(QWEN2_7B, "Qwen2-7B-Instruct"),
     "llava_mistral_7b": _clip_336_with(MISTRAL_7B_V0_2, "Mistral-7B-Instruct-v0.2"),
     "llava_mistral_7b_v0_1": _clip_336_with(MISTRAL_7B_V0_1, "Mistral-7B-v0.1 (sliding window 4096)"),
+    "llava_siglip_7b": llava_siglip_7b,
 }

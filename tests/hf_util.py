@@ -5,8 +5,10 @@ import numpy as np
 
 IMAGE_TOKEN = 100
 
-# Three configs covering: MHA/GQA, linear/mlp2x_gelu projector (the latter via llava-hf),
-# default/llama3 rope, feature layer -2 / a list, tied/untied embeddings, biases.
+# Configs covering: MHA/GQA, linear/mlp2x_gelu projector (the latter via llava-hf),
+# default/llama3 rope, feature layer -2 / a list, tied/untied embeddings, biases; CLIP towers and
+# a SigLIP tower ("vision_type": "siglip", with the pooling head; -1 / "full" as llava-hf's
+# SigLIP models).
 CONFIGS = {
     "mha_default_rope": dict(
         vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
@@ -33,6 +35,14 @@ CONFIGS = {
                   rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}),
         llava=dict(vision_feature_layer=-1, vision_feature_select_strategy="full",
                    multimodal_projector_bias=False),
+    ),
+    "siglip_head_full": dict(
+        vision_type="siglip",
+        vision=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                    image_size=30, patch_size=10, vision_use_head=True),
+        text=dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2),
+        llava=dict(vision_feature_layer=-1, vision_feature_select_strategy="full"),
     ),
 }
 
@@ -61,12 +71,21 @@ BACKBONES = {
 }
 
 
-def make_hf_llava(name: str, seed: int = 0):
-    import torch
-    from transformers import CONFIG_MAPPING, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+def vision_config(spec: dict):
+    from transformers import CLIPVisionConfig, SiglipVisionConfig
 
-    spec = CONFIGS[name] if name in CONFIGS else BACKBONES[name]
-    vc = CLIPVisionConfig(**spec["vision"])
+    cls = SiglipVisionConfig if spec.get("vision_type") == "siglip" else CLIPVisionConfig
+    return cls(**spec["vision"])
+
+
+def make_hf_llava(name: str | dict, seed: int = 0):
+    """A perturbed random LlavaForConditionalGeneration of `CONFIGS[name]` / `BACKBONES[name]` (or
+    of a spec dict)."""
+    import torch
+    from transformers import CONFIG_MAPPING, LlavaConfig, LlavaForConditionalGeneration
+
+    spec = name if isinstance(name, dict) else CONFIGS[name] if name in CONFIGS else BACKBONES[name]
+    vc = vision_config(spec)
     tc = CONFIG_MAPPING[spec.get("text_type", "llama")](**spec["text"])
     cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_index=IMAGE_TOKEN, **spec["llava"])
     torch.manual_seed(seed)
@@ -81,7 +100,8 @@ def make_hf_llava(name: str, seed: int = 0):
 def num_image_tokens(model) -> int:
     c = model.config
     n = (c.vision_config.image_size // c.vision_config.patch_size) ** 2
-    return n + (1 if c.vision_feature_select_strategy == "full" else 0)
+    n += 0 if c.vision_config.model_type == "siglip_vision_model" else 1  # CLIP's class token
+    return n - (1 if c.vision_feature_select_strategy == "default" else 0)  # transformers drops the first
 
 
 def make_batch(model, seed: int = 0):
@@ -119,3 +139,20 @@ def torch_logits(model, ids, mask, pixels):
         out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
                     pixel_values=torch.tensor(pixels))
     return out.logits.float().numpy()
+
+
+def hf_generate(hf, prompts, pixels, new):
+    """transformers' greedy `generate` on left-padded prompts: the new tokens per prompt."""
+    import torch
+
+    L = max(len(p) for p in prompts)
+    ids = np.zeros((len(prompts), L), np.int64)
+    mask = np.zeros_like(ids)
+    for i, p in enumerate(prompts):  # left padding, as for batched generation
+        ids[i, L - len(p):] = p
+        mask[i, L - len(p):] = 1
+    with torch.no_grad():
+        out = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                          pixel_values=torch.tensor(pixels), max_new_tokens=new, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+    return [list(map(int, r)) for r in out[:, L:].numpy()]

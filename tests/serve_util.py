@@ -28,10 +28,14 @@ IMAGE_SIZE = 28
 PATCH = 14
 
 
-def make_chat_checkpoint(out_dir, *, chat_template: bool = False, seed: int = 0, max_positions: int = 512):
-    """Save a tiny random LLaVA + tokenizer under `out_dir`; returns (dir, hf_model, tokenizer)."""
+def make_chat_checkpoint(out_dir, *, chat_template: bool = False, seed: int = 0, max_positions: int = 512,
+                         siglip_resample: int | None = None):
+    """Save a tiny random LLaVA + tokenizer under `out_dir`; returns (dir, hf_model, tokenizer).
+    `siglip_resample`: a SigLIP tower instead of CLIP (features -1, "full", as llava-hf's SigLIP
+    models), saved with its SiglipImageProcessor (that PIL filter) as LlavaProcessor saves it."""
     import torch
-    from transformers import AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+                              SiglipVisionConfig)
 
     out_dir = os.fspath(out_dir)
     tok = AutoTokenizer.from_pretrained(make_llama_tokenizer(os.path.join(out_dir, "_tok"), llava_tokens=True))
@@ -40,13 +44,17 @@ def make_chat_checkpoint(out_dir, *, chat_template: bool = False, seed: int = 0,
     ids = add_llava_special_tokens(tok)
     if chat_template:
         tok.chat_template = LLAVA_HF_CHAT_TEMPLATE
-    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                          image_size=IMAGE_SIZE, patch_size=PATCH)
+    siglip = siglip_resample is not None
+    vc = (SiglipVisionConfig if siglip else CLIPVisionConfig)(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=IMAGE_SIZE,
+        patch_size=PATCH)
+    features = dict(vision_feature_layer=-1, vision_feature_select_strategy="full") if siglip else dict(
+        vision_feature_layer=-2)
     tc = LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
                      bos_token_id=1, eos_token_id=2, pad_token_id=ids.pad_token_id)
     cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_index=ids.image_token_id,
-                      vision_feature_layer=-2, pad_token_id=ids.pad_token_id)
+                      pad_token_id=ids.pad_token_id, **features)
     torch.manual_seed(seed)
     hf = LlavaForConditionalGeneration(cfg).eval()
     with torch.no_grad():
@@ -56,12 +64,18 @@ def make_chat_checkpoint(out_dir, *, chat_template: bool = False, seed: int = 0,
         hf.lm_head.weight.mul_(4.0)
     hf.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
+    if siglip:
+        hf_processor(tok, siglip_resample).save_pretrained(out_dir)
     return out_dir, hf, tok
 
 
-def hf_processor(tok):
-    from transformers import CLIPImageProcessorPil, LlavaProcessor
+def hf_processor(tok, siglip_resample: int | None = None):
+    from transformers import CLIPImageProcessorPil, LlavaProcessor, SiglipImageProcessorPil
 
+    if siglip_resample is not None:
+        ip = SiglipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, resample=siglip_resample)
+        return LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=PATCH, vision_feature_select_strategy="full",
+                              num_additional_image_tokens=0)
     ip = CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
     return LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=PATCH, vision_feature_select_strategy="default",
                           num_additional_image_tokens=1)

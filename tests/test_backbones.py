@@ -14,7 +14,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import llava_jax  # noqa: E402
-from hf_util import BACKBONES, IMAGE_TOKEN, make_batch, make_hf_llava, num_image_tokens, torch_logits  # noqa: E402
+from hf_util import (BACKBONES, CONFIGS, IMAGE_TOKEN, hf_generate, make_batch, make_hf_llava,  # noqa: E402
+                     num_image_tokens, torch_logits)
 from llava_jax.config import PRESETS, LlavaConfig  # noqa: E402
 
 
@@ -63,26 +64,11 @@ def test_fp32_logits_match(pair):
         assert _max_diff(full, ref, mask) > 1e-3
 
 
-def _hf_generate(hf, prompts, pixels, new):
-    L = max(len(p) for p in prompts)
-    ids = np.zeros((len(prompts), L), np.int64)
-    mask = np.zeros_like(ids)
-    for i, p in enumerate(prompts):  # left padding, as the engine pads
-        ids[i, L - len(p):] = p
-        mask[i, L - len(p):] = 1
-    with torch.no_grad():
-        out = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                          pixel_values=torch.tensor(pixels), max_new_tokens=new, do_sample=False,
-                          eos_token_id=None, pad_token_id=0)
-    return [list(map(int, r)) for r in out[:, L:].numpy()]
-
-
-def test_greedy_generation_equals_transformers(pair):
-    """Two prompts of different lengths (left-padded), 12 new tokens: for Mistral every step
-    attends through a window of 5 over the KV cache."""
+def _greedy_equals_transformers(hf, model, new=12):
+    """Two prompts of different lengths (left-padded), `new` greedy tokens from the serving
+    engine and from transformers' `generate`."""
     from llava_jax.serve.engine import Engine, SamplingParams
 
-    name, hf, d, model = pair
     rng = np.random.default_rng(5)
     t = num_image_tokens(hf)
     prompts = []
@@ -92,11 +78,37 @@ def test_greedy_generation_equals_transformers(pair):
         prompts.append([1] + [IMAGE_TOKEN] * t + list(map(int, text)))
     s = hf.config.vision_config.image_size
     pixels = rng.normal(size=(2, 3, s, s)).astype(np.float32)
-    ref = _hf_generate(hf, prompts, pixels, new=12)
+    ref = hf_generate(hf, prompts, pixels, new=new)
     images = np.transpose(pixels, (0, 2, 3, 1))[:, None]
-    ours = Engine(model).generate(prompts, images, np.ones((2, 1), bool), SamplingParams(max_new_tokens=12))
+    ours = Engine(model).generate(prompts, images, np.ones((2, 1), bool), SamplingParams(max_new_tokens=new))
     assert ours == ref
     assert min(len(set(r)) for r in ref) > 2  # not a degenerate repetition
+
+
+def test_greedy_generation_equals_transformers(pair):
+    """For Mistral every step attends through a window of 5 over the KV cache."""
+    name, hf, d, model = pair
+    _greedy_equals_transformers(hf, model)
+
+
+def test_siglip_tower_with_qwen2(tmp_path):
+    """The LLaVA-OneVision pairing, SigLIP (no class token, "full" features) x Qwen2 (q/k/v
+    biases): fp32 logits, greedy generation and the llava-hf export against transformers."""
+    from transformers import LlavaForConditionalGeneration
+
+    spec = dict(BACKBONES["qwen2_gqa_bias"], vision_type="siglip", vision=CONFIGS["siglip_head_full"]["vision"],
+                llava=dict(vision_feature_layer=-1, vision_feature_select_strategy="full"))
+    hf = make_hf_llava(spec, seed=0)
+    hf.save_pretrained(tmp_path / "in")
+    model = llava_jax.from_pretrained(tmp_path / "in")
+    assert (model.config.vision.model_type, model.config.text.model_type) == ("siglip_vision_model", "qwen2")
+    ids, mask, px = make_batch(hf)
+    ref = torch_logits(hf, ids, mask, px)
+    assert _max_diff(np.asarray(model(input_ids=ids, pixel_values=px, attention_mask=mask)), ref, mask) <= 1e-4
+    _greedy_equals_transformers(hf, model)
+    llava_jax.save_pretrained(model, tmp_path / "out")
+    back = LlavaForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
+    assert _max_diff(torch_logits(back, ids, mask, px), ref, mask) <= 1e-6
 
 
 @pytest.mark.parametrize("impl", ["dpa", "dpa_padded", "pallas"])

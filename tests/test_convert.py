@@ -33,7 +33,8 @@ def hf_dir(tmp_path_factory):
     return hf, d
 
 
-@pytest.mark.parametrize("name", ["mha_default_rope", "gqa_llama3_list_tied", "gqa_linear_rope_bias_full"])
+@pytest.mark.parametrize("name", ["mha_default_rope", "gqa_llama3_list_tied", "gqa_linear_rope_bias_full",
+                                  "siglip_head_full"])
 def test_round_trip_through_transformers(name, tmp_path):
     hf = make_hf_llava(name, seed=3)
     hf.save_pretrained(tmp_path / "in")

@@ -383,3 +383,59 @@ def test_fast_path_jpeg_variants(pil_mode, kw):
         assert d.mean() <= 1.0 and np.percentile(d, 99) <= 12, (mode, d.mean())
     with pytest.raises(ValueError, match="draft_gap"):
         I.decode_and_preprocess_uint8(data, "pad", 112, draft_gap=0.5)
+
+
+# --------------------------------------------------------------------------------------------
+# SigLIP preprocessing (SiglipImageProcessorPil: resize to the square, no crop, mean/std 0.5)
+# --------------------------------------------------------------------------------------------
+from transformers import SiglipImageProcessorPil  # noqa: E402
+from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD  # noqa: E402
+
+from llava_jax.config import ImageProcessorConfig  # noqa: E402
+
+
+def siglip_reference(img, mode, size, resample):
+    proc = SiglipImageProcessorPil(size={"height": size, "width": size}, resample=resample)
+    if mode == "pad":
+        mean = tuple(int(x * 255) for x in proc.image_mean)
+        img = llava_expand2square(hf_convert_to_rgb(img, return_numpy=False), mean)
+    return proc(img, return_tensors="np")["pixel_values"]
+
+
+def test_siglip_processor_defaults_match_transformers():
+    proc = SiglipImageProcessorPil()
+    ours = ImageProcessorConfig.of_type("siglip")
+    assert ours.mean == tuple(IMAGENET_STANDARD_MEAN) == tuple(proc.image_mean)
+    assert ours.std == tuple(IMAGENET_STANDARD_STD) == tuple(proc.image_std)
+    assert ours.resample == proc.resample and proc.do_convert_rgb and proc.rescale_factor == 1 / 255
+    assert I.mean_color(ours.mean) == (127, 127, 127)
+
+
+@pytest.mark.parametrize("resample", [3, 2], ids=["bicubic", "bilinear"])
+@pytest.mark.parametrize("mode", ["crop", "pad"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_siglip_matches_transformers_all_modes(shape, mode, resample):
+    w, h = shape
+    proc = ImageProcessorConfig(type="siglip", resample=resample, mean=(0.5,) * 3, std=(0.5,) * 3)
+    for i, pil_mode in enumerate(MODES):
+        img = random_image(w, h, pil_mode, seed=i)
+        ref = siglip_reference(img, mode, 28, resample)
+        ours = I.preprocess_images([img], mode=mode, size=28, processor=proc)
+        assert ours.shape == ref.shape == (1, 3, 28, 28)
+        assert np.array_equal(ours, ref), (pil_mode, shape)
+
+
+def test_siglip_fast_path():
+    """The JPEG fast path with SigLIP's square resize: identical below 2x, and at 4000x3000 (a
+    1/8 DCT reduction) within the deviations documented for CLIP."""
+    proc = ImageProcessorConfig.of_type("siglip")
+    small = encode(photo_like(660, 500), "JPEG", quality=90)  # both edges < 2 * 336: no draft
+    for mode in ("crop", "pad"):
+        full = I.preprocess_image_uint8(I.load_image(small), mode, 336, processor=proc)
+        assert np.array_equal(I.decode_and_preprocess_uint8(small, mode, 336, processor=proc), full)
+    big = encode(photo_like(4000, 3000), "JPEG", quality=90)
+    for mode in ("crop", "pad"):
+        full = I.preprocess_image_uint8(I.load_image(big), mode, 336, processor=proc).astype(np.int16)
+        fast = I.decode_and_preprocess_uint8(big, mode, 336, processor=proc).astype(np.int16)
+        d = np.abs(full - fast)
+        assert d.mean() < 1.0 and np.percentile(d, 99) <= 6, (mode, d.mean())

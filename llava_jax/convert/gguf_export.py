@@ -322,6 +322,8 @@ def export_gguf(model, tokenizer, out_dir, quant: str = "f16", name: str | None 
         raise ValueError(f"quant must be one of {', '.join(QUANTS)}, not {quant!r}")
     cfg = model.config
     check_llm_supported(cfg.text)
+    if cfg.vision.is_siglip:
+        raise NotImplementedError("the GGUF export writes llama.cpp's CLIP mmproj; a SigLIP tower is not supported")
     if cfg.projector_type not in ("mlp2x_gelu",):
         raise NotImplementedError(f"llama.cpp's LLaVA mmproj has a 2-layer MLP projector; this model's is "
                                   f"{cfg.projector_type!r}")

@@ -86,20 +86,44 @@ def _layout(path: Path, clip_path):
     raise AssertionError("unreachable")
 
 
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+
+
+def _processor_dict(*dirs) -> dict | None:
+    """The image processor settings of the first of `dirs` (the checkpoint's, then the vision
+    tower's) that has any: its preprocessor_config.json, or the "image_processor" entry of the
+    processor_config.json that transformers 5's `LlavaProcessor.save_pretrained` writes instead.
+    They name the image processor the model was trained with."""
+    for d in dirs:
+        if d is None:
+            continue
+        if (Path(d) / PREPROCESSOR_CONFIG).is_file():
+            return _read_json(Path(d) / PREPROCESSOR_CONFIG)
+        if (Path(d) / "processor_config.json").is_file():
+            nested = _read_json(Path(d) / "processor_config.json").get("image_processor")
+            if nested:
+                return nested
+    return None
+
+
 def resolve_config(path, clip_path=None, projector_type=None, vision_feature_layer=None,
-                   image_token_id=None) -> LlavaConfig:
-    """The LlavaConfig of a checkpoint dir (+ CLIP dir), from its config.json files alone (no
-    weight file is opened), with the given overrides."""
+                   image_token_id=None, vision_feature_select_strategy=None) -> LlavaConfig:
+    """The LlavaConfig of a checkpoint dir (+ vision tower dir), from its config.json files alone
+    (no weight file is opened), with the given overrides. The image processor comes from the
+    checkpoint's processor settings (`_processor_dict`; else the tower dir's, else the tower's own):
+    the one place the image preprocessing of a checkpoint is chosen."""
     layout, cfg_dict, clip_path = _layout(Path(path), clip_path)
+    processor = _processor_dict(path, clip_path)
     if layout == "llava":
         vision_dict = _read_json(Path(clip_path) / "config.json") if clip_path else None
-        cfg = LlavaConfig.from_hf_dict(cfg_dict, vision_dict)
+        cfg = LlavaConfig.from_hf_dict(cfg_dict, vision_dict, processor)
     else:
         mt = cfg_dict.get("model_type")  # a plain LLM dir keeps its architecture; original LLaVA is LLaMA
         cfg = LlavaConfig.from_hf_dict({**cfg_dict, "model_type": mt if mt in SUPPORTED_TEXT_MODEL_TYPES else "llava_llama"},
-                                       _read_json(Path(clip_path) / "config.json"))
+                                       _read_json(Path(clip_path) / "config.json"), processor)
     overrides = {k: v for k, v in (("projector_type", projector_type), ("vision_feature_layer", vision_feature_layer),
-                                   ("image_token_id", image_token_id)) if v is not None}
+                                   ("image_token_id", image_token_id),
+                                   ("vision_feature_select_strategy", vision_feature_select_strategy)) if v is not None}
     return cfg.replace(**overrides) if overrides else cfg
 
 
@@ -184,7 +208,7 @@ def load_params_into(model_abs: LlavaModel, index: _KeyIndex, fresh_pattern: str
 
 def from_pretrained(path, *, clip_path=None, projector_path=None, dtype=jnp.float32, param_dtype=jnp.float32,
                     projector_type: str | None = None, vision_feature_layer=None, image_token_id: int | None = None,
-                    remat_policy: str = "none", attention_impl: str = "xla",
+                    vision_feature_select_strategy: str | None = None, remat_policy: str = "none", attention_impl: str = "xla",
                     mesh=None, rules=None, strict: bool = True, seed: int = 0) -> LlavaModel:
     """Load a LLaVA model from a local HF-format directory (see module docstring for layouts).
 
@@ -193,7 +217,8 @@ def from_pretrained(path, *, clip_path=None, projector_path=None, dtype=jnp.floa
     `llava_jax.sharding`) place it; no full copy ever sits on one device.
     """
     path = Path(path)
-    cfg = resolve_config(path, clip_path, projector_type, vision_feature_layer, image_token_id)
+    cfg = resolve_config(path, clip_path, projector_type, vision_feature_layer, image_token_id,
+                         vision_feature_select_strategy)
     index, fresh = _key_index(path, clip_path)
     if projector_path is not None:
         proj = _KeyIndex()
@@ -237,22 +262,13 @@ def hf_tensors(model_or_params, dtype=None, lora=None, select=None):
 
 
 def processor_files(cfg: LlavaConfig) -> dict[str, dict]:
-    """CLIP image-processor and LlavaProcessor settings matching the model."""
-    from llava_jax.data.images import CLIP_MEAN, CLIP_STD
-
-    s = cfg.vision.image_size
+    """The image-processor and LlavaProcessor settings matching the model."""
     return {
-        "preprocessor_config.json": {
-            "image_processor_type": "CLIPImageProcessor", "processor_class": "LlavaProcessor",
-            "do_resize": True, "size": {"shortest_edge": s}, "resample": 3,
-            "do_center_crop": True, "crop_size": {"height": s, "width": s},
-            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-            "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "do_convert_rgb": True,
-        },
+        PREPROCESSOR_CONFIG: cfg.image_processor.to_hf_dict(cfg.vision.image_size),
         "processor_config.json": {
             "processor_class": "LlavaProcessor", "patch_size": cfg.vision.patch_size,
             "vision_feature_select_strategy": cfg.vision_feature_select_strategy,
-            "num_additional_image_tokens": 1, "image_token": "<image>",
+            "num_additional_image_tokens": cfg.vision.num_class_tokens, "image_token": "<image>",
         },
     }
 

@@ -21,6 +21,7 @@ LL = L + "layers.{i}."
 # (our param path regex, canonical HF key template, transform)
 KEY_MAP: list[tuple[str, str, str]] = [
     (r"vision/patch_embed", V + "embeddings.patch_embedding.weight", "conv"),
+    (r"vision/patch_bias", V + "embeddings.patch_embedding.bias", "id"),  # SigLIP
     (r"vision/class_embed", V + "embeddings.class_embedding", "id"),
     (r"vision/pos_embed", V + "embeddings.position_embedding.weight", "id"),
     (r"vision/pre_ln_scale", V + "pre_layrnorm.weight", "id"),
@@ -37,6 +38,16 @@ KEY_MAP: list[tuple[str, str, str]] = [
     (r"vision/layers/ln2_bias", VL + "layer_norm2.bias", "id"),
     (r"vision/layers/(fc[12])_kernel", VL + "mlp.{1}.weight", "T"),
     (r"vision/layers/(fc[12])_bias", VL + "mlp.{1}.bias", "id"),
+    # SigLIP's attention-pooling head (only when the checkpoint has one)
+    (r"vision/head/probe", V + "head.probe", "id"),
+    (r"vision/head/in_proj_kernel", V + "head.attention.in_proj_weight", "split_qkv_heads_out"),
+    (r"vision/head/in_proj_bias", V + "head.attention.in_proj_bias", "split_heads"),
+    (r"vision/head/o_kernel", V + "head.attention.out_proj.weight", "split_heads_in"),
+    (r"vision/head/o_bias", V + "head.attention.out_proj.bias", "id"),
+    (r"vision/head/norm_scale", V + "head.layernorm.weight", "id"),
+    (r"vision/head/norm_bias", V + "head.layernorm.bias", "id"),
+    (r"vision/head/(fc[12])_kernel", V + "head.mlp.{1}.weight", "T"),
+    (r"vision/head/(fc[12])_bias", V + "head.mlp.{1}.bias", "id"),
     (r"projector/linear_(\d+)_kernel", "multi_modal_projector.linear_{1}.weight", "T"),
     (r"projector/linear_(\d+)_bias", "multi_modal_projector.linear_{1}.bias", "id"),
     (r"llm/embed", L + "embed_tokens.weight", "id"),
@@ -88,6 +99,8 @@ def to_ours(arr: np.ndarray, transform: str, target_shape: tuple[int, ...]) -> n
         out = arr.T
     elif transform == "split_heads":  # bias [H*hd] -> [H, hd]
         out = arr
+    elif transform == "split_qkv_heads_out":  # packed Linear [3*H*hd, in] -> [3, in, H, hd]
+        out = arr.reshape(3, -1, arr.shape[-1]).transpose(0, 2, 1)
     else:
         raise ValueError(transform)
     return out.reshape(target_shape)
@@ -107,6 +120,8 @@ def to_hf(arr: np.ndarray, transform: str) -> np.ndarray:
         return arr.reshape(-1, arr.shape[-1]).T
     if transform == "split_heads":
         return arr.reshape(-1)
+    if transform == "split_qkv_heads_out":
+        return arr.reshape(3, arr.shape[1], -1).transpose(0, 2, 1).reshape(-1, arr.shape[1])
     raise ValueError(transform)
 
 
@@ -190,11 +205,12 @@ def normalize_projector(key: str) -> str | None:
 
 
 def normalize_clip(key: str) -> str | None:
-    """CLIPVisionModel / CLIPModel keys -> canonical; the text tower and projections are ignored."""
+    """CLIPVisionModel / CLIPModel / SiglipVisionModel / SiglipModel keys -> canonical; the text
+    tower and projections are ignored."""
     if key.endswith(_IGNORED_SUFFIXES):
         return None
     if key.startswith("vision_model."):
         return "vision_tower." + key
-    if key.startswith(("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm.")):
-        return V + key  # transformers-5 CLIPVisionModel.save_pretrained drops "vision_model."
+    if key.startswith(("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm.", "head.")):
+        return V + key  # transformers-5 {CLIP,Siglip}VisionModel.save_pretrained drops "vision_model."
     return None

@@ -1,4 +1,11 @@
-"""Image preprocessing for LLaVA: CLIP preprocessing plus LLaVA-1.5's "pad" mode, in numpy/PIL.
+"""Image preprocessing for LLaVA: CLIP and SigLIP preprocessing plus LLaVA-1.5's "pad" mode, in
+numpy/PIL.
+
+Which processor runs is a checkpoint's `LlavaConfig.image_processor` (`ImageProcessorConfig`,
+chosen once, from its preprocessor_config.json, by `convert.hf.resolve_config`); every function
+here takes it as ``processor`` (None: CLIP's). SigLIP (``SiglipImageProcessorPil``) differs from
+CLIP only in step 2-3: it resizes straight to ``size``×``size`` (no aspect ratio kept, no crop)
+with the config's filter, and its mean/std are 0.5.
 
 The reference is transformers' ``CLIPImageProcessorPil`` (transformers 5,
 ``transformers/models/clip/image_processing_pil_clip.py`` on top of ``PilBackend``); the steps
@@ -29,9 +36,13 @@ from typing import Any, BinaryIO, Sequence, Union
 import numpy as np
 from PIL import Image
 
+from llava_jax.config import ImageProcessorConfig
+
 # The vision tower's pixel convention (CLIP mean/std, normalize) lives with the model; the
 # pipeline ships uint8 and the model normalizes on device.
 from llava_jax.models.pixels import CLIP_MEAN, CLIP_STD, normalize
+
+CLIP_PROCESSOR = ImageProcessorConfig()
 
 __all__ = [
     "CLIP_MEAN",
@@ -49,6 +60,8 @@ __all__ = [
 ]
 
 
+# "pad": LLaVA-1.5's square canvas of the mean colour, then the processor; "crop": the processor
+# alone (named after CLIP's center crop; for SigLIP it is the plain resize to the square).
 MODES = ("pad", "crop")
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
@@ -140,7 +153,8 @@ def _center_crop_box(width: int, height: int, size: int) -> tuple[int, int, int,
     return left, top, left + size, top + size
 
 
-def preprocess_image_uint8(img: Image.Image, mode: str = "pad", size: int = 336) -> np.ndarray:
+def preprocess_image_uint8(img: Image.Image, mode: str = "pad", size: int = 336,
+                           processor: ImageProcessorConfig | None = None) -> np.ndarray:
     """Everything but rescale/normalize: RGB conversion, optional pad, resize, crop → uint8 HWC.
 
     Args:
@@ -148,25 +162,31 @@ def preprocess_image_uint8(img: Image.Image, mode: str = "pad", size: int = 336)
       mode: ``"pad"`` (LLaVA-1.5: ``expand2square`` with the CLIP mean colour first) or
         ``"crop"`` (plain CLIP: shortest-edge resize + center crop).
       size: shortest-edge resize target and crop size (336 for CLIP-L/336).
+      processor: the checkpoint's image processor (None: CLIP's).
 
     Returns:
-      ``np.ndarray`` uint8 ``[size, size, 3]``; ``normalize`` of it equals transformers'
-      ``CLIPImageProcessorPil`` output (transposed to HWC).
+      ``np.ndarray`` uint8 ``[size, size, 3]``; ``normalize`` of it (with the processor's
+      mean/std) equals transformers' ``CLIPImageProcessorPil`` / ``SiglipImageProcessorPil``
+      output (transposed to HWC).
     """
     _check_mode_size(mode, size)
+    processor = processor or CLIP_PROCESSOR
     img = to_rgb(img)
     if mode == "pad":
-        return np.asarray(_pad_and_resize(img, size), dtype=np.uint8)
-    new_w, new_h = resize_shortest_edge_size(img.width, img.height, size)
+        return np.asarray(_pad_and_resize(img, size, processor), dtype=np.uint8)
     # Always call resize, like transformers: PIL returns a copy when the size is unchanged.
-    img = img.resize((new_w, new_h), resample=Image.Resampling.BICUBIC)
+    if processor.type == "siglip":
+        return np.asarray(img.resize((size, size), resample=processor.resample), dtype=np.uint8)
+    new_w, new_h = resize_shortest_edge_size(img.width, img.height, size)
+    img = img.resize((new_w, new_h), resample=processor.resample)
     img = img.crop(_center_crop_box(new_w, new_h, size))
     return np.asarray(img, dtype=np.uint8)
 
 
-def _pad_and_resize(img: Image.Image, size: int) -> Image.Image:
-    """``expand2square(img, mean colour).resize((size, size), BICUBIC)``, bit-exactly, but faster
-    for landscape images.
+def _pad_and_resize(img: Image.Image, size: int, processor: ImageProcessorConfig) -> Image.Image:
+    """``expand2square(img, mean colour).resize((size, size))``, bit-exactly, but faster for
+    landscape images. (The canvas is square, so CLIP's shortest-edge resize and center crop and
+    SigLIP's square resize are the same resize here.)
 
     PIL's resampler is separable: a horizontal pass over every input row, rounded to uint8, then
     a vertical pass. On the square canvas of a landscape image (width > height) each canvas row
@@ -180,14 +200,14 @@ def _pad_and_resize(img: Image.Image, size: int) -> Image.Image:
     ``tests/test_images.py`` checks equality with the plain route on many sizes.
     """
     width, height = img.size
-    background = mean_color(CLIP_MEAN)
-    bicubic = Image.Resampling.BICUBIC
+    background = mean_color(processor.mean)
+    resample = processor.resample
     if width <= height:
-        return expand2square(img, background).resize((size, size), resample=bicubic)
-    rows = img.resize((size, height), resample=bicubic)  # horizontal pass only
+        return expand2square(img, background).resize((size, size), resample=resample)
+    rows = img.resize((size, height), resample=resample)  # horizontal pass only
     intermediate = Image.new("RGB", (size, width), background)
     intermediate.paste(rows, (0, (width - height) // 2))
-    return intermediate.resize((size, size), resample=bicubic)  # vertical pass only
+    return intermediate.resize((size, size), resample=resample)  # vertical pass only
 
 
 def preprocess_images(
@@ -196,6 +216,7 @@ def preprocess_images(
     size: int = 336,
     layout: str = "NCHW",
     dtype: Any = np.float32,
+    processor: ImageProcessorConfig | None = None,
 ) -> np.ndarray:
     """Preprocess a list of PIL images into one normalized batch (the public API).
 
@@ -207,6 +228,7 @@ def preprocess_images(
       layout: ``"NCHW"`` (default; same as transformers' ``pixel_values``, so one array feeds
         both the HF reference and llava_jax) or ``"NHWC"`` (llava_jax's native layout).
       dtype: output dtype; normalization is always computed in float32 and cast at the end.
+      processor: the checkpoint's image processor (None: CLIP's).
 
     Returns:
       ``np.ndarray`` ``[N, 3, size, size]`` or ``[N, size, size, 3]``.
@@ -214,11 +236,12 @@ def preprocess_images(
     _check_mode_size(mode, size)
     if layout not in ("NCHW", "NHWC"):
         raise ValueError(f"layout must be 'NCHW' or 'NHWC', got {layout!r}")
+    processor = processor or CLIP_PROCESSOR
     if len(images):
-        batch = np.stack([preprocess_image_uint8(im, mode=mode, size=size) for im in images])
+        batch = np.stack([preprocess_image_uint8(im, mode=mode, size=size, processor=processor) for im in images])
     else:
         batch = np.zeros((0, size, size, 3), np.uint8)
-    out = normalize(batch)
+    out = normalize(batch, processor.mean, processor.std)
     if layout == "NCHW":
         out = out.transpose(0, 3, 1, 2)
     return np.ascontiguousarray(out.astype(dtype, copy=False))
@@ -320,6 +343,7 @@ def decode_and_preprocess_uint8(
     size: int = 336,
     name: str | None = None,
     draft_gap: float = 1.0,
+    processor: ImageProcessorConfig | None = None,
 ) -> np.ndarray:
     """Fast data-pipeline path: decode (at reduced scale if possible) + the uint8 preprocessing.
 
@@ -356,6 +380,8 @@ def decode_and_preprocess_uint8(
       mode, size: as ``preprocess_image_uint8``.
       name: label for error messages (defaults to the path or ``"<N bytes>"``).
       draft_gap: the reduced edge must stay ≥ ``draft_gap * size`` (≥ 1).
+      processor: the checkpoint's image processor (None: CLIP's). SigLIP's square resize
+        shrinks both edges to ``size``, so the shortest edge bounds the reduction as for "crop".
 
     Returns:
       uint8 ``[size, size, 3]``.
@@ -390,12 +416,13 @@ def decode_and_preprocess_uint8(
             owned.close()
 
     if scale == 1:
-        return preprocess_image_uint8(rgb, mode=mode, size=size)
-    return _preprocess_drafted(rgb, width, height, scale, mode, size)
+        return preprocess_image_uint8(rgb, mode=mode, size=size, processor=processor)
+    return _preprocess_drafted(rgb, width, height, scale, mode, size, processor)
 
 
 def _preprocess_drafted(
-    rgb: Image.Image, width: int, height: int, scale: float, mode: str, size: int
+    rgb: Image.Image, width: int, height: int, scale: float, mode: str, size: int,
+    processor: ImageProcessorConfig | None = None,
 ) -> np.ndarray:
     """Resize a reduced-scale decode so its output grid matches the full-resolution path.
 
@@ -404,11 +431,14 @@ def _preprocess_drafted(
     so choosing the box as the full-resolution region divided by ``scale`` reproduces the
     full-resolution sampling positions.
     """
-    bicubic = Image.Resampling.BICUBIC
+    processor = processor or CLIP_PROCESSOR
+    resample = processor.resample
     if mode == "crop":
-        new_w, new_h = resize_shortest_edge_size(width, height, size)
         box = (0, 0, width / scale, height / scale)
-        out = rgb.resize((new_w, new_h), resample=bicubic, box=box)
+        if processor.type == "siglip":
+            return np.asarray(rgb.resize((size, size), resample=resample, box=box), dtype=np.uint8)
+        new_w, new_h = resize_shortest_edge_size(width, height, size)
+        out = rgb.resize((new_w, new_h), resample=resample, box=box)
         return np.asarray(out.crop(_center_crop_box(new_w, new_h, size)), dtype=np.uint8)
 
     # "pad": the full path pastes the image at integer offset `off` on an L×L canvas (L = long
@@ -419,7 +449,7 @@ def _preprocess_drafted(
     side = max(width, height)
     off_x = 0 if width >= height else (height - width) // 2
     off_y = (width - height) // 2 if width > height else 0
-    background = mean_color(CLIP_MEAN)
+    background = mean_color(processor.mean)
     # The reduced decode has ceil(edge / scale) pixels; when scale does not divide the edge, the
     # last row/column covers only part of a reduced pixel, the rest of which is padding in the
     # full-resolution path. Along the padded (short) side, blend that line with the background
@@ -441,5 +471,5 @@ def _preprocess_drafted(
     canvas_h = max(math.ceil(by + span), py + rgb.height)
     canvas = Image.new("RGB", (canvas_w, canvas_h), background)
     canvas.paste(rgb, (px, py))
-    out = canvas.resize((size, size), resample=bicubic, box=(bx, by, bx + span, by + span))
+    out = canvas.resize((size, size), resample=resample, box=(bx, by, bx + span, by + span))
     return np.asarray(out, dtype=np.uint8)

@@ -72,6 +72,7 @@ import numpy as np
 
 import grain
 
+from llava_jax.config import ImageProcessorConfig
 from llava_jax.data import images as imglib
 from llava_jax.data.packing import (
     PackIterDataset,
@@ -98,7 +99,8 @@ class PipelineConfig:
     (None: the tokenizer's ``<image>`` id), ``pad_token_id`` (None: the tokenizer's pad id, or 0).
 
     Content: ``template`` (conversation template name), ``image_mode`` ``"pad"`` (LLaVA-1.5) or
-    ``"crop"``; ``image_root`` joins relative image paths; ``length_policy`` ``"drop"`` (over-long
+    ``"crop"``, ``image_processor`` (the model's ``LlavaConfig.image_processor``: CLIP or SigLIP
+    preprocessing); ``image_root`` joins relative image paths; ``length_policy`` ``"drop"`` (over-long
     samples are skipped) or ``"truncate"`` (text after the last image is cut at max_length when
     supervised tokens remain; a cut through an image drops the sample either way).
 
@@ -144,6 +146,7 @@ class PipelineConfig:
     max_images_per_row: int = 4
     image_size: int = 336
     image_mode: str = "pad"
+    image_processor: ImageProcessorConfig = ImageProcessorConfig()
     template: str = "vicuna_v1"
     num_image_tokens: int = 576
     image_token_id: int | None = None
@@ -213,7 +216,8 @@ class PipelineConfig:
         direct library use."""
         names = {f.name for f in dataclasses.fields(cls)}
         given = {k: v for k, v in dict(data_config).items() if k in names}
-        return cls(**given, image_size=model_cfg.vision.image_size, num_image_tokens=model_cfg.num_image_tokens,
+        return cls(**given, image_size=model_cfg.vision.image_size, image_processor=model_cfg.image_processor,
+                   num_image_tokens=model_cfg.num_image_tokens,
                    image_token_id=model_cfg.image_token_id, batch_size=batch_size)
 
     def replace(self, **kw) -> "PipelineConfig":
@@ -290,7 +294,7 @@ def make_skip_log(path: str | os.PathLike | None = None):
 # ---------------------------------------------------------------------------------------------
 
 
-def _decode_draft(src, mode: str, size: int, name: str | None, min_ratio: float) -> np.ndarray:
+def _decode_draft(src, mode: str, size: int, name: str | None, min_ratio: float, processor) -> np.ndarray:
     """``"draft"`` decode: JPEG DCT reduction by the largest 2/4/8 that keeps the resized edge
     >= ``min_ratio * size`` (a slight upsample allowed), resampled on the full-resolution grid
     (``images._preprocess_drafted``); other inputs take ``decode_and_preprocess_uint8``."""
@@ -314,25 +318,25 @@ def _decode_draft(src, mode: str, size: int, name: str | None, min_ratio: float)
         if owned is not None:
             owned.close()
     if scale == 1:
-        return imglib.preprocess_image_uint8(rgb, mode=mode, size=size)
-    return imglib._preprocess_drafted(rgb, width, height, scale, mode, size)  # noqa: SLF001
+        return imglib.preprocess_image_uint8(rgb, mode=mode, size=size, processor=processor)
+    return imglib._preprocess_drafted(rgb, width, height, scale, mode, size, processor)  # noqa: SLF001
 
 
 def decode_image(src: Any, cfg: PipelineConfig, name: str | None = None) -> np.ndarray:
     """One image (path, encoded bytes, or a decoded HWC uint8 array) -> uint8 [S, S, 3] per
     ``cfg.image_decode``. Raises ValueError for unreadable inputs (cause kept)."""
-    mode, size = cfg.image_mode, cfg.image_size
+    mode, size, proc = cfg.image_mode, cfg.image_size, cfg.image_processor
     if isinstance(src, np.ndarray) and src.ndim in (2, 3):
         from PIL import Image
 
-        return imglib.preprocess_image_uint8(Image.fromarray(src), mode=mode, size=size)
+        return imglib.preprocess_image_uint8(Image.fromarray(src), mode=mode, size=size, processor=proc)
     if isinstance(src, np.ndarray):
         src = src.tobytes()
     if cfg.image_decode == "exact":
-        return imglib.preprocess_image_uint8(imglib.load_image(src, name), mode=mode, size=size)
+        return imglib.preprocess_image_uint8(imglib.load_image(src, name), mode=mode, size=size, processor=proc)
     if cfg.image_decode == "fast":
-        return imglib.decode_and_preprocess_uint8(src, mode, size, name=name, draft_gap=cfg.draft_gap)
-    return _decode_draft(src, mode, size, name, cfg.draft_min_ratio)
+        return imglib.decode_and_preprocess_uint8(src, mode, size, name=name, draft_gap=cfg.draft_gap, processor=proc)
+    return _decode_draft(src, mode, size, name, cfg.draft_min_ratio, proc)
 
 
 def _listify(x: Any) -> list:

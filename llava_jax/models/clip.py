@@ -1,9 +1,10 @@
-"""CLIP ViT vision tower (the `vision/` param subtree).
+"""CLIP ViT vision tower (the `vision/` param subtree), and the ViT parts SigLIP shares.
 
 Patch conv without bias, class + position embeddings, `pre_layrnorm`, pre-LN transformer blocks
-with quick_gelu. Layers are stored stacked (leading `layers` axis) and applied with `lax.scan`,
-so compile time does not grow with depth. Only the layers up to the deepest requested feature
-layer run; `post_layernorm` is kept for checkpoint round-trips but LLaVA never applies it.
+with the config's activation (quick_gelu for CLIP). Layers are stored stacked (leading `layers`
+axis) and applied with `lax.scan`, so compile time does not grow with depth. Only the layers up to
+the deepest requested feature layer run; `post_layernorm` is kept for checkpoint round-trips but
+LLaVA never applies it. `models/siglip.py` subclasses `VisionTower`: only the embeddings differ.
 """
 from __future__ import annotations
 
@@ -15,11 +16,11 @@ from jax.ad_checkpoint import checkpoint_name
 
 from llava_jax.config import VisionConfig
 from llava_jax.models.layers import (
+    activation,
     dot_product_attention,
     layer_norm,
     make_param,
     maybe_remat,
-    quick_gelu,
 )
 
 
@@ -56,40 +57,51 @@ class VisionTower(nnx.Module):
         self.dtype = dtype
         self.remat_policy = remat_policy
         self.attention_impl = attention_impl
+        activation(cfg.hidden_act)  # an unsupported activation fails here, not at the first call
         d, p, c = cfg.hidden_size, cfg.patch_size, cfg.num_channels
         P = lambda shape, axes, init="normal": make_param(rngs, shape, axes, init, param_dtype)  # noqa: E731
         self.patch_embed = P((p, p, c, d), (None, None, None, "embed"))
-        self.class_embed = P((d,), ("embed",))
-        self.pos_embed = P((cfg.num_patches + 1, d), (None, "embed"))
-        self.pre_ln_scale = P((d,), ("embed",), "ones")
-        self.pre_ln_bias = P((d,), ("embed",), "zeros")
+        self.embedding_params(P)
+        self.pos_embed = P((cfg.num_class_tokens + cfg.num_patches, d), (None, "embed"))
         self.post_ln_scale = P((d,), ("embed",), "ones")
         self.post_ln_bias = P((d,), ("embed",), "zeros")
         self.layers = VisionLayers(cfg, P)
 
+    def embedding_params(self, P):
+        """The family's own embedding params (CLIP: the class token and `pre_layrnorm`)."""
+        d = self.cfg.hidden_size
+        self.class_embed = P((d,), ("embed",))
+        self.pre_ln_scale = P((d,), ("embed",), "ones")
+        self.pre_ln_bias = P((d,), ("embed",), "zeros")
+
     # ------------------------------------------------------------------ embeddings
     def position_embeddings(self, grid_h: int, grid_w: int):
         pos = self.pos_embed.value
-        g = self.cfg.grid_size
+        g, k = self.cfg.grid_size, self.cfg.num_class_tokens
         if (grid_h, grid_w) == (g, g):
             return pos
-        # Other image sizes: bicubic interpolation of the patch grid, CLS position unchanged.
-        grid = pos[1:].reshape(g, g, -1)
+        # Other image sizes: bicubic interpolation of the patch grid, class position unchanged.
+        grid = pos[k:].reshape(g, g, -1)
         mh, mw = bicubic_resize_matrix(g, grid_h), bicubic_resize_matrix(g, grid_w)
         grid = jnp.einsum("hi,wj,ijd->hwd", mh, mw, grid.astype(jnp.float32),
                           precision=jax.lax.Precision.HIGHEST).astype(pos.dtype)
-        return jnp.concatenate([pos[:1], grid.reshape(grid_h * grid_w, -1)], axis=0)
+        return jnp.concatenate([pos[:k], grid.reshape(grid_h * grid_w, -1)], axis=0)
+
+    def patchify(self, pixels):
+        """pixels [N, H, W, C] float (normalised) -> (patch embeddings [N, patches, D], grid h, w):
+        the stride-p conv as one matmul (no bias)."""
+        dt, p = self.dtype, self.cfg.patch_size
+        n, hh, ww, c = pixels.shape
+        gh, gw = hh // p, ww // p
+        patches = pixels[:, : gh * p, : gw * p].astype(dt).reshape(n, gh, p, gw, p, c)
+        x = jnp.einsum("nhpwqc,pqcd->nhwd", patches, self.patch_embed.value.astype(dt))
+        return x.reshape(n, gh * gw, -1), gh, gw
 
     def embed(self, pixels):
         """pixels [N, H, W, C] float (normalised) -> [N, 1 + patches, D] after pre_layrnorm."""
         cfg, dt = self.cfg, self.dtype
-        n, hh, ww, c = pixels.shape
-        p = cfg.patch_size
-        gh, gw = hh // p, ww // p
-        patches = pixels[:, : gh * p, : gw * p].astype(dt).reshape(n, gh, p, gw, p, c)
-        x = jnp.einsum("nhpwqc,pqcd->nhwd", patches, self.patch_embed.value.astype(dt))
-        x = x.reshape(n, gh * gw, -1)
-        cls = jnp.broadcast_to(self.class_embed.value.astype(dt), (n, 1, x.shape[-1]))
+        x, gh, gw = self.patchify(pixels)
+        cls = jnp.broadcast_to(self.class_embed.value.astype(dt), (x.shape[0], 1, x.shape[-1]))
         x = jnp.concatenate([cls, x], axis=1) + self.position_embeddings(gh, gw).astype(dt)[None]
         return layer_norm(x, self.pre_ln_scale.value, self.pre_ln_bias.value, cfg.layer_norm_eps)
 
@@ -115,6 +127,29 @@ class VisionTower(nnx.Module):
         n_layers = self.cfg.num_layers if n_layers is None else n_layers
         last, ys = self.layers(x, n_layers, self.dtype, self.remat_policy, self.attention_impl, collect=True)
         return last, [x] + [ys[i] for i in range(n_layers)]
+
+    def post_norm(self, x):
+        """`post_layernorm`: transformers' `last_hidden_state` (LLaVA's features never take it)."""
+        return layer_norm(x, self.post_ln_scale.value, self.post_ln_bias.value, self.cfg.layer_norm_eps)
+
+
+def attention_heads(y, q_kernel, q_bias, k_kernel, k_bias, v_kernel, v_bias, o_kernel, o_bias, attention_impl: str,
+                    kv=None):
+    """Multi-head attention of a ViT block (biased projections, no mask), `kv` the key/value
+    inputs (default: `y`, self-attention); the SigLIP pooling head reuses it with its probe."""
+    kv = y if kv is None else kv
+    q = jnp.einsum("btd,dhk->bthk", y, q_kernel) + q_bias
+    k = jnp.einsum("btd,dhk->bthk", kv, k_kernel) + k_bias
+    v = jnp.einsum("btd,dhk->bthk", kv, v_kernel) + v_bias
+    q, k, v = (checkpoint_name(t, "qkv") for t in (q, k, v))  # for the `save_qkv_out` policy
+    a = checkpoint_name(dot_product_attention(q, k, v, None, attention_impl), "attn_out")
+    return jnp.einsum("bthk,hkd->btd", a, o_kernel) + o_bias
+
+
+def mlp(y, fc1_kernel, fc1_bias, fc2_kernel, fc2_bias, act):
+    """fc2(act(fc1(y))) of a ViT block."""
+    y = act(jnp.einsum("btd,df->btf", y, fc1_kernel) + fc1_bias)
+    return checkpoint_name(jnp.einsum("btf,fd->btd", y, fc2_kernel), "mlp_out") + fc2_bias
 
 
 class VisionLayers(nnx.Module):
@@ -142,20 +177,16 @@ class VisionLayers(nnx.Module):
 
     def __call__(self, x, n_layers: int, dtype, remat_policy: str, attention_impl: str, collect: bool = False):
         eps = self.cfg.layer_norm_eps
+        act = activation(self.cfg.hidden_act)
         stacked = {k: v[...][:n_layers] for k, v in nnx.state(self, nnx.Param).items()}  # every stacked param
 
         def layer(x, p):
-            c = lambda name: p[name].astype(dtype)  # noqa: E731
+            c = lambda *names: [p[name].astype(dtype) for name in names]  # noqa: E731
             y = layer_norm(x, p["ln1_scale"], p["ln1_bias"], eps)
-            q = jnp.einsum("btd,dhk->bthk", y, c("q_kernel")) + c("q_bias")
-            k = jnp.einsum("btd,dhk->bthk", y, c("k_kernel")) + c("k_bias")
-            v = jnp.einsum("btd,dhk->bthk", y, c("v_kernel")) + c("v_bias")
-            q, k, v = (checkpoint_name(t, "qkv") for t in (q, k, v))  # for the `save_qkv_out` policy
-            a = checkpoint_name(dot_product_attention(q, k, v, None, attention_impl), "attn_out")
-            x = x + jnp.einsum("bthk,hkd->btd", a, c("o_kernel")) + c("o_bias")
+            x = x + attention_heads(y, *c("q_kernel", "q_bias", "k_kernel", "k_bias", "v_kernel", "v_bias",
+                                          "o_kernel", "o_bias"), attention_impl)
             y = layer_norm(x, p["ln2_scale"], p["ln2_bias"], eps)
-            y = quick_gelu(jnp.einsum("btd,df->btf", y, c("fc1_kernel")) + c("fc1_bias"))
-            x = x + checkpoint_name(jnp.einsum("btf,fd->btd", y, c("fc2_kernel")), "mlp_out") + c("fc2_bias")
+            x = x + mlp(y, *c("fc1_kernel", "fc1_bias", "fc2_kernel", "fc2_bias"), act)
             return x, (x if collect else None)
 
         if n_layers == 0:

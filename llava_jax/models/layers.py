@@ -144,6 +144,21 @@ def gelu_exact(x):
     return jax.nn.gelu(x, approximate=False)
 
 
+def gelu_tanh(x):
+    """transformers' `gelu_pytorch_tanh` (SigLIP): the tanh approximation of GELU."""
+    return jax.nn.gelu(x, approximate=True)
+
+
+# The vision towers' `hidden_act` values (transformers' names) and their functions.
+ACTIVATIONS: dict[str, Callable] = {"quick_gelu": quick_gelu, "gelu": gelu_exact, "gelu_pytorch_tanh": gelu_tanh}
+
+
+def activation(name: str) -> Callable:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}; supported: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
 # ---------------------------------------------------------------- rotary
 def rope_inv_freq(head_dim: int, rope) -> np.ndarray:
     """Inverse frequencies (float32 numpy) for `RopeConfig` types default / linear / llama3."""

@@ -1,4 +1,4 @@
-"""The LLaVA model: CLIP tower -> projector -> LLaMA, image features written into the token
+"""The LLaVA model: vision tower (CLIP or SigLIP) -> projector -> LLaMA, image features written into the token
 embeddings at image-token positions with static shapes.
 
 Two image layouts:
@@ -20,6 +20,10 @@ from llava_jax.models.clip import VisionTower
 from llava_jax.models.llama import LlamaDecoder
 from llava_jax.models.pixels import normalize
 from llava_jax.models.projector import Projector
+from llava_jax.models.siglip import SiglipVisionTower
+
+# The tower class of each `VisionConfig.model_type`.
+VISION_TOWERS = {"clip_vision_model": VisionTower, "siglip_vision_model": SiglipVisionTower}
 
 
 def _is_concrete(x) -> bool:
@@ -31,7 +35,7 @@ class LlavaModel(nnx.Module):
         self.config = config
         rt = config.runtime
         kw = dict(param_dtype=rt.param_dtype, dtype=rt.dtype, rngs=rngs)
-        self.vision = VisionTower(config.vision, remat_policy=rt.remat_policy, attention_impl=rt.attention_impl, **kw)
+        self.vision = VISION_TOWERS[config.vision.model_type](config.vision, remat_policy=rt.remat_policy, attention_impl=rt.attention_impl, **kw)
         self.projector = Projector(config.projector_type, config.projector_in_features, config.text.hidden_size,
                                    config.projector_bias, **kw)
         self.llm = LlamaDecoder(config.text, remat_policy=rt.remat_policy, attention_impl=rt.attention_impl,
@@ -67,7 +71,8 @@ class LlavaModel(nnx.Module):
         else:
             b, m = images.shape[:2]
             pix = images.reshape((b * m,) + images.shape[2:])
-            pix = normalize(pix) if pix.dtype == jnp.uint8 else pix  # uint8 travels to the device
+            if pix.dtype == jnp.uint8:  # uint8 travels to the device; normalised as the processor would
+                pix = normalize(pix, cfg.image_processor.mean, cfg.image_processor.std)
             feats = self.encode_images(pix).reshape(b, m * t, -1)  # [B, M*T, D]
             if image_mask is None:
                 image_mask = jnp.ones((b, m), bool)

@@ -15,7 +15,9 @@ puts a `▁` token (29871) after each image where transformers' `LlavaProcessor`
 the expanded prompt once, puts none; llava-hf weights are converted from the original's, so the
 original's tokenization is what they were trained on.
 Image mode: `pad` (LLaVA-1.5's expand-to-square) unless `config.json` says
-`image_aspect_ratio` is something else, or `image_mode=` overrides it.
+`image_aspect_ratio` is something else, or `image_mode=` overrides it. The image processor (CLIP
+or SigLIP) is the model's (`LlavaConfig.image_processor`, from the checkpoint's
+preprocessor_config.json).
 
 Stop strings are matched on the decoded text: the reply ends before the first occurrence, and
 text that could still become a stop string is held back from the stream until it cannot.
@@ -305,7 +307,7 @@ class ChatGenerator:
                     if role != "user":
                         raise RequestError(f"messages[{i}]: images are only allowed in user messages",
                                            f"messages[{i}].content")
-                    images.append(preprocess_image_uint8(p["image"], self.image_mode, size))
+                    images.append(preprocess_image_uint8(p["image"], self.image_mode, size, self.cfg.image_processor))
                 elif IMAGE_TOKEN in p.get("text", ""):
                     raise RequestError(f"messages[{i}]: the text may not contain {IMAGE_TOKEN!r}; send images as "
                                        "image_url parts", f"messages[{i}].content")
