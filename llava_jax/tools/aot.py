@@ -45,22 +45,29 @@ from pathlib import Path
 from absl import flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (path:arg)", lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", None, "v5p-64, v5e-256, v6e-64, ... or generation:chip grid (v5p:2x4x4)")
-_HBM = flags.DEFINE_float("hbm_gib", 0.0, "per-chip HBM capacity in GiB (0: the generation's)")
-_TOP = flags.DEFINE_integer("top", 8, "how many of the largest arrays to list")
-_VOCAB = flags.DEFINE_integer("vocab_size", 32064, "LLM vocabulary for model.init=scratch or known-architecture configs")
-_JSON = flags.DEFINE_string("json", "", "also write the report as JSON to this file")
-_ESTIMATE = flags.DEFINE_bool("estimate", True, "add the compiler's step-time estimate (a few shallow compiles more)")
-_SWEEP = flags.DEFINE_bool("sweep", False, "compile a grid of meshes / remat / per-chip batch / attention and rank "
-                           "what fits by estimated tokens/s (llava_jax/tools/aot_sweep.py)")
-_SWEEP_MESH = flags.DEFINE_list("sweep_mesh", [], "meshes as data x fsdp x tensor (2x16x1,...); default: the "
-                                "config's, all-fsdp, 2 x fsdp, fsdp x 2 tensor")
-_SWEEP_REMAT = flags.DEFINE_list("sweep_remat", [], "remat policies; default: the config's and full")
-_SWEEP_BATCH = flags.DEFINE_list("sweep_batch", [], "per-chip batches; default: global batch / batch axes and halves")
-_SWEEP_ATTN = flags.DEFINE_list("sweep_attention", [], "attention implementations; default: the config's")
-_CACHE = flags.DEFINE_bool("cache", True, "--sweep: reuse reports cached under ~/.cache/llava_jax/aot")
-flags.mark_flags_as_required(["config", "topology"])
+
+def _define_flags():
+    """The command's flags, defined when it runs (not on import: `aot_sweep` imports this module,
+    and `python -m` would otherwise define them twice, as __main__ and as llava_jax.tools.aot)."""
+    global _CONFIG, _TOPOLOGY, _HBM, _TOP, _VOCAB, _JSON, _ESTIMATE, _CACHE
+    global _SWEEP, _SWEEP_MESH, _SWEEP_REMAT, _SWEEP_BATCH, _SWEEP_ATTN
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (path:arg)", lock_config=True)
+    _TOPOLOGY = flags.DEFINE_string("topology", None, "v5p-64, v5e-256, v6e-64, ... or generation:chip grid (v5p:2x4x4)")
+    _HBM = flags.DEFINE_float("hbm_gib", 0.0, "per-chip HBM capacity in GiB (0: the generation's)")
+    _TOP = flags.DEFINE_integer("top", 8, "how many of the largest arrays to list")
+    _VOCAB = flags.DEFINE_integer("vocab_size", 32064, "LLM vocabulary for model.init=scratch or known-architecture configs")
+    _JSON = flags.DEFINE_string("json", "", "also write the report as JSON to this file")
+    _ESTIMATE = flags.DEFINE_bool("estimate", True, "add the compiler's step-time estimate (a few shallow compiles more)")
+    _SWEEP = flags.DEFINE_bool("sweep", False, "compile a grid of meshes / remat / per-chip batch / attention and rank "
+                               "what fits by estimated tokens/s (llava_jax/tools/aot_sweep.py)")
+    _SWEEP_MESH = flags.DEFINE_list("sweep_mesh", [], "meshes as data x fsdp x tensor (2x16x1,...); default: the "
+                                    "config's, all-fsdp, 2 x fsdp, fsdp x 2 tensor")
+    _SWEEP_REMAT = flags.DEFINE_list("sweep_remat", [], "remat policies; default: the config's and full")
+    _SWEEP_BATCH = flags.DEFINE_list("sweep_batch", [], "per-chip batches; default: global batch / batch axes and halves")
+    _SWEEP_ATTN = flags.DEFINE_list("sweep_attention", [], "attention implementations; default: the config's")
+    _CACHE = flags.DEFINE_bool("cache", True, "--sweep: reuse reports cached under ~/.cache/llava_jax/aot")
+    flags.mark_flags_as_required(["config", "topology"])
+
 
 GIB = 1024**3
 
@@ -438,8 +445,11 @@ def main(argv):
 def run():
     from llava_jax.cli import run_absl
 
+    _define_flags()
     run_absl(main, sys.modules[__name__])
 
 
 if __name__ == "__main__":
-    run()
+    from llava_jax.tools.aot import run as _run  # one copy of the module (see _define_flags)
+
+    _run()
