@@ -13,12 +13,26 @@ prints per-device memory (arguments, outputs, temporaries, total vs the chip's H
 step and the sharding of the largest arrays. Exit status 1 when the step does not fit (XLA's own
 out-of-memory error included), 2 on a usage error.
 
+Beside memory it prints the compiler estimate: XLA's TPU cost model's step time (from shallow
+unrolled compiles, see `estimate_step_time`), tokens/s and samples/s per chip and for the slice,
+and the implied MFU (`train.state.step_flops` over estimated time x chips x the generation's
+peak, `train.metrics.PEAK_TFLOPS`). A model of the hardware, not a measurement: docs/performance.md
+("Compiler estimates") says how far it was from published measured figures.
+
+    python -m llava_jax.tools.aot --config=configs/llava_v1_5.py:7b_stage2 --topology=v5p-64 --sweep \
+        [--sweep_mesh=1x32x1,2x16x1 --sweep_remat=full,dots_no_batch --sweep_batch=4,2 --json=sweep.json]
+
+ranks the configurations that fit by estimated tokens/s (`llava_jax/tools/aot_sweep.py`; results
+cached under ~/.cache/llava_jax/aot/). `--config.data.max_images_per_row=0` compiles a text-only
+step (the LLM alone; for calibration against published LLM figures).
+
 Model sizes come from the config's checkpoint directories when they exist locally, else from the
 named preset `model.preset` or the one the directory names (vicuna-7b-v1.5, llava-1.5-13b-hf, ...:
 `llava_jax.config.PRESETS`), through `llava_jax.build.model_config`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -31,14 +45,30 @@ from pathlib import Path
 from absl import flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (path:arg)", lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", None, "v5p-64, v5e-256, v6e-64, ... or generation:chip grid (v5p:2x4x4)")
-_HBM = flags.DEFINE_float("hbm_gib", 0.0, "per-chip HBM capacity in GiB (0: the generation's)")
-_TOP = flags.DEFINE_integer("top", 8, "how many of the largest arrays to list")
-_VOCAB = flags.DEFINE_integer("vocab_size", 0, "LLM vocabulary for model.init=scratch (0: 32064) or to override a "
-                               "named preset's (0: the preset's own, e.g. 152064 for Qwen2-7B)")
-_JSON = flags.DEFINE_string("json", "", "also write the report as JSON to this file")
-flags.mark_flags_as_required(["config", "topology"])
+
+def _define_flags():
+    """The command's flags, defined when it runs (not on import: `aot_sweep` imports this module,
+    and `python -m` would otherwise define them twice, as __main__ and as llava_jax.tools.aot)."""
+    global _CONFIG, _TOPOLOGY, _HBM, _TOP, _VOCAB, _JSON, _ESTIMATE, _CACHE
+    global _SWEEP, _SWEEP_MESH, _SWEEP_REMAT, _SWEEP_BATCH, _SWEEP_ATTN
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (path:arg)", lock_config=True)
+    _TOPOLOGY = flags.DEFINE_string("topology", None, "v5p-64, v5e-256, v6e-64, ... or generation:chip grid (v5p:2x4x4)")
+    _HBM = flags.DEFINE_float("hbm_gib", 0.0, "per-chip HBM capacity in GiB (0: the generation's)")
+    _TOP = flags.DEFINE_integer("top", 8, "how many of the largest arrays to list")
+    _VOCAB = flags.DEFINE_integer("vocab_size", 0, "LLM vocabulary for model.init=scratch (0: 32064) or to override a "
+                                   "named preset's (0: the preset's own, e.g. 152064 for Qwen2-7B)")
+    _JSON = flags.DEFINE_string("json", "", "also write the report as JSON to this file")
+    _ESTIMATE = flags.DEFINE_bool("estimate", True, "add the compiler's step-time estimate (a few shallow compiles more)")
+    _SWEEP = flags.DEFINE_bool("sweep", False, "compile a grid of meshes / remat / per-chip batch / attention and rank "
+                               "what fits by estimated tokens/s (llava_jax/tools/aot_sweep.py)")
+    _SWEEP_MESH = flags.DEFINE_list("sweep_mesh", [], "meshes as data x fsdp x tensor (2x16x1,...); default: the "
+                                    "config's, all-fsdp, 2 x fsdp, fsdp x 2 tensor")
+    _SWEEP_REMAT = flags.DEFINE_list("sweep_remat", [], "remat policies; default: the config's and full")
+    _SWEEP_BATCH = flags.DEFINE_list("sweep_batch", [], "per-chip batches; default: global batch / batch axes and halves")
+    _SWEEP_ATTN = flags.DEFINE_list("sweep_attention", [], "attention implementations; default: the config's")
+    _CACHE = flags.DEFINE_bool("cache", True, "--sweep: reuse reports cached under ~/.cache/llava_jax/aot")
+    flags.mark_flags_as_required(["config", "topology"])
+
 
 GIB = 1024**3
 
@@ -108,8 +138,9 @@ def topology_devices(topo: Topology):
 
 
 # ------------------------------------------------------------------ the step, abstractly
-def compile_step(config, topo: Topology, vocab_size: int = 0, devices=None, top: int = 8) -> dict:
-    """Lower + compile the train step of `config` for `topo`; a report dict (see `main`)."""
+def _lower_step(config, mesh, cfg):
+    """The trainer's own freezing, optimizer and jitted step (`build.train_parts`) for model
+    geometry `cfg` on abstract params, lowered for `mesh`: (train parts, lowered step)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -118,6 +149,37 @@ def compile_step(config, topo: Topology, vocab_size: int = 0, devices=None, top:
     from llava_jax import build
     from llava_jax import sharding as shd
     from llava_jax.models.llava import LlavaModel
+
+    # params as ShapeDtypeStructs with the run's shardings on the topology's mesh
+    abs_model = nnx.merge(*shd.abstract_model(lambda: LlavaModel(cfg, rngs=nnx.Rngs(0)), mesh))
+    batch = build.batch_spec(config, cfg, mesh)
+    if config.data.max_images_per_row == 0:  # text only (calibration against LLM-only figures)
+        batch = {k: v for k, v in batch.items() if not k.startswith("image")}
+    parts = build.train_parts(config, mesh, abs_model, 1000, abstract=True, batch=batch)
+    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
+    return parts, parts.step.lower(parts.trainable, parts.opt_state, parts.frozen, batch, step)
+
+
+def _model_config(config, vocab_size: int):
+    """The model geometry: `vocab_size` for model.init=scratch (0: 32064), else the checkpoint's or
+    preset's own vocabulary unless one is given."""
+    from llava_jax import build
+
+    try:
+        if config.model.init == "scratch":
+            vocab_size = vocab_size or 32064
+            return build.model_config(config, vocab_size, image_token_id=vocab_size - 1)
+        return build.model_config(config, vocab_size or None)
+    except ValueError as e:
+        raise UsageError(f"{e}; set --config.train.global_batch / the model paths") from None
+
+
+def compile_step(config, topo: Topology, vocab_size: int = 0, devices=None, top: int = 8,
+                 estimate: bool = True) -> dict:
+    """Lower + compile the train step of `config` for `topo`; a report dict (see `main`).
+    `estimate`: add the compiler's step-time estimate (`estimate_step_time`; TPU devices only)."""
+    from llava_jax import build
+    from llava_jax import sharding as shd
     from llava_jax.train.state import step_flops
 
     devices = topology_devices(topo) if devices is None else devices
@@ -125,34 +187,23 @@ def compile_step(config, topo: Topology, vocab_size: int = 0, devices=None, top:
     pdb, gb = config.train.per_device_batch, config.train.global_batch
     try:
         grad_accum = build.grad_accum_steps(config, mesh)
-        if config.model.init == "scratch":
-            vocab_size = vocab_size or 32064
-            cfg = build.model_config(config, vocab_size, image_token_id=vocab_size - 1)
-        else:  # a checkpoint's or preset's own vocabulary unless one is given
-            cfg = build.model_config(config, vocab_size or None)
     except ValueError as e:
         raise UsageError(f"{e}; set --config.train.global_batch / the model paths") from None
-    # params as ShapeDtypeStructs with the run's shardings on the topology's mesh
-    abs_model = nnx.merge(*shd.abstract_model(lambda: LlavaModel(cfg, rngs=nnx.Rngs(0)), mesh))
+    cfg = _model_config(config, vocab_size)
     t0 = time.perf_counter()
-    replicated = NamedSharding(mesh, P())
-    batch = build.batch_spec(config, cfg, mesh)
     L, M = config.data.max_length, config.data.max_images_per_row
-    # the trainer's own freezing, optimizer and compiled step (build.train_parts), lowered for the
-    # TPU topology on abstract params
-    parts = build.train_parts(config, mesh, abs_model, 1000, abstract=True, batch=batch)
-    trainable, frozen, opt_state, step = parts.trainable, parts.frozen, parts.opt_state, parts.step
-    lowered = step.lower(trainable, opt_state, frozen, batch, jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated))
+    parts, lowered = _lower_step(config, mesh, cfg)
+    trainable, frozen, opt_state = parts.trainable, parts.frozen, parts.opt_state
     report = {
         "config": config.name, "topology": topo.name, "topology_desc": topo.desc_name, "chips": topo.chips,
         "device_kind": devices[0].device_kind, "mesh": dict(mesh.shape), "per_device_batch": pdb,
         "global_batch": gb, "grad_accum": grad_accum, "max_length": L, "remat": config.model.remat,
+        "attention_impl": config.model.attention_impl,
         "loss_chunk": config.model.loss_chunk, "cast_frozen": bool(config.model.cast_frozen),
         "dtype": config.model.dtype, "param_dtype": config.model.param_dtype, "hbm_gib": topo.hbm_gib,
         "trainable": list(config.trainable),
         # model FLOPs (6N + attention per token; every image slot filled, as the static-shape step computes)
-        "model_tflops_per_step": step_flops(cfg, {"lora" if "lora" in p else p.split("/")[0] for p in config.trainable},
-                                            gb * L, gb * M, L) / 1e12,
+        "model_tflops_per_step": step_flops(cfg, _trains(config), gb * L, gb * M, L) / 1e12,
         "params": {"trainable": _count(trainable), "frozen": _count(frozen)},
         "largest": _largest([("params", trainable), ("frozen", frozen), ("opt_state", opt_state)], top),
     }
@@ -171,17 +222,138 @@ def compile_step(config, topo: Topology, vocab_size: int = 0, devices=None, top:
     args, outs = mem.argument_size_in_bytes, mem.output_size_in_bytes
     alias, temps, code = mem.alias_size_in_bytes, mem.temp_size_in_bytes, mem.generated_code_size_in_bytes
     total = args + outs - alias + temps + code
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
-    xla_flops = float(cost.get("flops", 0.0))
     report.update(
         fits=total <= topo.hbm_gib * GIB,
         memory={"arguments": args, "outputs": outs, "aliased": alias, "temps": temps, "code": code, "total": total},
         hbm_used_frac=total / (topo.hbm_gib * GIB),
         # XLA's cost analysis counts a loop body once (layers and accumulation are loops): reference only
-        xla_cost_analysis_tflops=xla_flops / 1e12,
+        xla_cost_analysis_tflops=_cost(compiled)["flops"] / 1e12,
     )
+    if estimate and report["fits"] and devices[0].platform == "tpu":
+        report["estimate"] = estimate_step_time(config, cfg, mesh, report)
     return report
+
+
+def _trains(config) -> set[str]:
+    """What `step_flops` needs to know of `config.trainable`: the top-level subtrees, "lora"."""
+    return {"lora" if "lora" in p else p.split("/")[0] for p in config.trainable}
+
+
+# Custom calls XLA's TPU cost model has no time for: each adds -1 s to `optimal_seconds` (seen with
+# libtpu of jax 0.10.2: a shallow step with 9 `ConcatBitcast`s reported -8.99948 s, the same step
+# deeper with 15 reported -14.9987 s; their FLOPs were right). They join two slices in place (no
+# data moves), so adding the 1 s back leaves their time at zero.
+UNCOSTED_CUSTOM_CALLS = ("ConcatBitcast",)
+
+
+def _cost(compiled) -> dict:
+    """Per-device cost analysis of a compiled executable: modelled seconds (TPU only; 0 elsewhere),
+    FLOPs and bytes accessed."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
+    seconds = float(cost.get("optimal_seconds", 0.0))
+    if seconds < 0:
+        text = compiled.as_text()
+        seconds += sum(text.count(f'custom_call_target="{t}"') for t in UNCOSTED_CUSTOM_CALLS)
+    return {"seconds": seconds, "flops": float(cost.get("flops", 0.0)), "bytes": float(cost.get("bytes accessed", 0.0))}
+
+
+# ------------------------------------------------------------------ compiler estimate
+# XLA's TPU compiler models the run time of what it compiles (`cost_analysis()["optimal_seconds"]`,
+# beside "flops" and "bytes accessed", per device). It counts a while loop's body ONCE, whatever
+# its trip count (../shared/DESIGN.md, "TPU compiler estimate"), and the step is loops: the scanned
+# LLM and vision layers, the chunked loss, gradient accumulation. So the estimate comes from
+# shallow copies of the model with every `lax.scan` unrolled, one micro-batch per step, and is
+# extrapolated linearly in depth: T(n_llm, n_vis) = T(a, b) + (n_llm - a) dT_llm + (n_vis - b) dT_vis,
+# the per-layer slopes taken between depth a and a + 1 (a = 2: a one-layer scan is compiled
+# differently). Then step = grad_accum x micro-step, which counts the optimizer update once per
+# micro-batch: an overestimate by (grad_accum - 1) updates (memory-bound, ~1 ms at 7B on 32 chips).
+@contextlib.contextmanager
+def _unrolled_scans():
+    """Every `jax.lax.scan` traced inside is fully unrolled (the models call `jax.lax.scan`)."""
+    import jax
+
+    scan = jax.lax.scan
+
+    def unrolled(f, init, xs=None, length=None, reverse=False, unroll=1, _split_transpose=False):
+        del unroll
+        return scan(f, init, xs, length=length, reverse=reverse, unroll=True)
+
+    jax.lax.scan = unrolled
+    try:
+        yield
+    finally:
+        jax.lax.scan = scan
+
+
+def _at_depth(cfg, llm_layers: int, vision_layers: int | None):
+    """`cfg` with `llm_layers` LLM layers and `vision_layers` vision layers run (the layers after
+    the feature layer stay; None: the vision tower as is)."""
+    text = dataclasses.replace(cfg.text, num_layers=llm_layers)
+    if vision_layers is None:
+        return cfg.replace(text=text)
+    if len(cfg.feature_layers) != 1:
+        raise UsageError("the compiler estimate supports one vision feature layer")
+    unrun = cfg.vision.num_layers - cfg.feature_layers[0]
+    return cfg.replace(text=text, vision=dataclasses.replace(cfg.vision, num_layers=vision_layers + unrun),
+                       vision_feature_layer=-(unrun + 1))
+
+
+def _depth_points(n: int) -> tuple[int, int | None]:
+    """(base depth, slope depth or None when the base already is the full depth)."""
+    a = min(2, n)
+    return a, (a + 1 if n > a else None)
+
+
+def estimate_step_time(config, cfg, mesh, report: dict) -> dict:
+    """The compiler's estimate of one train step of `config` (model geometry `cfg`) on `mesh`,
+    from unrolled shallow compiles (see above); throughput and MFU from it."""
+    from llava_jax import sharding as shd
+    from llava_jax.train.metrics import peak_tflops
+
+    t0 = time.perf_counter()
+    micro = config.copy_and_resolve_references()
+    micro.train.global_batch = config.train.per_device_batch * shd.data_parallel_size(mesh)  # no accumulation
+    with_images = config.data.max_images_per_row > 0
+    n_llm, n_vis = cfg.text.num_layers, cfg.feature_layers[0] if with_images else None
+    (a, a1), (b, b1) = _depth_points(n_llm), _depth_points(n_vis) if with_images else (None, None)
+
+    def cost(llm_layers, vision_layers):
+        with _unrolled_scans():
+            _, lowered = _lower_step(micro, mesh, _at_depth(cfg, llm_layers, vision_layers))
+        return _cost(lowered.compile())
+
+    base = cost(a, b)
+    points = [{"llm_layers": a, "vision_layers": b, **base}]
+    total = dict(base)
+    for depth, slope_depth, n, key in ((a, a1, n_llm, "llm_layers"), (b, b1, n_vis, "vision_layers")):
+        if slope_depth is None:
+            continue
+        c = cost(slope_depth, b) if key == "llm_layers" else cost(a, slope_depth)
+        points.append({"llm_layers": slope_depth if key == "llm_layers" else a,
+                       "vision_layers": slope_depth if key == "vision_layers" else b, **c})
+        for k in total:
+            total[k] += (n - depth) * (c[k] - base[k])
+    k, chips = report["grad_accum"], report["chips"]
+    step = k * total["seconds"]
+    rows, tokens = report["global_batch"], report["global_batch"] * report["max_length"]
+    peak = peak_tflops(report["device_kind"])
+    out = {
+        "method": "compiler estimate (XLA TPU cost model; unrolled shallow compiles extrapolated in depth)",
+        "step_s": step, "micro_step_s": total["seconds"],
+        "tokens_per_s": tokens / step, "tokens_per_s_per_chip": tokens / step / chips,
+        "samples_per_s": rows / step, "samples_per_s_per_chip": rows / step / chips,
+        "peak_tflops_per_chip": peak,
+        "mfu": None if not peak else report["model_tflops_per_step"] * 1e12 / (step * chips * peak * 1e12),
+        # what XLA computes (remat recompute, masked attention blocks, ...) against the model FLOPs
+        "xla_tflops_per_step": k * total["flops"] * chips / 1e12,
+        "hbm_bytes_per_chip_per_step": k * total["bytes"],
+        "points": points, "compile_s": time.perf_counter() - t0,
+    }
+    if min(p["seconds"] for p in points) <= 0:
+        raise RuntimeError(f"the compiler's time estimate is not positive at {points}: an op it has no cost for "
+                           f"(aot.UNCOSTED_CUSTOM_CALLS lists the known ones)")
+    return out
 
 
 def _count(tree) -> int:
@@ -227,12 +399,27 @@ def format_report(r: dict) -> str:
                 f"  total {_gib(m['total'])} of {r['hbm_gib']:g} GiB ({r['hbm_used_frac']:.0%}): "
                 + ("FITS" if r["fits"] else "DOES NOT FIT")]
     out += [f"  FLOPs per step: model {r['model_tflops_per_step']:,.1f} TFLOP ({r['model_tflops_per_step'] / r['chips']:,.1f} "
-            "per chip; 6N + attention per token, every image slot filled)",
-            "  largest arrays (global shape, sharding, per device):"]
+            "per chip; 6N + attention per token, every image slot filled)"]
+    out += format_estimate(r)
+    out.append("  largest arrays (global shape, sharding, per device):")
     for a in r["largest"]:
         out.append(f"    {a['array']:<44} {str(tuple(a['shape'])):<24} {a['dtype']:<8} {a['spec']:<40} "
                    f"{a['per_device_bytes'] / 2**20:,.0f} MiB")
     return "\n".join(out)
+
+
+def format_estimate(r: dict) -> list[str]:
+    e = r.get("estimate")
+    if not e:
+        return []
+    mfu = "n/a (unknown peak)" if e["mfu"] is None else f"{e['mfu']:.1%} of {e['peak_tflops_per_chip']:g} TFLOP/s per chip"
+    return [f"  step time (compiler estimate): {e['step_s'] * 1e3:,.4g} ms ({r['grad_accum']} x {e['micro_step_s'] * 1e3:,.4g} ms"
+            f" micro-step); shallow compiles {e['compile_s']:.0f}s",
+            f"  throughput (compiler estimate): {e['tokens_per_s_per_chip']:,.0f} tokens/s per chip, "
+            f"{e['tokens_per_s']:,.0f} for the slice; {e['samples_per_s_per_chip']:,.3f} samples (rows of "
+            f"{r['max_length']}) /s per chip, {e['samples_per_s']:,.2f} for the slice",
+            f"  MFU (compiler estimate): {mfu}; XLA computes {e['xla_tflops_per_step']:,.1f} TFLOP per step "
+            f"({e['xla_tflops_per_step'] / r['model_tflops_per_step']:.2f} x the model FLOPs)"]
 
 
 def main(argv):
@@ -240,7 +427,17 @@ def main(argv):
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host runs nothing; the TPU devices are abstract
     try:
         topo = parse_topology(_TOPOLOGY.value, _HBM.value)
-        report = compile_step(_CONFIG.value, topo, _VOCAB.value, top=_TOP.value)
+        if _SWEEP.value:
+            from llava_jax.tools import aot_sweep
+
+            print(aot_sweep.HEADER, flush=True)
+            reports = aot_sweep.sweep(_CONFIG.value, topo, _VOCAB.value, _SWEEP_MESH.value, _SWEEP_REMAT.value,
+                                      [int(b) for b in _SWEEP_BATCH.value], _SWEEP_ATTN.value, _CACHE.value)
+            print("\n" + aot_sweep.format_sweep(_CONFIG.value.name, topo, reports), flush=True)
+            if _JSON.value:
+                Path(_JSON.value).write_text(json.dumps(reports, indent=2))
+            sys.exit(0 if any(r["fits"] for r in reports) else 1)
+        report = compile_step(_CONFIG.value, topo, _VOCAB.value, top=_TOP.value, estimate=_ESTIMATE.value)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -253,8 +450,11 @@ def main(argv):
 def run():
     from llava_jax.cli import run_absl
 
+    _define_flags()
     run_absl(main, sys.modules[__name__])
 
 
 if __name__ == "__main__":
-    run()
+    from llava_jax.tools.aot import run as _run  # one copy of the module (see _define_flags)
+
+    _run()
