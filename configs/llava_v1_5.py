@@ -12,7 +12,8 @@ batch 256, lr 1e-3, wd 0, 1 epoch, cosine with 3% warmup, max length 2048, mlp2x
 ViT-L/14-336 layer -2); stage 2 trains projector + LLM (vicuna_v1, batch 128, lr 2e-5, pad mode).
 `7b_lora` / `13b_lora`: stage 2 with LoRA as the original `finetune_lora.sh`: r=128, alpha=256,
 dropout 0.05 on q/k/v/o/gate/up/down of a frozen Vicuna, lr 2e-4 with the projector at 2e-5
-(`optim.group_lr`); the projector trains fully. Export the adapter with
+(`optim.group_lr`); the projector trains fully. `7b_qlora` / `13b_qlora`: the same with the frozen
+Vicuna stored int4 (`model.base_quant`; `--config.model.base_quant=int8` for int8). Export the adapter with
 `python -m llava_jax.export --format=peft` (or a merged llava-hf dir with the default format).
 Batches count packed rows of 2048 tokens; set --config.data.pack=False for one sample per row.
 """
@@ -23,10 +24,11 @@ SIZES = {"7b": "vicuna-7b-v1.5", "13b": "vicuna-13b-v1.5"}
 
 def get_config(arg: str = "7b_stage1"):
     size, stage = arg.split("_")
-    if size not in SIZES or stage not in ("stage1", "stage2", "lora"):
-        raise ValueError(f"unknown config {arg!r}; use one of 7b_stage1, 7b_stage2, 7b_lora, 13b_stage1, "
-                         "13b_stage2, 13b_lora")
-    lora = stage == "lora"
+    if size not in SIZES or stage not in ("stage1", "stage2", "lora", "qlora"):
+        raise ValueError(f"unknown config {arg!r}; use one of 7b_stage1, 7b_stage2, 7b_lora, 7b_qlora, 13b_stage1, "
+                         "13b_stage2, 13b_lora, 13b_qlora")
+    qlora = stage == "qlora"
+    lora = stage in ("lora", "qlora")
     stage = "stage2" if lora else stage
     c = base_config()
     c.name = f"llava-v1.5-{size}-{stage}"
@@ -62,4 +64,7 @@ def get_config(arg: str = "7b_stage1"):
         c.trainable = (r".*lora.*", r"projector/.*")
         c.optim.lr = 2e-4
         c.optim.group_lr = ((r"projector/.*", 2e-5),)
+    if qlora:
+        c.name = f"llava-v1.5-{size}-qlora"
+        c.model.base_quant = "int4"
     return c
