@@ -12,9 +12,10 @@ batch 256, lr 1e-3, wd 0, 1 epoch, cosine with 3% warmup, max length 2048, mlp2x
 ViT-L/14-336 layer -2); stage 2 trains projector + LLM (vicuna_v1, batch 128, lr 2e-5, pad mode).
 `7b_lora` / `13b_lora`: stage 2 with LoRA as the original `finetune_lora.sh`: r=128, alpha=256,
 dropout 0.05 on q/k/v/o/gate/up/down of a frozen Vicuna, lr 2e-4 with the projector at 2e-5
-(`optim.group_lr`); the projector trains fully. `7b_qlora` / `13b_qlora`: the same with the frozen
-Vicuna stored int4 (`model.base_quant`; `--config.model.base_quant=int8` for int8). Export the adapter with
-`python -m llava_jax.export --format=peft` (or a merged llava-hf dir with the default format).
+(`optim.group_lr`); the projector trains fully. `7b_qlora` / `13b_qlora`: the same over a frozen
+Vicuna stored int4 (QLoRA, `model.base_quant`; `--config.model.base_quant=int8` for int8). Export
+the adapter with `python -m llava_jax.export --format=peft` (or a merged llava-hf dir with the
+default format: a QLoRA base is written dequantized, the adapters merged).
 Batches count packed rows of 2048 tokens; set --config.data.pack=False for one sample per row.
 """
 from llava_jax.train.defaults import base_config
