@@ -12,8 +12,10 @@ batch 256, lr 1e-3, wd 0, 1 epoch, cosine with 3% warmup, max length 2048, mlp2x
 ViT-L/14-336 layer -2); stage 2 trains projector + LLM (vicuna_v1, batch 128, lr 2e-5, pad mode).
 `7b_lora` / `13b_lora`: stage 2 with LoRA as the original `finetune_lora.sh`: r=128, alpha=256,
 dropout 0.05 on q/k/v/o/gate/up/down of a frozen Vicuna, lr 2e-4 with the projector at 2e-5
-(`optim.group_lr`); the projector trains fully. Export the adapter with
-`python -m llava_jax.export --format=peft` (or a merged llava-hf dir with the default format).
+(`optim.group_lr`); the projector trains fully. `7b_qlora` / `13b_qlora`: the same over a frozen
+Vicuna stored int4 (QLoRA, `model.base_quant`; `--config.model.base_quant=int8` for int8). Export
+the adapter with `python -m llava_jax.export --format=peft` (or a merged llava-hf dir with the
+default format: a QLoRA base is written dequantized, the adapters merged).
 Batches count packed rows of 2048 tokens; set --config.data.pack=False for one sample per row.
 
 The same recipe on other LLM backbones (docs/backbones.md): `llama3_8b_*` (Meta-Llama-3-8B-Instruct,
@@ -36,10 +38,11 @@ LLMS = {
 
 def get_config(arg: str = "7b_stage1"):
     size, _, stage = arg.rpartition("_")
-    if size not in LLMS or stage not in ("stage1", "stage2", "lora"):
+    if size not in LLMS or stage not in ("stage1", "stage2", "lora", "qlora"):
         raise ValueError(f"unknown config {arg!r}; use <llm>_<stage> with llm one of {', '.join(LLMS)} and stage "
-                         "one of stage1, stage2, lora (e.g. 7b_stage1, qwen2_7b_stage2)")
-    lora = stage == "lora"
+                         "one of stage1, stage2, lora, qlora (e.g. 7b_stage1, qwen2_7b_stage2, 13b_qlora)")
+    qlora = stage == "qlora"
+    lora = stage in ("lora", "qlora")
     stage = "stage2" if lora else stage
     llm_dir, template, preset = LLMS[size]
     prefix = "llava-v1.5" if llm_dir.startswith("vicuna") else "llava"
@@ -78,4 +81,7 @@ def get_config(arg: str = "7b_stage1"):
         c.trainable = (r".*lora.*", r"projector/.*")
         c.optim.lr = 2e-4
         c.optim.group_lr = ((r"projector/.*", 2e-5),)
+    if qlora:
+        c.name = f"llava-v1.5-{size}-qlora"
+        c.model.base_quant = "int4"
     return c

@@ -74,6 +74,23 @@ def lora_config(config):
     return LoraConfig.from_config(config.model.get("lora"))
 
 
+def base_quant(config) -> str | None:
+    """`model.base_quant` (QLoRA: the frozen LLM's linear kernels stored "int8" / "int4"; None for
+    "none" or a config that predates it). Only LoRA adapters can train on a quantized base, so it
+    is refused without them."""
+    mode = config.model.get("base_quant", "none") or "none"
+    if mode == "none":
+        return None
+    from llava_jax.models.quant import check_mode
+
+    check_mode(mode)
+    if lora_config(config) is None:
+        raise ValueError(f"model.base_quant={mode!r} (QLoRA) stores the frozen LLM quantized, so only LoRA adapters "
+                         "can train on it, and model.lora.rank is 0: set --config.model.lora.rank (e.g. the "
+                         "configs/llava_v1_5.py:7b_qlora preset), or model.base_quant=none")
+    return mode
+
+
 def runtime(config) -> RuntimeOptions:
     m = config.model
     return RuntimeOptions(dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype], remat_policy=m.remat,
@@ -97,6 +114,7 @@ def scratch_config(config, vocab_size: int, image_token_id: int) -> LlavaConfig:
         vision_feature_select_strategy=config.model.vision_feature_select_strategy,
         runtime=runtime(config),
         lora=lora_config(config),
+        base_quant=base_quant(config),
     )
 
 
@@ -129,7 +147,8 @@ def model_config(config, vocab_size: int | None = None, image_token_id: int | No
     local = (Path(path) / "config.json").exists() and (m.init == "hf" or (Path(m.clip_path) / "config.json").exists())
     if local:
         kw.pop("projector_path")
-        return resolve_config(Path(path), **kw).replace(runtime=runtime(config), lora=lora_config(config))
+        return resolve_config(Path(path), **kw).replace(runtime=runtime(config), lora=lora_config(config),
+                                                        base_quant=base_quant(config))
     preset = m.get("preset") or preset_for(path)
     if preset not in PRESETS:
         raise ValueError(f"no local config.json for {path!r} / {m.clip_path!r} and model.preset={preset!r} is not a "
@@ -140,7 +159,7 @@ def model_config(config, vocab_size: int | None = None, image_token_id: int | No
                           vision_feature_select_strategy=m.vision_feature_select_strategy)
     if vocab_size is not None:
         cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=vocab_size))
-    return cfg.replace(runtime=runtime(config), lora=lora_config(config))
+    return cfg.replace(runtime=runtime(config), lora=lora_config(config), base_quant=base_quant(config))
 
 
 # checkpoint dir name patterns of the other backbones -> preset (first match wins)
@@ -195,6 +214,10 @@ def model(config, mesh, tokenizer_ids=None, vocab_size: int | None = None) -> Ll
             from llava_jax.convert.peft import add_lora
 
             built = add_lora(built, lora_config(config), seed=m.seed)
+        if base_quant(config) is not None:  # QLoRA: the loaded base quantized kernel by kernel, in its shards
+            from llava_jax.models.quant import quantize_model
+
+            built = quantize_model(built, base_quant(config))
     for wd in previous_stages(config):
         built, _ = apply_workdir_params(built, wd, m.init_from_workdir_patterns)
     return built

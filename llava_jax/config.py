@@ -421,9 +421,14 @@ class LlavaConfig:
     # LoRA adapters on the LLM (`llava_jax.models.lora.LoraConfig`; None = none). Not part of the
     # HF JSON: an adapter travels as a PEFT adapter directory (`convert/peft.py`).
     lora: Any = None
+    # The LLM's linear kernels stored weight-only quantized ("int8" | "int4", `models/quant.py`;
+    # None = in param_dtype): QLoRA's frozen base, or a model quantized for serving.
+    base_quant: str | None = None
 
     def __post_init__(self):
         projector_depth(self.projector_type)  # validates
+        if self.base_quant not in (None, "int8", "int4"):
+            raise ValueError(f"base_quant must be None, 'int8' or 'int4', got {self.base_quant!r}")
         if self.vision_feature_select_strategy not in ("default", "full"):
             raise ValueError(
                 f"vision_feature_select_strategy must be 'default' or 'full', got {self.vision_feature_select_strategy!r}"

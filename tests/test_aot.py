@@ -2,6 +2,7 @@
 of the tiny config's real train step for a v5e slice, a forced non-fit, the JSON report."""
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -210,3 +211,27 @@ def test_sweep_cache_returns_a_report_without_compiling_again(tmp_path, monkeypa
     c.train.per_device_batch = 2
     assert not aot_sweep.cached_compile(c, topo, 256, jax.devices()[:1])["cached"]
     assert len(list(tmp_path.glob("*.json"))) == 2
+
+
+def test_qlora_int8_base_shrinks_the_compiled_step_on_cpu():
+    """`model.base_quant` reaches the will-it-fit compile with no hook of its own (the model is
+    built quantized from the config): an int8 base takes 3 bytes less per LLM linear weight than
+    the fp32 LoRA base, less its per-channel fp32 scales."""
+    import jax
+
+    from llava_jax.demo.run import load_demo_config
+    from llava_jax.tools import aot
+
+    topo = aot.Topology(name="cpu", desc_name="cpu", chips=1, hbm_gib=16.0)
+    reports = {}
+    for quant in ("none", "int8"):
+        c = load_demo_config("tiny_stage2_lora")
+        c.model.base_quant = quant
+        reports[quant] = aot.compile_step(c, topo, vocab_size=256, devices=jax.devices()[:1], top=200)
+    assert reports["int8"]["fits"]
+    kernels = [a for a in reports["int8"]["largest"] if a["array"].split("/")[-1].endswith("_kernel")
+               and "/llm/layers/" in a["array"]]
+    assert len(kernels) == 7 and {a["dtype"] for a in kernels} == {"int8"}
+    n_linear = sum(math.prod(a["shape"]) for a in kernels)
+    saved = reports["none"]["memory"]["arguments"] - reports["int8"]["memory"]["arguments"]
+    assert 0.9 * 3 * n_linear < saved < 3 * n_linear

@@ -23,8 +23,8 @@ def help_of(module: str) -> str:
     ("llava_jax.export", ["--workdir:", "--out:", "--allow_random_init", "run_config.json"]),
     ("llava_jax.demo", ["--out:", "--seed:", "exports the model"]),
     ("llava_jax.tools.aot", ["--topology:", "--config:"]),
-    ("llava_jax.serve", ["--model", "--warmup", "--template"]),
-    ("llava_jax.chat", ["--model", "in-chat commands:", "/image PATH", "/reset", "/help", "/quit"]),
+    ("llava_jax.serve", ["--model", "--warmup", "--template", "--adapter", "--adapter-unmerged"]),
+    ("llava_jax.chat", ["--model", "--adapter", "in-chat commands:", "/image PATH", "/reset", "/help", "/quit"]),
     ("llava_jax.eval.answer", ["--model", "--workdir", "--questions", "--verbose"]),
     ("llava_jax.datagen", ["--annotations", "--types", "(default: conversation,detail,complex)"]),
 ])

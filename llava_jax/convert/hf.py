@@ -241,10 +241,15 @@ def from_pretrained(path, *, clip_path=None, projector_path=None, dtype=jnp.floa
 # ------------------------------------------------------------------ export
 def hf_tensors(model_or_params, dtype=None, lora=None, select=None):
     """Yield (canonical HF key, numpy array) for every param (those whose path `select` accepts),
-    one param on the host at a time. LoRA adapters are merged into their kernels first (`lora`:
-    their LoraConfig, default the model's), unless `select` asks for the adapters themselves."""
+    one param on the host at a time. Quantized kernels (`base_quant`: QLoRA, `--quantize`) are
+    written dequantized, and LoRA adapters merged into their kernels first (`lora`: their
+    LoraConfig, default the model's), unless `select` asks for the adapters themselves."""
+    from llava_jax.models.quant import dequantized_flat
+
     flat = {p: v.value for p, v in _flat_params(model_or_params).items()}
     lora = lora if lora is not None else getattr(getattr(model_or_params, "config", None), "lora", None)
+    if select is None:
+        flat = dequantized_flat(flat)
     if lora is not None and select is None:
         flat = lora_lib.merged_flat(flat, lora)
     for path, value in sorted(flat.items()):

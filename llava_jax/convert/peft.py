@@ -75,10 +75,15 @@ def add_lora(model, lora: lora_lib.LoraConfig, seed: int = 0):
 
 def merge(model):
     """Fold the adapters into their kernels (W + scale * A B, in fp32) and drop them: the model
-    PEFT's `merge_and_unload()` gives."""
+    PEFT's `merge_and_unload()` gives. A quantized base (QLoRA) is dequantized first: the merged
+    model computes what the adapters were trained on, in the params' dtype."""
     lora = model.config.lora
     if lora is None:
         return model
+    if model.config.base_quant is not None:
+        from llava_jax.models.quant import dequantize_model
+
+        dequantize_model(model)
     merged = lora_lib.merged_flat({p: v.value for p, v in _flat_params(model).items()}, lora)
     for n in lora.modules:
         var = getattr(model.llm.layers, f"{n}_kernel")

@@ -7,7 +7,8 @@ second decoder. Inputs carry explicit `positions` (RoPE) and `segment_ids` (atte
 AND same segment [AND within the window], 0 = padding), so packed rows and padded batches share
 one code path. Decoding uses a preallocated KV cache (`init_cache`) written at `cache["index"]`
 (the full length even with a window: the mask, not the buffer, drops keys out of the window).
-Optional LoRA adapters on the linear layers live in `layers/lora` (`models/lora.py`).
+Optional LoRA adapters on the linear layers live in `layers/lora` (`models/lora.py`); the linear
+kernels may be stored int8 / int4 (`base_quant`, `models/quant.py`), dequantized layer by layer.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from llava_jax.models.layers import (
 class LlamaDecoder(nnx.Module):
     def __init__(self, cfg: TextConfig, *, param_dtype=jnp.float32, dtype=jnp.float32,
                  remat_policy: str = "none", attention_impl: str = "xla", lora: lora_lib.LoraConfig | None = None,
-                 rngs: nnx.Rngs | None = None):
+                 base_quant: str | None = None, rngs: nnx.Rngs | None = None):
         self.cfg = cfg
         self.dtype = dtype
         self.remat_policy = remat_policy
@@ -45,6 +46,10 @@ class LlamaDecoder(nnx.Module):
         self.final_norm = P((cfg.hidden_size,), ("embed",), "ones")
         if not cfg.tie_word_embeddings:
             self.lm_head = P((cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"))
+        if base_quant is not None:  # QLoRA's frozen base: int8 / int4 kernels + scales (models/quant.py)
+            from llava_jax.models.quant import quantize_layers
+
+            quantize_layers(self.layers, base_quant)
         if lora is not None:  # drawn last: a seed gives the same base params with or without LoRA
             self.layers.lora = lora_lib.LoraAdapters(cfg, lora, param_dtype, rngs)
 

@@ -39,7 +39,7 @@ class LlavaModel(nnx.Module):
         self.projector = Projector(config.projector_type, config.projector_in_features, config.text.hidden_size,
                                    config.projector_bias, **kw)
         self.llm = LlamaDecoder(config.text, remat_policy=rt.remat_policy, attention_impl=rt.attention_impl,
-                                lora=config.lora, **kw)
+                                lora=config.lora, base_quant=config.base_quant, **kw)
 
     # ------------------------------------------------------------------ images
     def encode_images(self, pixels_nhwc):

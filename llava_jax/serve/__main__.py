@@ -35,6 +35,13 @@ def add_model_args(p: argparse.ArgumentParser):
                    help="compute dtype (auto: float32 on CPU, bfloat16 on accelerators)")
     p.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
                    help="weight-only quantization of the LLM's linear layers")
+    p.add_argument("--adapter", default=None,
+                   help="a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors, e.g. from "
+                        "`python -m llava_jax.export --format=peft`) put on --model's weights, merged into them at "
+                        "load (--quantize applies after the merge)")
+    p.add_argument("--adapter-unmerged", action="store_true",
+                   help="keep the adapter beside the kernels instead of merging it (slower; with --quantize, the "
+                        "quantized base + fp32 adapter that QLoRA trained)")
     p.add_argument("--mesh", default=None,
                    help="shard the model over all devices: data,fsdp,tensor sizes, e.g. 1,1,-1 (tensor parallel)")
     p.add_argument("--decode-chunk", type=int, default=8, help="decode steps per compiled chunk (streaming granularity)")
@@ -88,7 +95,8 @@ def load_generator(args):
         return ChatGenerator.from_pretrained(
             args.model, tokenizer_path=args.tokenizer, template=args.template, image_mode=args.image_mode,
             dtype=dtype, quantize=None if args.quantize == "none" else args.quantize, mesh=mesh,
-            chunk_size=args.decode_chunk, name=getattr(args, "served_model_name", None))
+            chunk_size=args.decode_chunk, name=getattr(args, "served_model_name", None), adapter=args.adapter,
+            merge_adapter=not args.adapter_unmerged)
     except (FileNotFoundError, CheckpointError, ProvenanceError, ValueError) as e:
         sys.exit(f"error: cannot open {args.model}: {e}")
 

@@ -231,11 +231,14 @@ class ChatGenerator:
     @classmethod
     def from_pretrained(cls, path, *, tokenizer_path=None, template: str | None = None, image_mode: str | None = None,
                         dtype=None, quantize: str | None = None, mesh=None, chunk_size: int = 8, name=None,
-                        **load_kw) -> "ChatGenerator":
+                        adapter=None, merge_adapter: bool = True, **load_kw) -> "ChatGenerator":
         """Load a llava-hf style directory (weights + tokenizer) for chat, or a llava-jax training
         workdir (its latest checkpoint, rebuilt from the config the run recorded; template and
-        image mode default to the run's). `quantize`: None, "int8" or "int4" (weight-only, LLM
-        linear layers). `mesh`: shard the params over it."""
+        image mode default to the run's). `adapter`: a PEFT LoRA adapter directory put on that
+        base (`convert.peft.load_adapter`), folded into the weights unless `merge_adapter=False`
+        (then the adapters run beside the kernels, e.g. on an int4 base as QLoRA trained them).
+        `quantize`: None, "int8" or "int4" (weight-only, LLM linear layers; after the merge).
+        `mesh`: shard the params over it."""
         import jax
         import jax.numpy as jnp
 
@@ -250,12 +253,14 @@ class ChatGenerator:
         if dtype is None:
             dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
         if not (path / "config.json").exists() and (path / RUN_CONFIG).exists():
-            return cls._from_workdir(path, template, image_mode, dtype, quantize, mesh, chunk_size, name)
+            return cls._from_workdir(path, template, image_mode, dtype, quantize, mesh, chunk_size, name, adapter,
+                                     merge_adapter)
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path} has no config.json: not a llava-hf model directory (nor a training workdir "
                                     f"with {RUN_CONFIG}); export a workdir with `python -m llava_jax.export --workdir "
                                     "DIR --out HF_DIR`")
-        model = llava_jax.from_pretrained(path, dtype=dtype, mesh=mesh, **load_kw)
+        model = _with_adapter(llava_jax.from_pretrained(path, dtype=dtype, mesh=mesh, **load_kw), path, adapter,
+                              merge_adapter)
         if quantize:
             from llava_jax.serve.quant import quantize_model
 
@@ -273,12 +278,14 @@ class ChatGenerator:
                    engine=Engine(model, mesh=mesh, chunk_size=chunk_size), name=name or path.name)
 
     @classmethod
-    def _from_workdir(cls, workdir: Path, template, image_mode, dtype, quantize, mesh, chunk_size, name):
+    def _from_workdir(cls, workdir: Path, template, image_mode, dtype, quantize, mesh, chunk_size, name, adapter,
+                      merge_adapter):
         from llava_jax import build
 
         config = build.run_config(workdir)
         config.model.dtype = {v: k for k, v in build.DTYPES.items()}[dtype]
         model, tokenizer, config = build.trained_model(workdir, config, mesh)
+        model = _with_adapter(model, workdir, adapter, merge_adapter)
         if quantize:
             from llava_jax.serve.quant import quantize_model
 
@@ -465,3 +472,18 @@ class ChatSession:
                     continue
             if fin is not None:
                 self._end(slot, fin)
+
+
+def _with_adapter(model, base, adapter, merge: bool):
+    """`model` with the PEFT LoRA adapter directory `adapter` on it (merged into the kernels when
+    `merge`); a CheckpointError names the adapter, the base and the tensor that does not fit."""
+    if adapter is None:
+        return model
+    from llava_jax.convert import peft
+    from llava_jax.convert.hf import CheckpointError
+
+    try:
+        model = peft.load_adapter(model, adapter)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        raise type(e)(f"cannot put the adapter {adapter} on the model {base}: {e}") from e
+    return peft.merge(model) if merge else model

@@ -1,16 +1,7 @@
-"""Weight-only quantization of the LLM's linear layers, chosen at load time.
-
-  * `int8`: symmetric, per output channel: scale = max|w| over the input dims / 127.
-  * `int4`: symmetric, grouped: groups of `group_size` consecutive input features (within a head
-    for the attention output projection), scale = max|w| over the group / 7 (kept in bf16);
-    stored as jnp.int4.
-
-Only q/k/v/o and gate/up/down kernels are quantized; embeddings, the LM head, norms, biases, the
-vision tower and the projector stay in their original dtype. Each kernel `x` becomes an int
-param plus an `x_scale` param (same logical axes, so sharding rules apply unchanged); the decoder
-dequantizes one layer at a time inside its scan (`llava_jax.models.layers.dequantize`), so the
-full-precision weights never exist in memory at once. Activations and the KV cache keep the
-compute dtype.
+"""Weight-only quantization of the LLM's linear layers, chosen at load time (`--quantize`):
+int8 per output channel or int4 per group of 64 input features. The quantizer itself lives in
+`llava_jax.models.quant` (QLoRA training stores its frozen base with it too); this module adds
+what serving measures: storage size, logits agreement and round-trip error.
 """
 from __future__ import annotations
 
@@ -20,60 +11,7 @@ import numpy as np
 from flax import nnx
 
 from llava_jax.models.params import path_str
-
-# kernel -> (input axes of the stacked [layers, ...] kernel, the axis int4 groups run along)
-KERNELS = {
-    "q_kernel": ((1,), 1), "k_kernel": ((1,), 1), "v_kernel": ((1,), 1),
-    "o_kernel": ((1, 2), 2),
-    "gate_kernel": ((1,), 1), "up_kernel": ((1,), 1), "down_kernel": ((1,), 1),
-}
-MODES = ("int8", "int4")
-
-
-def _group(n: int, size: int) -> int:
-    """The largest divisor of n that is <= size."""
-    for g in range(min(size, n), 0, -1):
-        if n % g == 0:
-            return g
-    return 1
-
-
-def quantize_array(w, mode: str, in_axes, group_axis: int, group_size: int = 64):
-    """-> (values int8 / int4 with w's shape, scale (fp32 for int8, bf16 for int4) broadcastable
-    per `dequantize`)."""
-    w = jnp.asarray(w, jnp.float32)
-    if mode == "int8":
-        amax = jnp.max(jnp.abs(w), axis=in_axes, keepdims=True)
-        scale = jnp.where(amax > 0, amax / 127.0, 1.0)
-        q = jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8)
-        return q, scale
-    if mode == "int4":
-        n = w.shape[group_axis]
-        g = _group(n, group_size)
-        shape = w.shape[:group_axis] + (n // g, g) + w.shape[group_axis + 1:]
-        wg = w.reshape(shape)
-        amax = jnp.max(jnp.abs(wg), axis=group_axis + 1, keepdims=True)
-        scale = jnp.where(amax > 0, amax / 7.0, 1.0)
-        scale = scale.astype(jnp.bfloat16)  # per-group scales in bf16: their error << one int4 step
-        q = jnp.clip(jnp.round(wg / scale.astype(jnp.float32)), -8, 7).astype(jnp.int4).reshape(w.shape)
-        return q, scale.reshape(shape[:group_axis + 1] + shape[group_axis + 2:])
-    raise ValueError(f"unknown quantization {mode!r}; use one of {MODES}")
-
-
-def quantize_model(model, mode: str = "int8", group_size: int = 64):
-    """Quantize `model.llm`'s linear layers in place (see module docstring); returns the model."""
-    if mode not in MODES:
-        raise ValueError(f"unknown quantization {mode!r}; use one of {MODES}")
-    layers = model.llm.layers
-    for name, (in_axes, group_axis) in KERNELS.items():
-        var = getattr(layers, name)
-        if hasattr(layers, name + "_scale"):
-            raise ValueError("the model is already quantized")
-        q, scale = quantize_array(var[...], mode, in_axes, group_axis, group_size)
-        # `replace` keeps the kernel's metadata (its logical axes) for both new params
-        setattr(layers, name, var.replace(q))
-        setattr(layers, name + "_scale", var.replace(scale))
-    return model
+from llava_jax.models.quant import KERNELS, MODES, quantize_array, quantize_model  # noqa: F401 - the public names
 
 
 def _bits(dtype) -> int:

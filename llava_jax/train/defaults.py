@@ -50,6 +50,10 @@ def base_config() -> ml_collections.ConfigDict:
     # they sit on stays frozen. targets: regexes over the base kernels' paths (llm/layers/q_kernel).
     c.model.lora = ml_collections.ConfigDict({"rank": 0, "alpha": 16.0, "dropout": 0.0, "rslora": False,
                                               "targets": DEFAULT_TARGETS})
+    # QLoRA: the frozen LLM's linear kernels stored weight-only quantized, "none" | "int8" | "int4"
+    # (the serving quantizer, llava_jax/models/quant.py); the adapters and the projector stay in
+    # param_dtype and train. Needs model.lora (refused without it).
+    c.model.base_quant = "none"
     c.model.scratch = ml_collections.ConfigDict({
         "vision": {"hidden_size": 64, "intermediate_size": 128, "num_layers": 2, "num_heads": 4,
                    "image_size": 32, "patch_size": 8},

@@ -43,6 +43,13 @@ def split_model(model: LlavaModel, trainable_patterns: Sequence[str]):
     graphdef, trainable, frozen = nnx.split(model, trainable_filter(trainable_patterns), ...)
     if not jax.tree.leaves(trainable):
         raise ValueError(f"no param matches the trainable patterns {list(trainable_patterns)}")
+    # an integer param (a QLoRA base's int8 / int4 kernel) has no gradient: jax.grad would refuse it
+    ints = [path_str(p) for p, v in nnx.to_flat_state(trainable)
+            if not jnp.issubdtype(v.get_value().dtype, jnp.inexact)]
+    if ints:
+        raise ValueError(f"the trainable patterns {list(trainable_patterns)} match params stored as integers, which "
+                         f"cannot train: {ints[:5]}. A quantized base (model.base_quant) stays frozen: train LoRA "
+                         "adapters on it (trainable=('.*lora.*', 'projector/.*'))")
     return graphdef, trainable, frozen
 
 
