@@ -37,7 +37,7 @@ class LlavaModel(nnx.Module):
         kw = dict(param_dtype=rt.param_dtype, dtype=rt.dtype, rngs=rngs)
         self.vision = VISION_TOWERS[config.vision.model_type](config.vision, remat_policy=rt.remat_policy, attention_impl=rt.attention_impl, **kw)
         self.projector = Projector(config.projector_type, config.projector_in_features, config.text.hidden_size,
-                                   config.projector_bias, **kw)
+                                   config.projector_bias, image_newline=config.is_anyres, **kw)
         self.llm = LlamaDecoder(config.text, remat_policy=rt.remat_policy, attention_impl=rt.attention_impl,
                                 lora=config.lora, **kw)
 
