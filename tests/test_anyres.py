@@ -214,3 +214,27 @@ def test_export_round_trip(pair, tmp_path):
     assert again.config.image_grid_pinpoints == model.config.image_grid_pinpoints
     np.testing.assert_array_equal(np.asarray(again.projector.image_newline.value),
                                   hf.model.image_newline.detach().numpy())
+
+
+def test_packed_row_equals_samples_alone(pair):
+    """Two AnyRes samples packed in one row (segments, restarting positions; the row's images in
+    order, each with its own token count) give each sample's logits as when it runs alone."""
+    _, d = pair
+    model = llava_jax.from_pretrained(d)
+    cfg = model.config
+    samples = [[(37, 91, "RGB"), (60, 23, "RGB")], [(50, 50, "RGB")]]
+    alone = []
+    for shapes in samples:
+        ids, mask, images = make_rows(cfg, [shapes], seed=len(shapes))
+        n = int(mask.sum())
+        b = anyres.anyres_batch(images, cfg, max_images=3)
+        alone.append((ids[0, :n], images[0], np.asarray(model(ids[:, :n], tiles=b["tiles"],
+                                                                image_index=b["image_index"]))[0]))
+    ids = np.concatenate([a[0] for a in alone])[None]
+    seg = np.concatenate([np.full(len(a[0]), i + 1) for i, a in enumerate(alone)])[None]
+    pos = np.concatenate([np.arange(len(a[0])) for a in alone])[None]
+    b = anyres.anyres_batch([alone[0][1] + alone[1][1]], cfg, max_images=3)
+    packed = np.asarray(model(ids, tiles=b["tiles"], image_index=b["image_index"], segment_ids=seg, positions=pos))[0]
+    n0 = len(alone[0][0])
+    np.testing.assert_allclose(packed[:n0], alone[0][2], atol=1e-5)
+    np.testing.assert_allclose(packed[n0:], alone[1][2], atol=1e-5)
