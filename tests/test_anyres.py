@@ -238,3 +238,12 @@ def test_packed_row_equals_samples_alone(pair):
     n0 = len(alone[0][0])
     np.testing.assert_allclose(packed[:n0], alone[0][2], atol=1e-5)
     np.testing.assert_allclose(packed[n0:], alone[1][2], atol=1e-5)
+
+
+def test_gguf_export_refuses_anyres(pair, tmp_path):
+    """llama.cpp's LLaVA-1.5 mmproj has no image_newline or grid: refused, not written wrong."""
+    from llava_jax.convert.gguf_export import export_gguf
+
+    _, d = pair
+    with pytest.raises(NotImplementedError, match="AnyRes"):
+        export_gguf(llava_jax.from_pretrained(d), None, tmp_path)
