@@ -247,3 +247,12 @@ def test_gguf_export_refuses_anyres(pair, tmp_path):
     _, d = pair
     with pytest.raises(NotImplementedError, match="AnyRes"):
         export_gguf(llava_jax.from_pretrained(d), None, tmp_path)
+
+
+def test_single_view_inputs_are_refused(pair):
+    """The plain layouts (one tower-sized view per image) are not LLaVA-NeXT's inputs: refused."""
+    _, d = pair
+    model = llava_jax.from_pretrained(d)
+    ids = np.array([[1] + [IMAGE_TOKEN] * 16 + [5]])
+    with pytest.raises(NotImplementedError, match="tiles= and image_index="):
+        model(ids, images=np.zeros((1, 1, S, S, 3), np.uint8))

@@ -68,6 +68,12 @@ class LlavaModel(nnx.Module):
                     raise ValueError(f"row {r}: {int(n_tok[r])} image tokens but its AnyRes images give "
                                      f"{int(n_feat[r])} features (data.anyres.num_image_tokens per image)")
             return self._scatter(embeds, is_image, feats)
+        if cfg.is_anyres and (pixel_values is not None or images is not None):
+            # One tower-sized view per image would run a LLaVA-NeXT model on inputs it never saw,
+            # with token counts its processor never produces: refused rather than silently wrong.
+            raise NotImplementedError("this LLaVA-NeXT (AnyRes) model takes tiles= and image_index= "
+                                      "(llava_jax.data.anyres.anyres_batch), not pixel_values/images; the training "
+                                      "pipeline and the server do not build AnyRes inputs yet (docs/anyres.md)")
         if pixel_values is None and images is None:
             if _is_concrete(is_image) and bool(jnp.any(is_image)):
                 raise ValueError(
