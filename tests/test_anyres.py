@@ -8,7 +8,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import llava_jax  # noqa: E402
@@ -188,7 +187,7 @@ def test_jit_does_not_retrace_across_image_sizes(pair):
 def test_token_count_mismatch_is_named(pair):
     _, d = pair
     model = llava_jax.from_pretrained(d)
-    ids, mask, images = make_rows(model.config, [[(37, 91, "RGB")]])
+    ids, mask, _ = make_rows(model.config, [[(37, 91, "RGB")]])
     b = anyres.anyres_batch([[make_image(60, 23, "RGB")]], model.config, max_images=1)
     with pytest.raises(ValueError, match="row 0: .* image tokens but its AnyRes images give"):
         model(ids, attention_mask=mask, tiles=b["tiles"], image_index=b["image_index"])
