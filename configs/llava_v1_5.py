@@ -82,6 +82,6 @@ def get_config(arg: str = "7b_stage1"):
         c.optim.lr = 2e-4
         c.optim.group_lr = ((r"projector/.*", 2e-5),)
     if qlora:
-        c.name = f"llava-v1.5-{size}-qlora"
+        c.name = f"{prefix}-{size}-qlora"
         c.model.base_quant = "int4"
     return c

@@ -133,7 +133,10 @@ class VisionConfig:
 
 
 # transformers' image processors that llava-jax reproduces (data/images.py), by family.
-IMAGE_PROCESSOR_TYPES = {"clip": ("CLIPImageProcessor", "CLIPImageProcessorFast", "CLIPImageProcessorPil"),
+# LLaVA-NeXT's processor runs CLIP's steps on each AnyRes tile (data/anyres.py does the tiling); the
+# tiling itself is the model's `LlavaConfig.image_grid_pinpoints`, so it counts as the CLIP family here.
+IMAGE_PROCESSOR_TYPES = {"clip": ("CLIPImageProcessor", "CLIPImageProcessorFast", "CLIPImageProcessorPil",
+                                  "LlavaNextImageProcessor", "LlavaNextImageProcessorFast", "LlavaNextImageProcessorPil"),
                          "siglip": ("SiglipImageProcessor", "SiglipImageProcessorFast", "SiglipImageProcessorPil")}
 
 
@@ -424,6 +427,11 @@ class LlavaConfig:
     # The LLM's linear kernels stored weight-only quantized ("int8" | "int4", `models/quant.py`;
     # None = in param_dtype): QLoRA's frozen base, or a model quantized for serving.
     base_quant: str | None = None
+    # LLaVA-NeXT AnyRes (`LlavaNextConfig.image_grid_pinpoints`): the (height, width) canvases an
+    # image may be tiled onto, each a multiple of the tower's image_size; None = plain LLaVA (one
+    # image_size view per image). Set, the model is `llava_next`: a base view + up to
+    # `max_tiles` tiles per image, and the `projector/image_newline` param (models/anyres.py).
+    image_grid_pinpoints: tuple[tuple[int, int], ...] | None = None
 
     def __post_init__(self):
         projector_depth(self.projector_type)  # validates
@@ -437,6 +445,30 @@ class LlavaConfig:
             object.__setattr__(self, "vision_feature_layer", tuple(self.vision_feature_layer))
         if self.image_processor is None:
             object.__setattr__(self, "image_processor", ImageProcessorConfig.for_tower(self.vision))
+        if self.image_grid_pinpoints is not None:
+            pins = tuple((int(h), int(w)) for h, w in self.image_grid_pinpoints)
+            object.__setattr__(self, "image_grid_pinpoints", pins)
+            s = self.vision.image_size
+            bad = [p for p in pins if p[0] % s or p[1] % s or min(p) <= 0]
+            if not pins or bad:
+                raise ValueError(f"image_grid_pinpoints must be non-empty (height, width) multiples of the tower's "
+                                 f"image_size {s}; got {list(pins)}")
+            if self.num_image_tokens != self.vision.num_patches:
+                raise ValueError("AnyRes tiles need one feature per patch (CLIP with 'default', SigLIP with 'full'); "
+                                 f"this config gives {self.num_image_tokens} features for {self.vision.num_patches} "
+                                 "patches (transformers' LlavaNext cannot lay those out on the patch grid either)")
+
+    @property
+    def is_anyres(self) -> bool:
+        """LLaVA-NeXT (`llava_next`): images are tiled by `image_grid_pinpoints`."""
+        return self.image_grid_pinpoints is not None
+
+    @property
+    def max_tiles(self) -> int:
+        """The most tiles any pinpoint cuts an image into (the base view not counted): the static
+        tile dimension of AnyRes batches is `max_tiles + 1`."""
+        s = self.vision.image_size
+        return max((h // s) * (w // s) for h, w in self.image_grid_pinpoints)
 
     @property
     def feature_layers(self) -> tuple[int, ...]:
@@ -485,6 +517,10 @@ class LlavaConfig:
     @classmethod
     def _from_hf_dict(cls, d: dict[str, Any], vision_dict: dict[str, Any] | None) -> "LlavaConfig":
         mt = d.get("model_type")
+        if mt == "llava_next":  # LLaVA-NeXT: the llava fields plus the AnyRes grid
+            pins = d.get("image_grid_pinpoints") or [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+            base = cls._from_hf_dict({**d, "model_type": "llava"}, vision_dict)
+            return base.replace(image_grid_pinpoints=tuple(tuple(p) for p in pins))
         if mt == "llava":
             act = d.get("projector_hidden_act", "gelu")
             if act != "gelu":
@@ -519,7 +555,7 @@ class LlavaConfig:
             )
         raise ValueError(
             f"unknown architecture model_type={mt!r} (architectures={d.get('architectures')}); supported: "
-            "llava (llava-hf LlavaForConditionalGeneration), llava_llama (original LLaVA "
+            "llava (llava-hf LlavaForConditionalGeneration), llava_next (LlavaNextForConditionalGeneration), llava_llama (original LLaVA "
             "LlavaLlamaForCausalLM, with clip_path), llama / mistral / qwen2 (with clip_path, fresh projector)"
         )
 
@@ -529,7 +565,7 @@ class LlavaConfig:
                 f"llava-hf format only holds an mlp2x_gelu projector; this model has {self.projector_type!r}"
             )
         layer = self.vision_feature_layer
-        return {
+        out = {
             "architectures": ["LlavaForConditionalGeneration"],
             "model_type": "llava",
             "vision_config": self.vision.to_hf_dict(),
@@ -542,6 +578,10 @@ class LlavaConfig:
             "vision_feature_select_strategy": self.vision_feature_select_strategy,
             "tie_word_embeddings": self.text.tie_word_embeddings,
         }
+        if self.is_anyres:
+            out.update(architectures=["LlavaNextForConditionalGeneration"], model_type="llava_next",
+                       image_grid_pinpoints=[list(p) for p in self.image_grid_pinpoints])
+        return out
 
 
 # ---------------------------------------------------------------- named presets

@@ -329,6 +329,9 @@ def export_gguf(model, tokenizer, out_dir, quant: str = "f16", name: str | None 
                                   f"{cfg.projector_type!r}")
     if cfg.vision_feature_select_strategy != "default":
         raise NotImplementedError("llama.cpp's LLaVA drops the CLS feature (vision_feature_select_strategy default)")
+    if cfg.is_anyres:  # the mmproj below would silently drop image_newline and the grid (docs/anyres.md)
+        raise NotImplementedError("the GGUF export writes LLaVA-1.5's mmproj; LLaVA-NeXT AnyRes (image_grid_pinpoints, "
+                                  "image_newline) is not supported yet")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = name or "llava-jax"

@@ -69,7 +69,7 @@ def _layout(path: Path, clip_path):
     "llama" (original LLaVA, or a LLaMA / Mistral / Qwen2 LLM dir, + a separate CLIP dir)."""
     cfg_dict = _read_json(path / "config.json") if path.is_dir() else {}
     mt = cfg_dict.get("model_type")
-    if mt == "llava":
+    if mt in ("llava", "llava_next"):  # llava_next: the same keys plus `image_newline`
         return "llava", cfg_dict, clip_path
     if mt in ("llava_llama",) + SUPPORTED_TEXT_MODEL_TYPES or "mm_vision_tower" in cfg_dict:
         if clip_path is None:
@@ -233,7 +233,7 @@ def from_pretrained(path, *, clip_path=None, projector_path=None, dtype=jnp.floa
     fresh_values = None
     if fresh:
         proj = Projector(cfg.projector_type, cfg.projector_in_features, cfg.text.hidden_size, cfg.projector_bias,
-                         param_dtype=param_dtype, dtype=dtype, rngs=nnx.Rngs(seed))
+                         image_newline=cfg.is_anyres, param_dtype=param_dtype, dtype=dtype, rngs=nnx.Rngs(seed))
         fresh_values = {"projector/" + k: v.value for k, v in _flat_params(proj).items()}
     return load_params_into(model_abs, index, fresh, fresh_values, strict)
 
@@ -267,11 +267,17 @@ def hf_tensors(model_or_params, dtype=None, lora=None, select=None):
 
 
 def processor_files(cfg: LlavaConfig) -> dict[str, dict]:
-    """The image-processor and LlavaProcessor settings matching the model."""
+    """The image-processor and LlavaProcessor (LlavaNextProcessor for AnyRes) settings matching the model."""
+    image = cfg.image_processor.to_hf_dict(cfg.vision.image_size)
+    processor_class = "LlavaProcessor"
+    if cfg.is_anyres:  # LLaVA-NeXT: CLIP's steps per tile, the tiling from the grid pinpoints
+        processor_class = "LlavaNextProcessor"
+        image.update(image_processor_type="LlavaNextImageProcessor", processor_class=processor_class, do_pad=True,
+                     image_grid_pinpoints=[list(p) for p in cfg.image_grid_pinpoints])
     return {
-        PREPROCESSOR_CONFIG: cfg.image_processor.to_hf_dict(cfg.vision.image_size),
+        PREPROCESSOR_CONFIG: image,
         "processor_config.json": {
-            "processor_class": "LlavaProcessor", "patch_size": cfg.vision.patch_size,
+            "processor_class": processor_class, "patch_size": cfg.vision.patch_size,
             "vision_feature_select_strategy": cfg.vision_feature_select_strategy,
             "num_additional_image_tokens": cfg.vision.num_class_tokens, "image_token": "<image>",
         },

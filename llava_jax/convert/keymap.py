@@ -50,6 +50,7 @@ KEY_MAP: list[tuple[str, str, str]] = [
     (r"vision/head/(fc[12])_bias", V + "head.mlp.{1}.bias", "id"),
     (r"projector/linear_(\d+)_kernel", "multi_modal_projector.linear_{1}.weight", "T"),
     (r"projector/linear_(\d+)_bias", "multi_modal_projector.linear_{1}.bias", "id"),
+    (r"projector/image_newline", "image_newline", "id"),  # LLaVA-NeXT (AnyRes)
     (r"llm/embed", L + "embed_tokens.weight", "id"),
     (r"llm/final_norm", L + "norm.weight", "id"),
     (r"llm/lm_head", "language_model.lm_head.weight", "T"),
@@ -139,6 +140,7 @@ def normalize_llava_hf(key: str) -> str | None:
         return None
     for old, new in (("model.language_model.", L), ("model.vision_tower.", "vision_tower."),
                      ("model.multi_modal_projector.", "multi_modal_projector."),
+                     ("model.image_newline", "image_newline"),
                      ("lm_head.", "language_model.lm_head.")):
         if key.startswith(old):
             key = new + key[len(old):]

@@ -7,6 +7,8 @@ Two image layouts:
   * `images` [B, M, H, W, C] (uint8 or normalised float) + `image_mask` [B, M]: up to M image
     slots per row, the k-th image token of row b takes feature k of that row's valid images.
     This is the training layout: shapes never depend on content, so `jit` never retraces.
+  * AnyRes (LLaVA-NeXT, `config.image_grid_pinpoints`): `tiles` [B, M, 1 + K, H, W, C] + the host's
+    `image_index` [B, S] (models/anyres.py): a row's image tokens take the gathered features in order.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from llava_jax.config import IGNORE_INDEX, LlavaConfig
+from llava_jax.models import anyres
 from llava_jax.models.clip import VisionTower
 from llava_jax.models.llama import LlamaDecoder
 from llava_jax.models.pixels import normalize
@@ -37,7 +40,7 @@ class LlavaModel(nnx.Module):
         kw = dict(param_dtype=rt.param_dtype, dtype=rt.dtype, rngs=rngs)
         self.vision = VISION_TOWERS[config.vision.model_type](config.vision, remat_policy=rt.remat_policy, attention_impl=rt.attention_impl, **kw)
         self.projector = Projector(config.projector_type, config.projector_in_features, config.text.hidden_size,
-                                   config.projector_bias, **kw)
+                                   config.projector_bias, image_newline=config.is_anyres, **kw)
         self.llm = LlamaDecoder(config.text, remat_policy=rt.remat_policy, attention_impl=rt.attention_impl,
                                 lora=config.lora, base_quant=config.base_quant, **kw)
 
@@ -47,12 +50,30 @@ class LlavaModel(nnx.Module):
         feats = self.vision(pixels_nhwc, self.config.feature_layers, self.config.vision_feature_select_strategy)
         return self.projector(feats)
 
-    def embed_inputs(self, input_ids, pixel_values=None, images=None, image_mask=None):
+    def embed_inputs(self, input_ids, pixel_values=None, images=None, image_mask=None, tiles=None, image_index=None):
         """Token embeddings with image features written at image-token positions."""
         cfg = self.config
         is_image = input_ids == cfg.image_token_id
         # Image-token ids may lie outside the vocab (original LLaVA); look up a valid id instead.
         embeds = self.llm.embed_tokens(jnp.where(is_image, 0, input_ids))
+        if tiles is not None:
+            if image_index is None:
+                raise ValueError("AnyRes tiles need their image_index (llava_jax.data.anyres.anyres_batch)")
+            feats = anyres.image_token_features(self, tiles, image_index)  # [B, S, D]
+            if _is_concrete(is_image) and _is_concrete(image_index):
+                n_tok, n_feat = np.asarray(is_image.sum(-1)), np.asarray((np.asarray(image_index) >= 0).sum(-1))
+                bad = np.nonzero(n_tok != n_feat)[0]
+                if bad.size:
+                    r = int(bad[0])
+                    raise ValueError(f"row {r}: {int(n_tok[r])} image tokens but its AnyRes images give "
+                                     f"{int(n_feat[r])} features (data.anyres.num_image_tokens per image)")
+            return self._scatter(embeds, is_image, feats)
+        if cfg.is_anyres and (pixel_values is not None or images is not None):
+            # One tower-sized view per image would run a LLaVA-NeXT model on inputs it never saw,
+            # with token counts its processor never produces: refused rather than silently wrong.
+            raise NotImplementedError("this LLaVA-NeXT (AnyRes) model takes tiles= and image_index= "
+                                      "(llava_jax.data.anyres.anyres_batch), not pixel_values/images; the training "
+                                      "pipeline and the server do not build AnyRes inputs yet (docs/anyres.md)")
         if pixel_values is None and images is None:
             if _is_concrete(is_image) and bool(jnp.any(is_image)):
                 raise ValueError(
@@ -84,8 +105,14 @@ class LlavaModel(nnx.Module):
                     r = int(bad[0])
                     raise ValueError(f"row {r}: {int(n_tok[r])} image tokens but {int(n_img[r])} image features "
                                      f"({int(n_img[r]) // t} images x {t} tokens)")
-            index = jnp.cumsum(is_image, axis=-1) - 1
-            gathered = jnp.take_along_axis(feats, jnp.clip(index, 0, m * t - 1)[..., None], axis=1)
+            return self._scatter(embeds, is_image, feats)
+        return jnp.where(is_image[..., None], gathered.astype(embeds.dtype), embeds)
+
+    @staticmethod
+    def _scatter(embeds, is_image, feats):
+        """The static scatter: the k-th image token of row b takes feats[b, k] ([B, N, D])."""
+        index = jnp.cumsum(is_image, axis=-1) - 1
+        gathered = jnp.take_along_axis(feats, jnp.clip(index, 0, feats.shape[1] - 1)[..., None], axis=1)
         return jnp.where(is_image[..., None], gathered.astype(embeds.dtype), embeds)
 
     @staticmethod
@@ -96,7 +123,8 @@ class LlavaModel(nnx.Module):
 
     # ------------------------------------------------------------------ forward
     def __call__(self, input_ids, pixel_values=None, attention_mask=None, *, images=None, image_mask=None,
-                 positions=None, segment_ids=None, return_hidden: bool = False, dropout_rng=None):
+                 tiles=None, image_index=None, positions=None, segment_ids=None, return_hidden: bool = False,
+                 dropout_rng=None):
         """Logits [B, L, V]. `attention_mask` (1 = token, 0 = padding) is transformers-style;
         packed rows pass `segment_ids` (0 = padding) and per-segment `positions` instead.
         `dropout_rng`: the key for LoRA dropout while training (None: no dropout)."""
@@ -107,7 +135,7 @@ class LlavaModel(nnx.Module):
                            else jnp.asarray(attention_mask).astype(jnp.int32))
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
-        embeds = self.embed_inputs(input_ids, pixel_values, images, image_mask)
+        embeds = self.embed_inputs(input_ids, pixel_values, images, image_mask, tiles, image_index)
         out, _ = self.llm(embeds, positions, segment_ids, return_hidden=return_hidden, dropout_rng=dropout_rng)
         return out
 
