@@ -134,22 +134,24 @@ class VisionTower(nnx.Module):
 
 
 def attention_heads(y, q_kernel, q_bias, k_kernel, k_bias, v_kernel, v_bias, o_kernel, o_bias, attention_impl: str,
-                    kv=None):
-    """Multi-head attention of a ViT block (biased projections, no mask), `kv` the key/value
-    inputs (default: `y`, self-attention); the SigLIP pooling head reuses it with its probe."""
+                    kv=None, residual=0.0):
+    """`residual` + multi-head attention of a ViT block (biased projections, no mask), `kv` the
+    key/value inputs (default: `y`, self-attention); the SigLIP pooling head reuses it with its
+    probe. The sum runs as (residual + attention) + o_bias: the association the demo's figures
+    were measured with (another order rounds differently and moves them)."""
     kv = y if kv is None else kv
     q = jnp.einsum("btd,dhk->bthk", y, q_kernel) + q_bias
     k = jnp.einsum("btd,dhk->bthk", kv, k_kernel) + k_bias
     v = jnp.einsum("btd,dhk->bthk", kv, v_kernel) + v_bias
     q, k, v = (checkpoint_name(t, "qkv") for t in (q, k, v))  # for the `save_qkv_out` policy
     a = checkpoint_name(dot_product_attention(q, k, v, None, attention_impl), "attn_out")
-    return jnp.einsum("bthk,hkd->btd", a, o_kernel) + o_bias
+    return residual + jnp.einsum("bthk,hkd->btd", a, o_kernel) + o_bias
 
 
-def mlp(y, fc1_kernel, fc1_bias, fc2_kernel, fc2_bias, act):
-    """fc2(act(fc1(y))) of a ViT block."""
+def mlp(y, fc1_kernel, fc1_bias, fc2_kernel, fc2_bias, act, residual=0.0):
+    """`residual` + fc2(act(fc1(y))) of a ViT block, summed as attention_heads says."""
     y = act(jnp.einsum("btd,df->btf", y, fc1_kernel) + fc1_bias)
-    return checkpoint_name(jnp.einsum("btf,fd->btd", y, fc2_kernel), "mlp_out") + fc2_bias
+    return residual + checkpoint_name(jnp.einsum("btf,fd->btd", y, fc2_kernel), "mlp_out") + fc2_bias
 
 
 class VisionLayers(nnx.Module):
@@ -183,10 +185,10 @@ class VisionLayers(nnx.Module):
         def layer(x, p):
             c = lambda *names: [p[name].astype(dtype) for name in names]  # noqa: E731
             y = layer_norm(x, p["ln1_scale"], p["ln1_bias"], eps)
-            x = x + attention_heads(y, *c("q_kernel", "q_bias", "k_kernel", "k_bias", "v_kernel", "v_bias",
-                                          "o_kernel", "o_bias"), attention_impl)
+            x = attention_heads(y, *c("q_kernel", "q_bias", "k_kernel", "k_bias", "v_kernel", "v_bias",
+                                      "o_kernel", "o_bias"), attention_impl, residual=x)
             y = layer_norm(x, p["ln2_scale"], p["ln2_bias"], eps)
-            x = x + mlp(y, *c("fc1_kernel", "fc1_bias", "fc2_kernel", "fc2_bias"), act)
+            x = mlp(y, *c("fc1_kernel", "fc1_bias", "fc2_kernel", "fc2_bias"), act, residual=x)
             return x, (x if collect else None)
 
         if n_layers == 0:
