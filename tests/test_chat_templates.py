@@ -86,10 +86,12 @@ def test_chat_templates_equal_apply_chat_template_and_supervise_each_reply(moder
 
 def _serving_generator(tok, image_id, template):
     """The server's prompt builder (ChatGenerator.encode) on a stand-in model config."""
+    from llava_jax.config import ImageProcessorConfig
     from llava_jax.serve.generator import ChatGenerator
 
     cfg = types.SimpleNamespace(image_token_id=image_id, num_image_tokens=3, vision=types.SimpleNamespace(image_size=8),
-                                text=types.SimpleNamespace(eos_token_id=None, max_position_embeddings=4096))
+                                text=types.SimpleNamespace(eos_token_id=None, max_position_embeddings=4096),
+                                image_processor=ImageProcessorConfig())
     return ChatGenerator(types.SimpleNamespace(config=cfg), tok, template=template, engine=object())
 
 
