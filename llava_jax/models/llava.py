@@ -29,6 +29,16 @@ from llava_jax.models.siglip import SiglipVisionTower
 VISION_TOWERS = {"clip_vision_model": VisionTower, "siglip_vision_model": SiglipVisionTower}
 
 
+def _check_rows(is_image, n_features, features_text):
+    """A row whose count of image tokens differs from its image features' is named, not silently
+    mis-filled; `features_text(n)` says what the row's n features are."""
+    n_tok, n_features = np.asarray(is_image.sum(-1)), np.asarray(n_features)
+    bad = np.nonzero(n_tok != n_features)[0]
+    if bad.size:
+        r = int(bad[0])
+        raise ValueError(f"row {r}: {int(n_tok[r])} image tokens but {features_text(int(n_features[r]))}")
+
+
 def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
@@ -61,12 +71,8 @@ class LlavaModel(nnx.Module):
                 raise ValueError("AnyRes tiles need their image_index (llava_jax.data.anyres.anyres_batch)")
             feats = anyres.image_token_features(self, tiles, image_index)  # [B, S, D]
             if _is_concrete(is_image) and _is_concrete(image_index):
-                n_tok, n_feat = np.asarray(is_image.sum(-1)), np.asarray((np.asarray(image_index) >= 0).sum(-1))
-                bad = np.nonzero(n_tok != n_feat)[0]
-                if bad.size:
-                    r = int(bad[0])
-                    raise ValueError(f"row {r}: {int(n_tok[r])} image tokens but its AnyRes images give "
-                                     f"{int(n_feat[r])} features (data.anyres.num_image_tokens per image)")
+                _check_rows(is_image, (np.asarray(image_index) >= 0).sum(-1),
+                            lambda n: f"its AnyRes images give {n} features (data.anyres.num_image_tokens per image)")
             return self._scatter(embeds, is_image, feats)
         if cfg.is_anyres and (pixel_values is not None or images is not None):
             # One tower-sized view per image would run a LLaVA-NeXT model on inputs it never saw,
@@ -98,13 +104,8 @@ class LlavaModel(nnx.Module):
             if image_mask is None:
                 image_mask = jnp.ones((b, m), bool)
             if _is_concrete(is_image) and _is_concrete(image_mask):
-                n_tok = np.asarray(is_image.sum(-1))
-                n_img = np.asarray(image_mask.sum(-1)) * t
-                bad = np.nonzero(n_tok != n_img)[0]
-                if bad.size:
-                    r = int(bad[0])
-                    raise ValueError(f"row {r}: {int(n_tok[r])} image tokens but {int(n_img[r])} image features "
-                                     f"({int(n_img[r]) // t} images x {t} tokens)")
+                _check_rows(is_image, np.asarray(image_mask.sum(-1)) * t,
+                            lambda n: f"{n} image features ({n // t} images x {t} tokens)")
             return self._scatter(embeds, is_image, feats)
         return jnp.where(is_image[..., None], gathered.astype(embeds.dtype), embeds)
 
