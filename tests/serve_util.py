@@ -1,6 +1,7 @@
-"""A tiny chat checkpoint built offline for the serving tests: a random transformers LLaVA whose
-vocabulary is the offline LLaMA-style test tokenizer (+ <image>, <pad>), saved with that
-tokenizer (optionally carrying a llava-hf style chat template) in one directory."""
+"""A tiny chat checkpoint built offline for the serving tests: a random transformers LLaVA (or
+LLaVA-NeXT, with AnyRes grid pinpoints) whose vocabulary is the offline LLaMA-style test tokenizer
+(+ <image>, <pad>), saved with that tokenizer (optionally carrying a llava-hf style chat template)
+in one directory."""
 from __future__ import annotations
 
 import contextlib
@@ -29,13 +30,15 @@ PATCH = 14
 
 
 def make_chat_checkpoint(out_dir, *, chat_template: bool = False, seed: int = 0, max_positions: int = 512,
-                         siglip_resample: int | None = None):
+                         siglip_resample: int | None = None, pinpoints=None, patch_size: int = PATCH):
     """Save a tiny random LLaVA + tokenizer under `out_dir`; returns (dir, hf_model, tokenizer).
     `siglip_resample`: a SigLIP tower instead of CLIP (features -1, "full", as llava-hf's SigLIP
-    models), saved with its SiglipImageProcessor (that PIL filter) as LlavaProcessor saves it."""
+    models), saved with its SiglipImageProcessor (that PIL filter) as LlavaProcessor saves it.
+    `pinpoints`: a LLaVA-NeXT (`LlavaNextForConditionalGeneration`) with these AnyRes grid
+    pinpoints instead, saved with its `LlavaNextProcessor` (`hf_processor(..., pinpoints=)`)."""
     import torch
     from transformers import (AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                              SiglipVisionConfig)
+                              LlavaNextConfig, LlavaNextForConditionalGeneration, SiglipVisionConfig)
 
     out_dir = os.fspath(out_dir)
     tok = AutoTokenizer.from_pretrained(make_llama_tokenizer(os.path.join(out_dir, "_tok"), llava_tokens=True))
@@ -47,16 +50,19 @@ def make_chat_checkpoint(out_dir, *, chat_template: bool = False, seed: int = 0,
     siglip = siglip_resample is not None
     vc = (SiglipVisionConfig if siglip else CLIPVisionConfig)(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=IMAGE_SIZE,
-        patch_size=PATCH)
+        patch_size=patch_size)
     features = dict(vision_feature_layer=-1, vision_feature_select_strategy="full") if siglip else dict(
         vision_feature_layer=-2)
     tc = LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
                      bos_token_id=1, eos_token_id=2, pad_token_id=ids.pad_token_id)
-    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_index=ids.image_token_id,
-                      pad_token_id=ids.pad_token_id, **features)
+    if pinpoints is not None:
+        features["image_grid_pinpoints"] = [list(p) for p in pinpoints]
+    cfg = (LlavaNextConfig if pinpoints else LlavaConfig)(
+        vision_config=vc, text_config=tc, image_token_index=ids.image_token_id, pad_token_id=ids.pad_token_id,
+        **features)
     torch.manual_seed(seed)
-    hf = LlavaForConditionalGeneration(cfg).eval()
+    hf = (LlavaNextForConditionalGeneration if pinpoints else LlavaForConditionalGeneration)(cfg).eval()
     with torch.no_grad():
         for p in hf.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -64,13 +70,23 @@ def make_chat_checkpoint(out_dir, *, chat_template: bool = False, seed: int = 0,
         hf.lm_head.weight.mul_(4.0)
     hf.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
-    if siglip:
-        hf_processor(tok, siglip_resample).save_pretrained(out_dir)
+    if siglip or pinpoints:
+        hf_processor(tok, siglip_resample, pinpoints, patch_size).save_pretrained(out_dir)
     return out_dir, hf, tok
 
 
-def hf_processor(tok, siglip_resample: int | None = None):
+def hf_processor(tok, siglip_resample: int | None = None, pinpoints=None, patch_size: int = PATCH):
     from transformers import CLIPImageProcessorPil, LlavaProcessor, SiglipImageProcessorPil
+
+    if pinpoints is not None:
+        from transformers import LlavaNextProcessor
+        from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+        ip = LlavaNextImageProcessorPil(size={"shortest_edge": IMAGE_SIZE},
+                                        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                                        image_grid_pinpoints=[list(p) for p in pinpoints])
+        return LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=patch_size,
+                                  vision_feature_select_strategy="default", num_additional_image_tokens=1)
 
     if siglip_resample is not None:
         ip = SiglipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, resample=siglip_resample)

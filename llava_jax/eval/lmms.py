@@ -179,7 +179,7 @@ class LlavaJax(lmms):
         end = len(full) - len(marker) if marker and full[len(full) - len(marker):] == marker else len(full)
         return prompt, full, n, full[n:end]
 
-    def _logprobs(self, ids: np.ndarray, images):
+    def _logprobs(self, ids: np.ndarray, images, image_index=None):
         import jax
         import jax.numpy as jnp
         from flax import nnx
@@ -188,9 +188,12 @@ class LlavaJax(lmms):
             graphdef, state = nnx.split(self.gen.model)
 
             @jax.jit
-            def fn(state, ids, mask, images, image_mask):
+            def fn(state, ids, mask, images, image_mask, image_index):
                 model = nnx.merge(graphdef, state)
-                logits = model(ids, attention_mask=mask, images=images, image_mask=image_mask)
+                if image_index is not None:  # AnyRes: `images` are tiles (serve/generator.py)
+                    logits = model(ids, attention_mask=mask, tiles=images, image_index=image_index)
+                else:
+                    logits = model(ids, attention_mask=mask, images=images, image_mask=image_mask)
                 return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
 
             self._logprob_fn = lambda *a: fn(state, *a)
@@ -199,8 +202,12 @@ class LlavaJax(lmms):
         padded[0, :len(ids)] = ids
         mask = (np.arange(length) < len(ids))[None].astype(np.int32)
         if images is None:
-            return np.asarray(self._logprob_fn(padded, mask, None, None))[0]
-        return np.asarray(self._logprob_fn(padded, mask, images[None], np.ones((1, len(images)), bool)))[0]
+            return np.asarray(self._logprob_fn(padded, mask, None, None, None))[0]
+        index = None
+        if image_index is not None:  # padded to the length bucket, as the engine pads it to the prompt's
+            index = np.full((1, length), -1, np.int32)
+            index[0, :len(image_index)] = image_index
+        return np.asarray(self._logprob_fn(padded, mask, images[None], np.ones((1, len(images)), bool), index))[0]
 
     def loglikelihood(self, requests: list[Instance]) -> list:
         from tqdm import tqdm
@@ -216,7 +223,7 @@ class LlavaJax(lmms):
             if not cont:
                 res.append(self._pair(0.0, True))
                 continue
-            logp = self._logprobs(np.asarray(full, np.int32), prompt.images)
+            logp = self._logprobs(np.asarray(full, np.int32), prompt.images, prompt.image_index)
             pos = np.arange(start, start + len(cont)) - 1  # the logits at t predict token t + 1
             nll = -float(logp[pos, cont].mean())
             greedy = bool((logp[pos].argmax(-1) == np.asarray(cont)).all())

@@ -8,7 +8,14 @@ Shapes never depend on content, so nothing recompiles per request:
   * per-row sampling settings (temperature, top-k, top-p, seed, max new tokens) and the EOS ids
     are arrays, not static arguments.
 One compiled prefill per (batch, prompt, images, new-token) bucket; one compiled decode chunk per
-(batch, cache length). A chunk is a `lax.while_loop` of up to `chunk_size` decode steps that
+(batch, cache length).
+
+LLaVA-NeXT (AnyRes, `config.image_grid_pinpoints`): a request's images are its tiles
+[M, 1 + max_tiles, S, S, 3] (base view first, padding views zeros) and its `image_index`, one
+int32 per image token into the request's feature table (`llava_jax.data.anyres`). Everything that
+depends on an image's size (its token count, grid, unpadding) is in that host-side index, which
+is padded to the prompt bucket, so the compiled shapes are the same buckets as above: a new image
+size never compiles a new program. A chunk is a `lax.while_loop` of up to `chunk_size` decode steps that
 exits early once every row is done; the host gets each chunk's tokens (streaming), checks stop
 strings and cancellations, and launches the next chunk. The KV cache is donated to each chunk.
 
@@ -65,11 +72,15 @@ class SamplingParams:
 @dataclasses.dataclass
 class Request:
     """One prompt: token ids with image tokens already expanded, and its images
-    `[M, H, W, 3]` (uint8, or normalised float) in the order their tokens appear."""
+    `[M, H, W, 3]` (uint8, or normalised float) in the order their tokens appear.
+    AnyRes models: `images` are the tiles [M, 1 + max_tiles, S, S, 3] and `image_index` int32
+    [number of image tokens] is each image token's row in the request's feature table (the
+    `image_index` row of `data.anyres.anyres_batch` without its -1 padding)."""
 
     prompt: Sequence[int]
     images: np.ndarray | None = None
     params: SamplingParams = SamplingParams()
+    image_index: np.ndarray | None = None
 
 
 def bucket(n: int, buckets: Sequence[int] = PROMPT_BUCKETS) -> int:
@@ -168,15 +179,20 @@ class Engine:
         return {"k": self._constrain(cache["k"], kv_axes), "v": self._constrain(cache["v"], kv_axes),
                 "segment_ids": self._constrain(cache["segment_ids"], ("batch", "length")), "index": cache["index"]}
 
-    def _prefill(self, state, ids, seg, images, image_mask, samp, eos, *, max_len: int):
+    @staticmethod
+    def _embed(model, ids, images, image_mask, image_index):
+        if image_index is not None:  # AnyRes: `images` are tiles, the host index places their features
+            return model.embed_inputs(ids, tiles=images, image_index=image_index)
+        if images is not None:
+            return model.embed_inputs(ids, images=images, image_mask=image_mask)
+        return model.embed_inputs(ids)
+
+    def _prefill(self, state, ids, seg, images, image_mask, image_index, samp, eos, *, max_len: int):
         self.traces["prefill"] += 1  # runs once per compilation
         model = nnx.merge(self.graphdef, state)
         b = ids.shape[0]
         pos = jnp.maximum(jnp.cumsum(seg, -1) - 1, 0)
-        if images is not None:
-            embeds = model.embed_inputs(ids, images=images, image_mask=image_mask)
-        else:
-            embeds = model.embed_inputs(ids)
+        embeds = self._embed(model, ids, images, image_mask, image_index)
         cache = self._constrain_cache(model.llm.init_cache(b, max_len))
         h, cache = model.llm(embeds, pos, seg, cache=cache, return_hidden=True)
         logits = model.llm.logits(h[:, -1:])[:, 0].astype(jnp.float32)
@@ -218,7 +234,7 @@ class Engine:
         _, carry, out = jax.lax.while_loop(cond, body, (jnp.int32(0), carry, out0))
         return out, carry
 
-    def _join(self, state, carry, ids, seg, images, image_mask, samp, eos, slots):
+    def _join(self, state, carry, ids, seg, images, image_mask, image_index, samp, eos, slots):
         """Prefill k new prompts and write them into rows `slots` of a running batch, ending at
         the batch's current cache index (so they share its write position from now on). Slots
         >= the batch size (padding joiners) are dropped."""
@@ -226,10 +242,7 @@ class Engine:
         model = nnx.merge(self.graphdef, state)
         k, p = ids.shape
         pos = jnp.maximum(jnp.cumsum(seg, -1) - 1, 0)
-        if images is not None:
-            embeds = model.embed_inputs(ids, images=images, image_mask=image_mask)
-        else:
-            embeds = model.embed_inputs(ids)
+        embeds = self._embed(model, ids, images, image_mask, image_index)
         small = model.llm.init_cache(k, p)
         h, small = model.llm(embeds, pos, seg, cache=small, return_hidden=True)
         logits = model.llm.logits(h[:, -1:])[:, 0].astype(jnp.float32)
@@ -272,6 +285,10 @@ class Engine:
             return jax.device_put(x, batch_sharding(self.mesh, x.ndim))
         return jax.device_put(x, NamedSharding(self.mesh, PartitionSpec()))
 
+    def put_images(self, pk):
+        """(images, image_mask, image_index) of a `pack` result on the device (None where absent)."""
+        return tuple(None if pk[k] is None else self.put(pk[k]) for k in ("images", "image_mask", "image_index"))
+
     def pack(self, requests: Sequence[Request], eos_ids, b: int | None = None, min_new: int = 1):
         n = len(requests)
         if n == 0:
@@ -291,14 +308,19 @@ class Engine:
             ids[i, p - lens[i]:] = np.asarray(r.prompt, np.int32)
             seg[i, p - lens[i]:] = 1
         seg[n:, -1] = 1  # idle rows: one token, so no row is fully masked
-        images = image_mask = None
+        images = image_mask = image_index = None
         with_images = [r for r in requests if r.images is not None and len(r.images)]
-        t = self.cfg.num_image_tokens
-        for i, r in enumerate(requests):
-            n_tok = int(np.sum(np.asarray(r.prompt) == self.cfg.image_token_id))
-            n_img = 0 if r.images is None else len(r.images)
-            if n_tok != n_img * t:
-                raise ValueError(f"request {i}: {n_tok} image tokens but {n_img} images x {t} tokens")
+        if self.cfg.is_anyres:
+            image_index = self._anyres_index(requests, p, b)
+        else:
+            t = self.cfg.num_image_tokens
+            for i, r in enumerate(requests):
+                n_tok = int(np.sum(np.asarray(r.prompt) == self.cfg.image_token_id))
+                n_img = 0 if r.images is None else len(r.images)
+                if n_tok != n_img * t:
+                    raise ValueError(f"request {i}: {n_tok} image tokens but {n_img} images x {t} tokens")
+        if not with_images:
+            image_index = None  # text only: the plain program, no tower
         if with_images:
             m = bucket(max(len(r.images) for r in with_images), IMAGE_BUCKETS)
             first = np.asarray(with_images[0].images)
@@ -323,8 +345,33 @@ class Engine:
         if len(eos) > MAX_EOS_IDS:
             raise ValueError(f"at most {MAX_EOS_IDS} EOS ids, got {len(eos)}")
         eos = np.array(eos + [-1] * (MAX_EOS_IDS - len(eos)), np.int32)
-        return dict(ids=ids, seg=seg, images=images, image_mask=image_mask, samp=samp, eos=eos, p=p,
-                    max_len=p + new, b=b)
+        return dict(ids=ids, seg=seg, images=images, image_mask=image_mask, image_index=image_index, samp=samp,
+                    eos=eos, p=p, max_len=p + new, b=b)
+
+    def _anyres_index(self, requests: Sequence[Request], p: int, b: int) -> np.ndarray:
+        """int32 [b, p]: each request's image-token feature index, -1 after it. Its capacity is
+        the prompt bucket (a prompt holds at most p image tokens), so it adds no bucket of its own."""
+        from llava_jax.data.anyres import table_size
+
+        index = np.full((b, p), -1, np.int32)
+        n_table = table_size(self.cfg)
+        for i, r in enumerate(requests):
+            n_tok = int(np.sum(np.asarray(r.prompt) == self.cfg.image_token_id))
+            n_img = 0 if r.images is None else len(r.images)
+            idx = np.zeros((0,), np.int32) if r.image_index is None else np.asarray(r.image_index, np.int32)
+            if n_img and r.image_index is None:
+                raise ValueError(f"request {i}: an AnyRes (LLaVA-NeXT) model needs each request's image_index "
+                                 "(data.anyres.anyres_batch); its images are tiles [M, 1 + max_tiles, S, S, 3]")
+            if n_img and np.asarray(r.images).shape[1:2] != (1 + self.cfg.max_tiles,):
+                raise ValueError(f"request {i}: images of shape {np.asarray(r.images).shape} are not AnyRes tiles "
+                                 f"[M, 1 + max_tiles = {1 + self.cfg.max_tiles}, S, S, 3]")
+            if n_tok != len(idx):
+                raise ValueError(f"request {i}: {n_tok} image tokens but its image_index has {len(idx)} entries "
+                                 "(data.anyres.num_image_tokens per image)")
+            if len(idx) and (idx.min() < 0 or idx.max() >= n_img * n_table):
+                raise ValueError(f"request {i}: image_index outside its {n_img} images' feature tables")
+            index[i, :len(idx)] = idx
+        return index
 
     def open(self, requests: Sequence[Request], eos_ids: Sequence[int] = (), *, slots: int | None = None,
              reserve_new_tokens: int = 0) -> "DecodeBatch":
@@ -352,20 +399,25 @@ class Engine:
 
     def generate(self, prompts: Sequence[Sequence[int]], images=None, image_mask=None,
                  params: SamplingParams | Sequence[SamplingParams] = SamplingParams(), eos_ids: Sequence[int] = (),
-                 stream: Callable[[StepOutput], None] | None = None) -> list[list[int]]:
+                 stream: Callable[[StepOutput], None] | None = None, image_index=None) -> list[list[int]]:
         """Generated ids per prompt (stopping at, and excluding, any EOS id). `images`
         [B, M, H, W, 3] with `image_mask` [B, M] (None: all valid) give each row's images;
         `params` is one SamplingParams for all rows or one per row. `stream(StepOutput)` is
-        called after every step when given."""
+        called after every step when given. AnyRes models: `images` are tiles
+        [B, M, 1 + max_tiles, S, S, 3] and `image_index` [B, C] (-1 padded), as
+        `data.anyres.anyres_batch` gives them."""
         requests = []
         for i, p in enumerate(prompts):
-            img = None
+            img = idx = None
             if images is not None:
                 img = np.asarray(images[i])
                 if image_mask is not None:
                     img = img[np.asarray(image_mask[i], bool)]
+            if image_index is not None:
+                idx = np.asarray(image_index[i])
+                idx = idx[idx >= 0]
             sp = params if isinstance(params, SamplingParams) else params[i]
-            requests.append(Request(list(p), img, sp))
+            requests.append(Request(list(p), img, sp, idx))
         out = [[] for _ in prompts]
         for step in self.stream(requests, eos_ids):
             for i, t in enumerate(step.new_tokens):
@@ -399,10 +451,9 @@ class DecodeBatch:
         self.samp = pk["samp"]
         self._samp_dev = None
         e = engine
-        images = None if pk["images"] is None else e.put(pk["images"])
-        image_mask = None if pk["image_mask"] is None else e.put(pk["image_mask"])
-        tok, self.carry = e.prefill(e.state, e.put(pk["ids"]), e.put(pk["seg"]), images, image_mask,
-                                         self._samp(), self.eos, max_len=pk["max_len"])
+        images, image_mask, image_index = e.put_images(pk)
+        tok, self.carry = e.prefill(e.state, e.put(pk["ids"]), e.put(pk["seg"]), images, image_mask, image_index,
+                                    self._samp(), self.eos, max_len=pk["max_len"])
         e.stats["batches"] += 1
         e.stats["rows"] += n
         self.active = np.zeros(b, bool)
@@ -442,11 +493,10 @@ class DecodeBatch:
         pk = e.pack(requests, self.eos_ids, b=k)
         slots = free[:len(requests)]
         slot_arr = np.array(slots + [self.b] * (k - len(slots)), np.int32)
-        images = None if pk["images"] is None else e.put(pk["images"])
-        image_mask = None if pk["image_mask"] is None else e.put(pk["image_mask"])
+        images, image_mask, image_index = e.put_images(pk)
         samp_k = {key: e.put(v) for key, v in pk["samp"].items()}
         tok, self.carry = e.join_cache(e.state, self.carry, e.put(pk["ids"]), e.put(pk["seg"]), images, image_mask,
-                                      samp_k, self.eos, jnp.asarray(slot_arr))
+                                       image_index, samp_k, self.eos, jnp.asarray(slot_arr))
         for key in self.samp:
             self.samp[key][slots] = pk["samp"][key][:len(slots)]
         self._samp_dev = None

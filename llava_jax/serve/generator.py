@@ -18,6 +18,10 @@ Image mode: `pad` (LLaVA-1.5's expand-to-square) unless `config.json` says
 `image_aspect_ratio` is something else, or `image_mode=` overrides it. The image processor (CLIP
 or SigLIP) is the model's (`LlavaConfig.image_processor`, from the checkpoint's
 preprocessor_config.json).
+LLaVA-NeXT (AnyRes) checkpoints (`config.image_grid_pinpoints`): each image is tiled by
+`llava_jax.data.anyres` (as `LlavaNextImageProcessor`; the image mode does not apply), its
+`<image>` is expanded to that image's own token count (`anyres.num_image_tokens`, as
+`LlavaNextProcessor` does) and the request carries its tiles and feature index to the engine.
 
 Stop strings are matched on the decoded text: the reply ends before the first occurrence, and
 text that could still become a stop string is held back from the stream until it cannot.
@@ -158,8 +162,9 @@ class TextStream:
 @dataclasses.dataclass
 class Encoded:
     ids: list[int]
-    images: np.ndarray | None  # [M, S, S, 3] uint8
+    images: np.ndarray | None  # [M, S, S, 3] uint8; AnyRes: tiles [M, 1 + max_tiles, S, S, 3] uint8
     text: str  # the rendered prompt (before image-token expansion)
+    image_index: np.ndarray | None = None  # AnyRes: int32 [image tokens], see engine.Request
 
 
 @dataclasses.dataclass
@@ -314,7 +319,8 @@ class ChatGenerator:
                     if role != "user":
                         raise RequestError(f"messages[{i}]: images are only allowed in user messages",
                                            f"messages[{i}].content")
-                    images.append(preprocess_image_uint8(p["image"], self.image_mode, size, self.cfg.image_processor))
+                    images.append(p["image"] if self.cfg.is_anyres else  # tiled below, with the token counts
+                                  preprocess_image_uint8(p["image"], self.image_mode, size, self.cfg.image_processor))
                 elif IMAGE_TOKEN in p.get("text", ""):
                     raise RequestError(f"messages[{i}]: the text may not contain {IMAGE_TOKEN!r}; send images as "
                                        "image_url parts", f"messages[{i}].content")
@@ -338,12 +344,36 @@ class ChatGenerator:
         try:
             with self.tokenizer_lock:
                 enc = tokenize_conversation(self.tokenizer, self.template, conv, self.cfg.image_token_id,
-                                            self.cfg.num_image_tokens,
+                                            1 if self.cfg.is_anyres else self.cfg.num_image_tokens,
                                             add_generation_prompt=add_generation_prompt)
         except ValueError as e:
             raise RequestError(f"bad conversation: {e}", "messages") from None
+        if self.cfg.is_anyres and images:
+            return self._anyres_encoded(enc, images)
         imgs = np.stack(images) if images else None
         return Encoded([int(x) for x in enc["input_ids"]], imgs, enc["text"])
+
+    def _anyres_encoded(self, enc: dict, images: list) -> Encoded:
+        """LLaVA-NeXT: the prompt's single `<image>` tokens (in image order) expanded to each image's
+        own count, and the request's tiles and feature index, from `data.anyres.anyres_batch`."""
+        from llava_jax.data import anyres
+
+        batch = anyres.anyres_batch([images], self.cfg, max_images=len(images))
+        counts = [anyres.num_image_tokens(int(h), int(w), self.cfg) for h, w in batch["image_sizes"][0]]
+        ids = np.asarray(enc["input_ids"])
+        reps = np.ones(len(ids), np.int64)
+        reps[ids == self.cfg.image_token_id] = counts  # tokenized with one token per image
+        index = batch["image_index"][0]
+        return Encoded([int(x) for x in np.repeat(ids, reps)], batch["tiles"][0], enc["text"], index[index >= 0])
+
+    @property
+    def image_tokens_text(self) -> str:
+        """How many prompt tokens an image takes, for error messages."""
+        if self.cfg.is_anyres:
+            from llava_jax.data.anyres import max_image_tokens
+
+            return f"{self.cfg.num_image_tokens} to {max_image_tokens(self.cfg)} by size (AnyRes)"
+        return str(self.cfg.num_image_tokens)
 
     @functools.cached_property
     def _longest_token_chars(self) -> int:
@@ -404,7 +434,7 @@ class ChatSession:
 
     @staticmethod
     def _request(c: Completion) -> Request:
-        return Request(c.encoded.ids, c.encoded.images, c.params)
+        return Request(c.encoded.ids, c.encoded.images, c.params, c.encoded.image_index)
 
     @property
     def running(self) -> bool:

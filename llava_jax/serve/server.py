@@ -111,7 +111,7 @@ class App:
         n = len(enc.ids)
         ctx = self.generator.context_length
         if n > self.max_prompt_tokens:
-            reject(f"the prompt is {n} tokens (images count {self.generator.cfg.num_image_tokens} each); "
+            reject(f"the prompt is {n} tokens (images count {self.generator.image_tokens_text} each); "
                  f"this server accepts at most {self.max_prompt_tokens}", "messages", "context_length_exceeded")
         params = req["params"]
         room = ctx - n
