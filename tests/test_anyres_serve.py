@@ -185,3 +185,21 @@ def test_eval_answers_through_the_generator(setup, tmp_path):
     assert sum(bool(a["text"]) for a in answers) >= 2  # (not all empty replies)
     rows = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
     assert [r["question_id"] for r in rows] == [0, 1, 2, 3]
+
+
+def test_lmms_loglikelihood_takes_anyres_tiles(setup):
+    """The lmms-eval plugin's scoring path (`LlavaJax._logprobs`) on a two-image AnyRes prompt and
+    its reply = transformers' LlavaNext log-probs on the same ids."""
+    pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (optional: pip install -e '.[lmms]')")
+    from llava_jax.eval.lmms import LlavaJax
+
+    d, _, hf, tok = setup
+    lm = LlavaJax(pretrained=str(d))
+    prompt, full, start, cont = lm._continuation_ids(_message(TWO), "Two pictures.")
+    assert cont and prompt.image_index is not None
+    got = lm._logprobs(np.asarray(full, np.int32), prompt.images, prompt.image_index)[:len(full)]
+    px = hf_processor(tok, pinpoints=PINPOINTS, patch_size=PATCH).image_processor(images=TWO, return_tensors="pt")
+    with torch.no_grad():
+        logits = hf(input_ids=torch.tensor([full]), pixel_values=px["pixel_values"],
+                    image_sizes=px["image_sizes"]).logits[0].float()
+    np.testing.assert_allclose(got, torch.log_softmax(logits, -1).numpy(), atol=2e-4)
