@@ -195,7 +195,7 @@ def test_lmms_loglikelihood_takes_anyres_tiles(setup):
 
     d, _, hf, tok = setup
     lm = LlavaJax(pretrained=str(d))
-    prompt, full, start, cont = lm._continuation_ids(_message(TWO), "Two pictures.")
+    prompt, full, _, cont = lm._continuation_ids(_message(TWO), "Two pictures.")
     assert cont and prompt.image_index is not None
     got = lm._logprobs(np.asarray(full, np.int32), prompt.images, prompt.image_index)[:len(full)]
     px = hf_processor(tok, pinpoints=PINPOINTS, patch_size=PATCH).image_processor(images=TWO, return_tensors="pt")

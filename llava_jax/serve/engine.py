@@ -8,16 +8,16 @@ Shapes never depend on content, so nothing recompiles per request:
   * per-row sampling settings (temperature, top-k, top-p, seed, max new tokens) and the EOS ids
     are arrays, not static arguments.
 One compiled prefill per (batch, prompt, images, new-token) bucket; one compiled decode chunk per
-(batch, cache length).
+(batch, cache length). A chunk is a `lax.while_loop` of up to `chunk_size` decode steps that
+exits early once every row is done; the host gets each chunk's tokens (streaming), checks stop
+strings and cancellations, and launches the next chunk. The KV cache is donated to each chunk.
 
 LLaVA-NeXT (AnyRes, `config.image_grid_pinpoints`): a request's images are its tiles
 [M, 1 + max_tiles, S, S, 3] (base view first, padding views zeros) and its `image_index`, one
 int32 per image token into the request's feature table (`llava_jax.data.anyres`). Everything that
 depends on an image's size (its token count, grid, unpadding) is in that host-side index, which
 is padded to the prompt bucket, so the compiled shapes are the same buckets as above: a new image
-size never compiles a new program. A chunk is a `lax.while_loop` of up to `chunk_size` decode steps that
-exits early once every row is done; the host gets each chunk's tokens (streaming), checks stop
-strings and cancellations, and launches the next chunk. The KV cache is donated to each chunk.
+size never compiles a new program.
 
 Continuous batching (`DecodeBatch`): between chunks, new requests can take free rows of a
 running batch. They are prefilled on their own and their keys/values are written into the
@@ -311,7 +311,9 @@ class Engine:
         images = image_mask = image_index = None
         with_images = [r for r in requests if r.images is not None and len(r.images)]
         if self.cfg.is_anyres:
-            image_index = self._anyres_index(requests, p, b)
+            image_index = self._anyres_index(requests, p, b)  # (checks every request's image tokens)
+            if not with_images:
+                image_index = None  # text only: the text program, no tower
         else:
             t = self.cfg.num_image_tokens
             for i, r in enumerate(requests):
@@ -319,8 +321,6 @@ class Engine:
                 n_img = 0 if r.images is None else len(r.images)
                 if n_tok != n_img * t:
                     raise ValueError(f"request {i}: {n_tok} image tokens but {n_img} images x {t} tokens")
-        if not with_images:
-            image_index = None  # text only: the plain program, no tower
         if with_images:
             m = bucket(max(len(r.images) for r in with_images), IMAGE_BUCKETS)
             first = np.asarray(with_images[0].images)
