@@ -471,10 +471,19 @@ def compiled_train_step(config, mesh, graphdef, tx, schedule, trainable, opt_sta
 
 def batch_spec(config, model_cfg: LlavaConfig, mesh, rows: int | None = None) -> dict:
     """The global batch as ShapeDtypeStructs with their shardings: `rows` (default
-    train.global_batch) packed rows of data.max_length tokens, data.max_images_per_row image slots."""
+    train.global_batch) packed rows of data.max_length tokens, data.max_images_per_row image slots
+    (a LLaVA-NeXT model: each slot's 1 + max_tiles AnyRes views and the rows' image_index, the
+    pipeline's `data.packing.build_row` layout)."""
+    from llava_jax.data.anyres import index_capacity
+
     rows = rows or config.train.global_batch
     L, M, S = config.data.max_length, config.data.max_images_per_row, model_cfg.vision.image_size
     shapes = {"input_ids": ((rows, L), jnp.int32), "targets": ((rows, L), jnp.int32),
-              "segment_ids": ((rows, L), jnp.int32), "positions": ((rows, L), jnp.int32),
-              "images": ((rows, M, S, S, 3), jnp.uint8), "image_mask": ((rows, M), jnp.bool_)}
+              "segment_ids": ((rows, L), jnp.int32), "positions": ((rows, L), jnp.int32)}
+    if model_cfg.is_anyres:
+        k = 1 + model_cfg.max_tiles
+        shapes.update(tiles=((rows, M, k, S, S, 3), jnp.uint8), tile_mask=((rows, M, k), jnp.bool_),
+                      image_index=((rows, index_capacity(model_cfg, M, L)), jnp.int32))
+    else:
+        shapes.update(images=((rows, M, S, S, 3), jnp.uint8), image_mask=((rows, M), jnp.bool_))
     return {k: jax.ShapeDtypeStruct(s, d, sharding=shd.batch_sharding(mesh, len(s))) for k, (s, d) in shapes.items()}

@@ -72,6 +72,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.image_mode = "crop"  # crop | pad (LLaVA-1.5 stage 2 pads to square)
     c.data.max_length = 2048
     c.data.max_images_per_row = 4
+    # LLaVA-NeXT AnyRes: the most real views (base + tiles) a row's images take (None: no bound
+    # beyond max_images_per_row; data/pipeline.py PipelineConfig)
+    c.data.max_views_per_row = ml_collections.config_dict.placeholder(int)
     c.data.pack = True
     c.data.length_policy = "drop"
     c.data.shuffle = True
