@@ -91,14 +91,18 @@ def batches(records, tokenizer, pcfg, n=None):
     return out
 
 
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    cfg = anyres_config(tokenizer.convert_tokens_to_ids("<image>"))
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: LlavaModel(cfg, rngs=nnx.Rngs(0))))
-    # eager init takes ~15 s; jitted without LLVM's optimisations (as build.model does on CPU) ~2 s
-    state = jax.jit(lambda: nnx.split(LlavaModel(cfg, rngs=nnx.Rngs(0)))[1],
+def init_model(cfg: LlavaConfig, seed: int = 0) -> LlavaModel:
+    """A random model; eager init takes ~15 s here, jitted without LLVM's optimisations (as
+    build.model does on CPU) ~2 s."""
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: LlavaModel(cfg, rngs=nnx.Rngs(seed))))
+    state = jax.jit(lambda: nnx.split(LlavaModel(cfg, rngs=nnx.Rngs(seed)))[1],
                     compiler_options={"xla_backend_optimization_level": 0})()
     return nnx.merge(graphdef, state)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return init_model(anyres_config(tokenizer.convert_tokens_to_ids("<image>")))
 
 
 def reference_sample(rec, tokenizer, cfg):

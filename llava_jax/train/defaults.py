@@ -35,6 +35,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.projector_type = "mlp2x_gelu"
     c.model.vision_feature_layer = -2
     c.model.vision_feature_select_strategy = "default"
+    # LLaVA-NeXT AnyRes: the (height, width) canvases images are tiled onto (docs/anyres.md), e.g.
+    # llava_jax.config.LLAVA_V1_6_PINPOINTS; () = as the checkpoint / preset says (plain LLaVA).
+    c.model.image_grid_pinpoints = ()
     c.model.dtype = "bfloat16"  # compute
     c.model.param_dtype = "float32"  # master params
     c.model.remat = "none"
