@@ -112,10 +112,17 @@ def scratch_config(config, vocab_size: int, image_token_id: int) -> LlavaConfig:
         projector_type=config.model.projector_type,
         vision_feature_layer=config.model.vision_feature_layer,
         vision_feature_select_strategy=config.model.vision_feature_select_strategy,
+        image_grid_pinpoints=image_grid_pinpoints(config),
         runtime=runtime(config),
         lora=lora_config(config),
         base_quant=base_quant(config),
     )
+
+
+def image_grid_pinpoints(config) -> tuple | None:
+    """`model.image_grid_pinpoints` as the model config takes it (None: not set here)."""
+    pins = config.model.get("image_grid_pinpoints") or ()
+    return tuple(tuple(int(x) for x in p) for p in pins) or None
 
 
 def _checkpoint_kwargs(config, image_token_id: int | None) -> tuple[str, dict]:
@@ -130,6 +137,8 @@ def _checkpoint_kwargs(config, image_token_id: int | None) -> tuple[str, dict]:
                   vision_feature_select_strategy=m.vision_feature_select_strategy)
     if image_token_id is not None and m.init != "hf":
         kw["image_token_id"] = image_token_id
+    if image_grid_pinpoints(config):  # e.g. LLaVA-NeXT stage 2 from CLIP + an LLM (+ the stage-1 projector)
+        kw["image_grid_pinpoints"] = image_grid_pinpoints(config)
     return path, kw
 
 
@@ -157,6 +166,8 @@ def model_config(config, vocab_size: int | None = None, image_token_id: int | No
     if m.init == "clip_llama":
         cfg = cfg.replace(projector_type=m.projector_type, vision_feature_layer=m.vision_feature_layer,
                           vision_feature_select_strategy=m.vision_feature_select_strategy)
+    if image_grid_pinpoints(config):
+        cfg = cfg.replace(image_grid_pinpoints=image_grid_pinpoints(config))
     if vocab_size is not None:
         cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=vocab_size))
     return cfg.replace(runtime=runtime(config), lora=lora_config(config), base_quant=base_quant(config))
@@ -164,6 +175,9 @@ def model_config(config, vocab_size: int | None = None, image_token_id: int | No
 
 # checkpoint dir name patterns of the other backbones -> preset (first match wins)
 _DIR_PRESETS = (
+    (r"llava-v1\.6-vicuna-13b", "llava_v1_6_vicuna_13b"),
+    (r"llava-v1\.6-vicuna-7b", "llava_v1_6_vicuna_7b"),
+    (r"llava-v1\.6-mistral-7b", "llava_v1_6_mistral_7b"),
     (r"llama-?3\.1-8b", "llava_llama3_1_8b"),
     (r"llama-?3-8b", "llava_llama3_8b"),
     (r"qwen2-7b", "llava_qwen2_7b"),
@@ -245,6 +259,13 @@ def apply_workdir_params(model: LlavaModel, workdir: str, patterns) -> tuple[Lla
         if not saved_patterns:
             raise ValueError(f"checkpoint {workdir} step {step} does not record its trainable params")
         _, saved_like, _ = split_model(model, saved_patterns)
+        # Only what the earlier stage had: a param this model adds keeps its initialisation
+        # (LLaVA-NeXT's `projector/image_newline`: stage 1 runs at base resolution without it).
+        on_disk = ck.param_paths(step)
+        new = [path_str(p) for p, _ in nnx.to_flat_state(saved_like) if on_disk and path_str(p) not in on_disk]
+        if new:
+            log.info("%s step %d has no %s: kept as initialised", workdir, step, new)
+            saved_like = saved_like.filter(lambda p, _: path_str(p) in on_disk)
         restored = ck.restore_params(step, saved_like)
     finally:
         ck.close()
@@ -471,10 +492,19 @@ def compiled_train_step(config, mesh, graphdef, tx, schedule, trainable, opt_sta
 
 def batch_spec(config, model_cfg: LlavaConfig, mesh, rows: int | None = None) -> dict:
     """The global batch as ShapeDtypeStructs with their shardings: `rows` (default
-    train.global_batch) packed rows of data.max_length tokens, data.max_images_per_row image slots."""
+    train.global_batch) packed rows of data.max_length tokens, data.max_images_per_row image slots
+    (a LLaVA-NeXT model: each slot's 1 + max_tiles AnyRes views and the rows' image_index, the
+    pipeline's `data.packing.build_row` layout)."""
+    from llava_jax.data.anyres import index_capacity
+
     rows = rows or config.train.global_batch
     L, M, S = config.data.max_length, config.data.max_images_per_row, model_cfg.vision.image_size
     shapes = {"input_ids": ((rows, L), jnp.int32), "targets": ((rows, L), jnp.int32),
-              "segment_ids": ((rows, L), jnp.int32), "positions": ((rows, L), jnp.int32),
-              "images": ((rows, M, S, S, 3), jnp.uint8), "image_mask": ((rows, M), jnp.bool_)}
+              "segment_ids": ((rows, L), jnp.int32), "positions": ((rows, L), jnp.int32)}
+    if model_cfg.is_anyres:
+        k = 1 + model_cfg.max_tiles
+        shapes.update(tiles=((rows, M, k, S, S, 3), jnp.uint8), tile_mask=((rows, M, k), jnp.bool_),
+                      image_index=((rows, index_capacity(model_cfg, M, L)), jnp.int32))
+    else:
+        shapes.update(images=((rows, M, S, S, 3), jnp.uint8), image_mask=((rows, M), jnp.bool_))
     return {k: jax.ShapeDtypeStruct(s, d, sharding=shd.batch_sharding(mesh, len(s))) for k, (s, d) in shapes.items()}

@@ -643,6 +643,21 @@ def llava_siglip_7b(**overrides) -> LlavaConfig:
     return LlavaConfig(vision=SIGLIP_SO400M_14_384, text=VICUNA_7B, **kw)
 
 
+# LLaVA-NeXT (llava-v1.6): CLIP ViT-L/14-336 AnyRes over these canvases (grids 1x2, 2x1, 2x2, 3x1,
+# 1x3: max_tiles 4, at most 2928 image tokens), the llava-hf checkpoints' vocab of 32064 with
+# <image> = 32000 (the released llava-v1.6-*-hf config.json values).
+LLAVA_V1_6_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+
+
+def _llava_v1_6_with(text: TextConfig, doc: str):
+    def preset(**overrides) -> LlavaConfig:
+        kw = dict(vision=CLIP_VIT_L_14_336, text=text, image_grid_pinpoints=LLAVA_V1_6_PINPOINTS)
+        return LlavaConfig(**{**kw, **overrides})
+
+    preset.__doc__ = f"llava-v1.6 (LLaVA-NeXT AnyRes): CLIP ViT-L/14-336 + mlp2x_gelu + {doc}."
+    return preset
+
+
 PRESETS = {
     "llava_1_5_7b": llava_1_5_7b,
     "llava_1_5_13b": llava_1_5_13b,
@@ -652,4 +667,8 @@ PRESETS = {
     "llava_mistral_7b": _clip_336_with(MISTRAL_7B_V0_2, "Mistral-7B-Instruct-v0.2"),
     "llava_mistral_7b_v0_1": _clip_336_with(MISTRAL_7B_V0_1, "Mistral-7B-v0.1 (sliding window 4096)"),
     "llava_siglip_7b": llava_siglip_7b,
+    "llava_v1_6_vicuna_7b": _llava_v1_6_with(VICUNA_7B, "Vicuna-7B v1.5"),
+    "llava_v1_6_vicuna_13b": _llava_v1_6_with(VICUNA_13B, "Vicuna-13B v1.5"),
+    "llava_v1_6_mistral_7b": _llava_v1_6_with(dataclasses.replace(MISTRAL_7B_V0_2, vocab_size=32064),
+                                              "Mistral-7B-Instruct-v0.2"),
 }

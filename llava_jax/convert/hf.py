@@ -107,7 +107,7 @@ def _processor_dict(*dirs) -> dict | None:
 
 
 def resolve_config(path, clip_path=None, projector_type=None, vision_feature_layer=None,
-                   image_token_id=None, vision_feature_select_strategy=None) -> LlavaConfig:
+                   image_token_id=None, vision_feature_select_strategy=None, image_grid_pinpoints=None) -> LlavaConfig:
     """The LlavaConfig of a checkpoint dir (+ vision tower dir), from its config.json files alone
     (no weight file is opened), with the given overrides. The image processor comes from the
     checkpoint's processor settings (`_processor_dict`; else the tower dir's, else the tower's own):
@@ -123,7 +123,8 @@ def resolve_config(path, clip_path=None, projector_type=None, vision_feature_lay
                                        _read_json(Path(clip_path) / "config.json"), processor)
     overrides = {k: v for k, v in (("projector_type", projector_type), ("vision_feature_layer", vision_feature_layer),
                                    ("image_token_id", image_token_id),
-                                   ("vision_feature_select_strategy", vision_feature_select_strategy)) if v is not None}
+                                   ("vision_feature_select_strategy", vision_feature_select_strategy),
+                                   ("image_grid_pinpoints", image_grid_pinpoints)) if v is not None}
     return cfg.replace(**overrides) if overrides else cfg
 
 
@@ -209,7 +210,7 @@ def load_params_into(model_abs: LlavaModel, index: _KeyIndex, fresh_pattern: str
 def from_pretrained(path, *, clip_path=None, projector_path=None, dtype=jnp.float32, param_dtype=jnp.float32,
                     projector_type: str | None = None, vision_feature_layer=None, image_token_id: int | None = None,
                     vision_feature_select_strategy: str | None = None, remat_policy: str = "none", attention_impl: str = "xla",
-                    mesh=None, rules=None, strict: bool = True, seed: int = 0) -> LlavaModel:
+                    mesh=None, rules=None, strict: bool = True, seed: int = 0, image_grid_pinpoints=None) -> LlavaModel:
     """Load a LLaVA model from a local HF-format directory (see module docstring for layouts).
 
     `dtype` is the compute dtype, `param_dtype` the stored param dtype. With a `mesh`, each param
@@ -218,7 +219,7 @@ def from_pretrained(path, *, clip_path=None, projector_path=None, dtype=jnp.floa
     """
     path = Path(path)
     cfg = resolve_config(path, clip_path, projector_type, vision_feature_layer, image_token_id,
-                         vision_feature_select_strategy)
+                         vision_feature_select_strategy, image_grid_pinpoints)
     index, fresh = _key_index(path, clip_path)
     if projector_path is not None:
         proj = _KeyIndex()
@@ -226,7 +227,8 @@ def from_pretrained(path, *, clip_path=None, projector_path=None, dtype=jnp.floa
         if not proj.entries:
             raise CheckpointError(f"{projector_path} holds no projector weights (mm_projector.* / multi_modal_projector.*)")
         index.entries.update(proj.entries)
-        fresh = None
+        # a stage-1 projector file never holds LLaVA-NeXT's newline: stage 2 starts it fresh
+        fresh = r"projector/image_newline" if cfg.is_anyres else None
     cfg = cfg.with_runtime(dtype=dtype, param_dtype=param_dtype, remat_policy=remat_policy,
                            attention_impl=attention_impl)
     model_abs = nnx.merge(*shd.abstract_model(lambda: LlavaModel(cfg, rngs=None), mesh, rules or shd.LOGICAL_RULES))

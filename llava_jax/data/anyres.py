@@ -144,6 +144,34 @@ def preprocess_anyres_uint8(img: Image.Image, cfg: LlavaConfig) -> tuple[np.ndar
     return out, 1 + rows * cols, (height, width)
 
 
+def num_views(height: int, width: int, cfg: LlavaConfig) -> int:
+    """Views the tower encodes for real for one image: the base view + its grid's tiles."""
+    rows, cols = grid_shape(height, width, cfg)
+    return 1 + rows * cols
+
+
+def index_capacity(cfg: LlavaConfig, max_images: int, max_length: int | None = None) -> int:
+    """Entries of a row's ``image_index``: room for ``max_images`` of the largest images, and
+    never more than the row's tokens (``max_length``), which bound its image tokens anyway."""
+    capacity = max_images * max_image_tokens(cfg)
+    return capacity if max_length is None else min(capacity, max_length)
+
+
+def row_image_index(sizes: Sequence[tuple[int, int]], cfg: LlavaConfig, capacity: int) -> np.ndarray:
+    """int32 [capacity]: for the k-th image token of a row holding images of ``sizes`` (height,
+    width) in token order, its row in the row's feature table (the images' tables of
+    ``table_size`` rows back to back: image m's ``feature_index`` offset by ``m * table_size``);
+    -1 past the row's image tokens. Raises ValueError when they do not fit ``capacity``."""
+    n_table = table_size(cfg)
+    parts = [feature_index(h, w, cfg) + m * n_table for m, (h, w) in enumerate(sizes)]
+    flat = np.concatenate(parts) if parts else np.zeros((0,), np.int32)
+    if flat.size > capacity:
+        raise ValueError(f"the row's images take {flat.size} image tokens, more than capacity={capacity}")
+    index = np.full((capacity,), -1, np.int32)
+    index[:flat.size] = flat
+    return index
+
+
 def anyres_batch(rows: Sequence[Sequence[Image.Image]], cfg: LlavaConfig, max_images: int,
                  capacity: int | None = None) -> dict[str, np.ndarray]:
     """The static-shape AnyRes image inputs of a batch; row b holds the images of sample b.
@@ -153,13 +181,12 @@ def anyres_batch(rows: Sequence[Sequence[Image.Image]], cfg: LlavaConfig, max_im
       ``tile_mask`` bool [B, max_images, 1 + max_tiles],
       ``image_sizes`` int32 [B, max_images, 2] (height, width; 0 for absent images),
       ``grid`` int32 [B, max_images, 2] (rows, cols of tiles),
-      ``image_index`` int32 [B, capacity]: for the k-th image token of row b, its row in that
-      row's feature table (``max_images`` image tables of ``table_size`` rows, back to back);
-      -1 past the row's image tokens. ``capacity`` (default: ``max_images * max_image_tokens``)
-      only needs to hold the row's image tokens: the sequence length is always enough.
+      ``image_index`` int32 [B, capacity]: ``row_image_index`` of each row's images.
+      ``capacity`` (default ``index_capacity``: ``max_images * max_image_tokens``) only needs to
+      hold the row's image tokens: the sequence length is always enough.
+    (The training pipeline builds the same arrays per packed row: ``data.packing.build_row``.)
     """
-    n_table = table_size(cfg)
-    capacity = capacity if capacity is not None else max_images * max_image_tokens(cfg)
+    capacity = capacity if capacity is not None else index_capacity(cfg, max_images)
     b, k, s = len(rows), 1 + cfg.max_tiles, cfg.vision.image_size
     tiles = np.zeros((b, max_images, k, s, s, 3), np.uint8)
     tile_mask = np.zeros((b, max_images, k), bool)
@@ -169,15 +196,13 @@ def anyres_batch(rows: Sequence[Sequence[Image.Image]], cfg: LlavaConfig, max_im
     for r, images in enumerate(rows):
         if len(images) > max_images:
             raise ValueError(f"row {r} has {len(images)} images; the batch holds at most max_images={max_images}")
-        parts = []
         for m, img in enumerate(images):
             tiles[r, m], n, (h, w) = preprocess_anyres_uint8(img, cfg)
             tile_mask[r, m, :n] = True
             sizes[r, m] = h, w
             grid[r, m] = grid_shape(h, w, cfg)
-            parts.append(feature_index(h, w, cfg) + m * n_table)
-        flat = np.concatenate(parts) if parts else np.zeros((0,), np.int32)
-        if flat.size > capacity:
-            raise ValueError(f"row {r}: its images take {flat.size} image tokens, more than capacity={capacity}")
-        index[r, :flat.size] = flat
+        try:
+            index[r] = row_image_index([tuple(hw) for hw in sizes[r, :len(images)]], cfg, capacity)
+        except ValueError as e:
+            raise ValueError(f"row {r}: {e}") from None
     return dict(tiles=tiles, tile_mask=tile_mask, image_sizes=sizes, grid=grid, image_index=index)

@@ -20,6 +20,15 @@ A *row* (what :class:`PackIterDataset` yields) holds one or more samples back to
     image_mask  bool  [M]       which image slots are used
     stats       dict            per-row counts + cumulative skip counters (see batch_rows)
 
+LLaVA-NeXT AnyRes rows (``RowSpec.anyres`` set; the samples' ``images`` are each image's views
+[k, 1 + K, H, W, 3] and they carry ``image_sizes`` [k, 2]) hold, instead of images / image_mask,
+the arrays ``data.anyres.anyres_batch`` makes for a batch (the same ``row_image_index``)::
+
+    tiles       uint8 [M,1+K,H,W,3]  per image slot its base view then its tiles, zeros after
+    tile_mask   bool  [M,1+K]        which views are real
+    image_index int32 [C]            the k-th image token's row in the row's feature table (image
+                                     m's indices offset by m * table_size), -1 after the last
+
 Because every segment's last target is -100 and the model attends causal AND same-segment with
 per-segment positions, the per-token loss of a packed row equals that of its samples run alone.
 
@@ -44,7 +53,8 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
-from llava_jax.config import IGNORE_INDEX
+from llava_jax.config import IGNORE_INDEX, LlavaConfig
+from llava_jax.data import anyres
 from llava_jax.data.skips import (
     MARKER_KEYS,
     DropSample,
@@ -126,32 +136,47 @@ def apply_length_policy(
 
 @dataclasses.dataclass(frozen=True)
 class RowSpec:
-    """Static shape of a packed row."""
+    """Static shape of a packed row. ``anyres``: the LLaVA-NeXT model config (AnyRes rows, see the
+    module docstring; ``image_shape`` stays one view's (H, W, 3)); ``max_views``: the most REAL
+    views (base + tiles) a row's images may take (None: no bound beyond ``max_images``)."""
 
     max_length: int
     max_images: int
     image_shape: tuple[int, int, int]  # (H, W, 3)
     pad_token_id: int = 0
     max_segments: int | None = None  # None: unlimited
+    anyres: LlavaConfig | None = None
+    max_views: int | None = None
+
+    @property
+    def sample_image_shape(self) -> tuple[int, ...]:
+        """The shape of one image in a sample: a view, or an AnyRes image's 1 + max_tiles views."""
+        if self.anyres is None:
+            return tuple(self.image_shape)
+        return (1 + self.anyres.max_tiles,) + tuple(self.image_shape)
 
 
 class _Bin:
-    __slots__ = ("samples", "tokens", "images")
+    __slots__ = ("samples", "tokens", "images", "views")
 
     def __init__(self):
         self.samples: list[dict] = []
         self.tokens = 0
         self.images = 0
+        self.views = 0
 
-    def fits(self, n_tok: int, n_img: int, spec: RowSpec) -> bool:
+    def fits(self, n_tok: int, n_img: int, n_views: int, spec: RowSpec) -> bool:
         if self.tokens + n_tok > spec.max_length or self.images + n_img > spec.max_images:
+            return False
+        if spec.max_views is not None and self.views + n_views > spec.max_views:
             return False
         return spec.max_segments is None or len(self.samples) < spec.max_segments
 
-    def add(self, sample: dict, n_tok: int, n_img: int) -> None:
+    def add(self, sample: dict, n_tok: int, n_img: int, n_views: int) -> None:
         self.samples.append(sample)
         self.tokens += n_tok
         self.images += n_img
+        self.views += n_views
 
 
 def num_tokens(sample: dict) -> int:
@@ -163,6 +188,13 @@ def num_images(sample: dict) -> int:
     return 0 if imgs is None else int(len(imgs))
 
 
+def num_views(sample: dict, spec: RowSpec) -> int:
+    """Real views the tower encodes for the sample's images: one per image, AnyRes base + tiles."""
+    if spec.anyres is None:
+        return num_images(sample)
+    return sum(anyres.num_views(int(h), int(w), spec.anyres) for h, w in sample["image_sizes"])
+
+
 def build_row(samples: Sequence[dict], spec: RowSpec) -> dict[str, Any]:
     """Concatenate ``samples`` into one row of ``spec`` (see the module docstring); no stats."""
     L, M = spec.max_length, spec.max_images
@@ -170,8 +202,9 @@ def build_row(samples: Sequence[dict], spec: RowSpec) -> dict[str, Any]:
     targets = np.full((L,), IGNORE_INDEX, np.int32)
     segment_ids = np.zeros((L,), np.int32)
     positions = np.zeros((L,), np.int32)
-    images = np.zeros((M,) + tuple(spec.image_shape), np.uint8)
+    images = np.zeros((M,) + spec.sample_image_shape, np.uint8)
     image_mask = np.zeros((M,), bool)
+    sizes: list[tuple[int, int]] = []  # AnyRes: (height, width) of the row's images, in order
     t = m = 0
     for seg, s in enumerate(samples, start=1):
         ids = np.asarray(s["input_ids"])
@@ -188,11 +221,27 @@ def build_row(samples: Sequence[dict], spec: RowSpec) -> dict[str, Any]:
             if m + k > M:
                 raise ValueError(f"row overflow: {m + k} images > max_images_per_row={M}")
             imgs = np.asarray(s["images"])
-            if imgs.shape[1:] != tuple(spec.image_shape):
-                raise ValueError(f"image shape {imgs.shape[1:]} != {tuple(spec.image_shape)}")
+            if imgs.shape[1:] != spec.sample_image_shape:
+                raise ValueError(f"image shape {imgs.shape[1:]} != {spec.sample_image_shape}")
             images[m : m + k] = imgs
             image_mask[m : m + k] = True
             m += k
+            if spec.anyres is not None:
+                sizes += [(int(h), int(w)) for h, w in s["image_sizes"]]
+    if spec.anyres is not None:
+        tile_mask = np.zeros(images.shape[:2], bool)
+        for i, (h, w) in enumerate(sizes):
+            tile_mask[i, : anyres.num_views(h, w, spec.anyres)] = True
+        capacity = anyres.index_capacity(spec.anyres, M, L)
+        return {
+            "input_ids": input_ids,
+            "targets": targets,
+            "segment_ids": segment_ids,
+            "positions": positions,
+            "tiles": images,
+            "tile_mask": tile_mask,
+            "image_index": anyres.row_image_index(sizes, spec.anyres, capacity),
+        }
     return {
         "input_ids": input_ids,
         "targets": targets,
@@ -211,6 +260,7 @@ def _row_stats(samples: Sequence[dict], spec: RowSpec, counters: dict[str, int])
         "num_tokens": np.int32(tokens),
         "num_target_tokens": np.int32(tgt),
         "num_images": np.int32(sum(num_images(s) for s in samples)),
+        "num_views": np.int32(sum(num_views(s, spec) for s in samples)),
         "row_efficiency": np.float32(tokens / spec.max_length),
     }
     # Cumulative counters (samples seen, truncated, skipped by reason) as of this row.
@@ -238,6 +288,7 @@ def batch_rows(rows: Sequence[dict]) -> dict[str, Any]:
         "num_tokens": np.int32(n_tok),
         "num_target_tokens": np.int32(sum(int(s["num_target_tokens"]) for s in st)),
         "num_images": np.int32(sum(int(s["num_images"]) for s in st)),
+        "num_views": np.int32(sum(int(s["num_views"]) for s in st)),
         "packing_efficiency": np.float32(n_tok / (b * L)),
         "row_efficiency": np.asarray([s["row_efficiency"] for s in st], np.float32),
     }
@@ -275,6 +326,8 @@ def group_elements(elements: Sequence[dict]) -> dict[str, Any]:
         out["input_ids"] = np.concatenate([np.asarray(e["input_ids"], np.int32) for e in samples])
         out["targets"] = np.concatenate([np.asarray(e["targets"], np.int32) for e in samples])
         out["images"] = np.concatenate([np.asarray(e["images"], np.uint8) for e in samples])
+        if "image_sizes" in samples[0]:  # AnyRes samples
+            out["image_sizes"] = np.concatenate([np.asarray(e["image_sizes"], np.int32) for e in samples])
     return out
 
 
@@ -292,6 +345,7 @@ def ungroup(element: dict) -> list[dict]:
             "input_ids": element["input_ids"][t : t + n],
             "targets": element["targets"][t : t + n],
             "images": element["images"][m : m + k],
+            **({"image_sizes": element["image_sizes"][m : m + k]} if "image_sizes" in element else {}),
             **{key: meta.get(key) for key in _META_KEYS},
         })
         t, m = t + n, m + k
@@ -414,22 +468,23 @@ class PackDatasetIterator(grain.DatasetIterator):
             if self._max_skips is not None and self._consecutive_skips > self._max_skips:
                 self._raise_no_training_data(f"the last {self._consecutive_skips} rows")
             return True
-        n_tok, n_img = num_tokens(element), num_images(element)
-        if n_tok > self._spec.max_length or n_img > self._spec.max_images:
-            # The per-sample step enforces both; a sample reaching here is a bug upstream.
+        n_tok, n_img, n_views = num_tokens(element), num_images(element), num_views(element, self._spec)
+        if not _Bin().fits(n_tok, n_img, n_views, self._spec):
+            # The per-sample step enforces these; a sample reaching here is a bug upstream.
             raise ValueError(
-                f"sample {element.get('id')!r} ({n_tok} tokens, {n_img} images) does not fit a row "
-                f"(max_length={self._spec.max_length}, max_images={self._spec.max_images})"
+                f"sample {element.get('id')!r} ({n_tok} tokens, {n_img} images, {n_views} views) does not fit a "
+                f"row (max_length={self._spec.max_length}, max_images={self._spec.max_images}, "
+                f"max_views={self._spec.max_views})"
             )
         for b in self._bins:
-            if b.fits(n_tok, n_img, self._spec):
-                b.add(element, n_tok, n_img)
+            if b.fits(n_tok, n_img, n_views, self._spec):
+                b.add(element, n_tok, n_img, n_views)
                 break
         else:
             if len(self._bins) >= self._num_bins:
                 return False
             b = _Bin()
-            b.add(element, n_tok, n_img)
+            b.add(element, n_tok, n_img, n_views)
             self._bins.append(b)
         self._consecutive_skips = 0
         self._counters["samples"] += 1

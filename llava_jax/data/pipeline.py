@@ -30,6 +30,11 @@ Batch (numpy, per process, B = batch_size, L = max_length, M = max_images_per_ro
     positions   int32 [B, L]       restart at 0 per segment
     images      uint8 [B, M, H, W, 3]  in the order of the row's image-token spans
     image_mask  bool  [B, M]
+    (LLaVA-NeXT AnyRes, ``cfg.anyres`` set: instead of images / image_mask, K = max_tiles, C =
+    ``anyres.index_capacity``)
+    tiles       uint8 [B, M, 1 + K, H, W, 3]  per image slot its base view, then its tiles
+    tile_mask   bool  [B, M, 1 + K]           which views are real
+    image_index int32 [B, C]                  per image token of the row, its feature-table row
     stats       dict of numpy scalars (pop it before device_put; see packing.batch_rows):
                 num_rows, num_samples, num_tokens, num_target_tokens, num_images,
                 packing_efficiency, row_efficiency [B], total/samples, total/truncated,
@@ -72,7 +77,8 @@ import numpy as np
 
 import grain
 
-from llava_jax.config import ImageProcessorConfig
+from llava_jax.config import ImageProcessorConfig, LlavaConfig
+from llava_jax.data import anyres
 from llava_jax.data import images as imglib
 from llava_jax.data.packing import (
     PackIterDataset,
@@ -83,7 +89,7 @@ from llava_jax.data.packing import (
 )
 from llava_jax.data.skips import DropSample, NoTrainingData, SkipLog, skip_marker
 from llava_jax.data.templates import IMAGE_TOKEN, resolve_template
-from llava_jax.data.tokenize import tokenize_conversation
+from llava_jax.data.tokenize import expand_image_tokens, tokenize_conversation
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +132,16 @@ class PipelineConfig:
     measured ~20-30% more CPU per sample here). 64 KiB sends images through shared memory and
     tokens through the pipe. Pickling the images too is about as fast, but then a worker blocked
     on a full pipe cannot exit and ``close()`` waits 25 s per worker for Grain's kill timeout.
+
+    LLaVA-NeXT: ``anyres`` (the model's ``LlavaConfig`` when it has ``image_grid_pinpoints``;
+    ``from_config`` sets it): each image is decoded into its AnyRes views
+    (``data.anyres.preprocess_anyres_uint8``: base view + tiles, padded to ``max_tiles``) and its
+    ``<image>`` expands to that image's own token count (``anyres.num_image_tokens`` of its size),
+    so the length policy sees the real length. ``image_decode`` / ``image_mode`` do not apply
+    (always a full decode: the tiles need the whole resolution). ``max_views_per_row`` (None =
+    ``max_images_per_row`` x (1 + max_tiles), every slot's padding views) bounds the REAL views a
+    row's samples take, counted when packing; the device still encodes every slot's views (the
+    shapes stay static), so it does not shrink the step, it only decides which samples share a row.
 
     Images: ``image_decode``:
 
@@ -171,6 +187,8 @@ class PipelineConfig:
     draft_min_ratio: float = 0.9
     image_root: str | None = None
     min_shm_bytes: int | None = 65536
+    anyres: LlavaConfig | None = None
+    max_views_per_row: int | None = None
 
     def __post_init__(self):
         def bad(msg):
@@ -206,6 +224,14 @@ class PipelineConfig:
             bad(f"seed must be in [0, 2**32), got {self.seed}")
         if self.draft_gap < 1 or not 0 < self.draft_min_ratio <= 1:
             bad("draft_gap must be >= 1 and draft_min_ratio in (0, 1]")
+        if self.anyres is not None and not self.anyres.is_anyres:
+            bad("anyres must be a model config with image_grid_pinpoints (LLaVA-NeXT) or None")
+        if self.max_views_per_row is not None:
+            if self.anyres is None:
+                bad("max_views_per_row counts AnyRes views: it needs anyres (a LLaVA-NeXT model)")
+            if self.max_views_per_row < 1 + self.anyres.max_tiles:
+                bad(f"max_views_per_row={self.max_views_per_row} cannot hold one image with the most tiles "
+                    f"(1 + max_tiles = {1 + self.anyres.max_tiles})")
         resolve_template(self.template)  # KeyError with the known names
 
     @classmethod
@@ -218,7 +244,8 @@ class PipelineConfig:
         given = {k: v for k, v in dict(data_config).items() if k in names}
         return cls(**given, image_size=model_cfg.vision.image_size, image_processor=model_cfg.image_processor,
                    num_image_tokens=model_cfg.num_image_tokens,
-                   image_token_id=model_cfg.image_token_id, batch_size=batch_size)
+                   image_token_id=model_cfg.image_token_id, batch_size=batch_size,
+                   anyres=model_cfg if model_cfg.is_anyres else None)
 
     def replace(self, **kw) -> "PipelineConfig":
         return dataclasses.replace(self, **kw)
@@ -339,6 +366,18 @@ def decode_image(src: Any, cfg: PipelineConfig, name: str | None = None) -> np.n
     return _decode_draft(src, mode, size, name, cfg.draft_min_ratio, proc)
 
 
+def decode_anyres(src: Any, model_cfg: LlavaConfig, name: str | None = None):
+    """One image (path, encoded bytes, or a decoded HWC uint8 array) -> its AnyRes views:
+    ``anyres.preprocess_anyres_uint8`` of the full decode. Raises ValueError for unreadable inputs."""
+    if isinstance(src, np.ndarray) and src.ndim in (2, 3):
+        from PIL import Image
+
+        img = Image.fromarray(src)
+    else:
+        img = imglib.load_image(src.tobytes() if isinstance(src, np.ndarray) else src, name)
+    return anyres.preprocess_anyres_uint8(img, model_cfg)
+
+
 def _listify(x: Any) -> list:
     if x is None:
         return []
@@ -373,8 +412,12 @@ class SampleProcessor:
             out.append((p, p))
         return out
 
-    def _decode(self, src: Any, name: str) -> np.ndarray:
+    def _decode(self, src: Any, name: str):
+        """``decode_image``'s uint8 view, or with ``cfg.anyres`` ``preprocess_anyres_uint8``'s
+        (views, number of real views, (height, width)); unreadable images raise DropSample."""
         try:
+            if self.cfg.anyres is not None:
+                return decode_anyres(src, self.cfg.anyres, name)
             return decode_image(src, self.cfg, name)
         except ValueError as e:
             missing = isinstance(e.__cause__, FileNotFoundError)
@@ -392,8 +435,9 @@ class SampleProcessor:
         if not isinstance(conv, (list, tuple)) or not conv:
             raise DropSample("conversation", "empty or missing conversations")
         try:
+            # AnyRes: each <image> stays one token until its image's size gives its count.
             tok = tokenize_conversation(self.tokenizer, self.template, conv, self.image_token_id,
-                                        cfg.num_image_tokens)
+                                        1 if cfg.anyres is not None else cfg.num_image_tokens)
         except ValueError as e:
             raise DropSample("conversation", str(e)) from e
         except Exception as e:  # noqa: BLE001
@@ -404,6 +448,8 @@ class SampleProcessor:
             raise DropSample("image_mismatch", f"{n_img} {IMAGE_TOKEN} in the text, {len(srcs)} image(s)")
         if n_img > cfg.max_images_per_row:
             raise DropSample("too_many_images", f"{n_img} images > max_images_per_row={cfg.max_images_per_row}")
+        if cfg.anyres is not None:
+            return self._anyres_sample(tok, srcs)
         ids, targets, truncated = apply_length_policy(
             tok["input_ids"], tok["labels"], cfg.max_length, cfg.length_policy, self.image_token_id)
         s = cfg.image_size
@@ -412,6 +458,27 @@ class SampleProcessor:
         else:
             images = np.zeros((0, s, s, 3), np.uint8)
         return {"input_ids": ids, "targets": targets, "images": images, "truncated": truncated}
+
+    def _anyres_sample(self, tok: dict, srcs: list) -> dict:
+        """The AnyRes sample: ``images`` uint8 [k, 1 + max_tiles, S, S, 3] (each image's views),
+        ``image_sizes`` int32 [k, 2], and each <image> expanded to its image's token count BEFORE
+        the length policy (an image's tokens are never cut, and over-long samples are counted)."""
+        cfg, mcfg = self.cfg, self.cfg.anyres
+        decoded = [self._decode(src, name) for src, name in srcs]
+        sizes = np.asarray([hw for _, _, hw in decoded], np.int32).reshape(-1, 2)
+        n_views = sum(n for _, n, _ in decoded)
+        if cfg.max_views_per_row is not None and n_views > cfg.max_views_per_row:
+            raise DropSample("too_many_images", f"{len(decoded)} images take {n_views} AnyRes views > "
+                                                f"max_views_per_row={cfg.max_views_per_row}")
+        counts = [anyres.num_image_tokens(h, w, mcfg) for h, w in sizes]
+        ids, labels = expand_image_tokens(tok["input_ids"], tok["labels"], self.image_token_id, counts)
+        ids, targets, truncated = apply_length_policy(ids, labels, cfg.max_length, cfg.length_policy,
+                                                      self.image_token_id)
+        s = mcfg.vision.image_size
+        views = (np.stack([v for v, _, _ in decoded]) if decoded
+                 else np.zeros((0, 1 + mcfg.max_tiles, s, s, 3), np.uint8))
+        return {"input_ids": ids, "targets": targets, "images": views, "image_sizes": sizes,
+                "truncated": truncated}
 
     def __call__(self, rec: Any) -> dict:
         meta = {"source": "?", "row": -1, "id": ""}
@@ -556,6 +623,8 @@ def make_pipeline(
         image_shape=(cfg.image_size, cfg.image_size, 3),
         pad_token_id=pad_id,
         max_segments=(cfg.max_samples_per_row if cfg.pack else 1),
+        anyres=cfg.anyres,
+        max_views=cfg.max_views_per_row,
     )
     num_bins = cfg.num_bins
     if skip_log is None:

@@ -226,12 +226,21 @@ def encode_with_labels(tokenizer, text: str, spans: Sequence[tuple[int, int]], *
     return enc.ids, labels
 
 
-def expand_image_tokens(input_ids: np.ndarray, labels: np.ndarray, image_token_id: int, num_image_tokens: int):
-    """Repeat every ``image_token_id`` ``num_image_tokens`` times (labels IGNORE_INDEX there)."""
-    if num_image_tokens < 1:
-        raise ValueError(f"num_image_tokens must be >= 1, got {num_image_tokens}")
+def expand_image_tokens(input_ids: np.ndarray, labels: np.ndarray, image_token_id: int,
+                        num_image_tokens: int | Sequence[int]):
+    """Repeat every ``image_token_id`` ``num_image_tokens`` times (labels IGNORE_INDEX there).
+
+    ``num_image_tokens``: one count for every image (LLaVA-1.5: 576), or one count per image in
+    order (LLaVA-NeXT AnyRes: ``data.anyres.num_image_tokens`` of each image's size; 1 leaves an
+    image as its single token, for a caller that learns the counts later)."""
     is_img = input_ids == image_token_id
-    reps = np.where(is_img, num_image_tokens, 1)
+    counts = np.asarray(num_image_tokens, np.int64)
+    if counts.ndim and counts.size != int(is_img.sum()):
+        raise ValueError(f"{int(is_img.sum())} image tokens in the text but {counts.size} per-image token counts")
+    if counts.size and counts.min() < 1:
+        raise ValueError(f"num_image_tokens must be >= 1, got {num_image_tokens}")
+    reps = np.ones(len(input_ids), np.int64)
+    reps[is_img] = counts
     ids = np.repeat(input_ids, reps).astype(np.int32)
     lab = np.repeat(np.where(is_img, IGNORE_INDEX, labels), reps).astype(np.int32)
     return ids, lab
@@ -242,12 +251,13 @@ def tokenize_conversation(
     template: str | Template,
     turns: Sequence[Any],
     image_token_id: int,
-    num_image_tokens: int,
+    num_image_tokens: int | Sequence[int],
     max_length: int | None = None,
     add_generation_prompt: bool = False,
 ) -> dict:
     """Render ``turns`` with ``template``, tokenize by :func:`encode_prompt`, derive labels from
-    offsets, expand images. The one path from a conversation to ids: the data pipeline, the
+    offsets, expand images (``num_image_tokens``: one count for all images, or one per image as
+    :func:`expand_image_tokens` takes it). The one path from a conversation to ids: the data pipeline, the
     server, the chat CLI and ``eval.answer`` all call it.
 
     ``template``: a name from :mod:`llava_jax.data.templates` or ``"chat_template"`` (the

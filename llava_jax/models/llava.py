@@ -78,8 +78,8 @@ class LlavaModel(nnx.Module):
             # One tower-sized view per image would run a LLaVA-NeXT model on inputs it never saw,
             # with token counts its processor never produces: refused rather than silently wrong.
             raise NotImplementedError("this LLaVA-NeXT (AnyRes) model takes tiles= and image_index= "
-                                      "(llava_jax.data.anyres.anyres_batch), not pixel_values/images; the training "
-                                      "pipeline and the server do not build AnyRes inputs yet (docs/anyres.md)")
+                                      "(llava_jax.data.anyres.anyres_batch, as the training pipeline and the server "
+                                      "build them), not pixel_values/images (docs/anyres.md)")
         if pixel_values is None and images is None:
             if _is_concrete(is_image) and bool(jnp.any(is_image)):
                 raise ValueError(

@@ -164,6 +164,16 @@ class Checkpointer:
         """Only the params (e.g. a stage-1 projector into a stage-2 run), checked like `restore`."""
         return self._read(step, "params", ocp.args.StandardRestore(_abstract(trainable_like)), self.extra(step))
 
+    def param_paths(self, step: int) -> set[str] | None:
+        """The param paths (`vision/...`, `projector/...`) a step saved, from its metadata alone;
+        None when that is unreadable (`restore_params` then says what is damaged)."""
+        try:
+            meta = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "params")
+        except Exception:  # noqa: BLE001 - judged by the restore that follows
+            return None
+        return {"/".join(str(getattr(k, "key", k)) for k in keys[:-1])  # the last key is nnx's "value"
+                for keys, _ in jax.tree_util.tree_flatten_with_path(meta)[0]}
+
     def extra(self, step: int) -> dict:
         """The JSON part (step, rng, meta, ...) without reading arrays."""
         extra = self._read(step, "extra", ocp.args.JsonRestore())

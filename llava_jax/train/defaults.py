@@ -35,6 +35,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.projector_type = "mlp2x_gelu"
     c.model.vision_feature_layer = -2
     c.model.vision_feature_select_strategy = "default"
+    # LLaVA-NeXT AnyRes: the (height, width) canvases images are tiled onto (docs/anyres.md), e.g.
+    # llava_jax.config.LLAVA_V1_6_PINPOINTS; () = as the checkpoint / preset says (plain LLaVA).
+    c.model.image_grid_pinpoints = ()
     c.model.dtype = "bfloat16"  # compute
     c.model.param_dtype = "float32"  # master params
     c.model.remat = "none"
@@ -72,6 +75,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.image_mode = "crop"  # crop | pad (LLaVA-1.5 stage 2 pads to square)
     c.data.max_length = 2048
     c.data.max_images_per_row = 4
+    # LLaVA-NeXT AnyRes: the most real views (base + tiles) a row's images take (None: no bound
+    # beyond max_images_per_row; data/pipeline.py PipelineConfig)
+    c.data.max_views_per_row = ml_collections.config_dict.placeholder(int)
     c.data.pack = True
     c.data.length_policy = "drop"
     c.data.shuffle = True

@@ -165,6 +165,7 @@ def batch_loss(trainable, frozen, graphdef, batch, loss_chunk: int = 0, dropout_
     `dropout_rng`: the key for LoRA dropout (None: none)."""
     model = nnx.merge(graphdef, trainable, jax.lax.stop_gradient(frozen))
     out = model(batch["input_ids"], images=batch.get("images"), image_mask=batch.get("image_mask"),
+                tiles=batch.get("tiles"), image_index=batch.get("image_index"),  # AnyRes rows
                 positions=batch["positions"], segment_ids=batch["segment_ids"], return_hidden=bool(loss_chunk),
                 dropout_rng=dropout_rng)
     if loss_chunk:  # logits over the vocabulary a chunk of positions at a time (no [B, L, V] buffer)

@@ -137,7 +137,9 @@ def train(config, workdir: str) -> dict:
             for k, v in stats.items():  # cumulative counters from the pipeline
                 if k.startswith("total/skipped") or k == "total/truncated":
                     skipped_total[k[len("total/"):]] = int(v)
-            n_images = int(np.asarray(batch["image_mask"]).sum()) if "image_mask" in batch else 0
+            # images the tower encodes (AnyRes: every real view, base + tiles)
+            n_images = (int(stats["num_views"]) if "num_views" in stats
+                        else int(np.asarray(batch["image_mask"]).sum()) if "image_mask" in batch else 0)
             real = int((np.asarray(batch["segment_ids"]) > 0).sum())
             gb = to_global(batch)
             trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, gb, jnp.asarray(step, jnp.int32))
