@@ -202,8 +202,9 @@ def compile_step(config, topo: Topology, vocab_size: int = 0, devices=None, top:
         "loss_chunk": config.model.loss_chunk, "cast_frozen": bool(config.model.cast_frozen),
         "dtype": config.model.dtype, "param_dtype": config.model.param_dtype, "hbm_gib": topo.hbm_gib,
         "trainable": list(config.trainable),
-        # model FLOPs (6N + attention per token; every image slot filled, as the static-shape step computes)
-        "model_tflops_per_step": step_flops(cfg, _trains(config), gb * L, gb * M, L) / 1e12,
+        # model FLOPs (6N + attention per token; every image slot filled, as the static-shape step
+        # computes; an AnyRes slot runs its base view and max_tiles tiles through tower and projector)
+        "model_tflops_per_step": step_flops(cfg, _trains(config), gb * L, gb * M * _views_per_slot(cfg), L) / 1e12,
         "params": {"trainable": _count(trainable), "frozen": _count(frozen)},
         "largest": _largest([("params", trainable), ("frozen", frozen), ("opt_state", opt_state)], top),
     }
@@ -232,6 +233,11 @@ def compile_step(config, topo: Topology, vocab_size: int = 0, devices=None, top:
     if estimate and report["fits"] and devices[0].platform == "tpu":
         report["estimate"] = estimate_step_time(config, cfg, mesh, report)
     return report
+
+
+def _views_per_slot(cfg) -> int:
+    """Tower passes per image slot in the compiled step: 1, or 1 + max_tiles for AnyRes."""
+    return 1 + cfg.max_tiles if cfg.is_anyres else 1
 
 
 def _trains(config) -> set[str]:
