@@ -31,7 +31,13 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "kv_heads": ("tensor",),
     "head_dim": (),
     "vocab": ("tensor",),
-    "lora_rank": (),  # LoRA adapters' rank axis: small, rarely divisible by a mesh axis
+    # LoRA adapters' rank axis. Half of the factors (B of q/k/v/gate/up, A of o/down) have no
+    # `embed` axis, so without this they sit whole on every chip of an FSDP-only mesh (and so do
+    # their Adam moments). Over `fsdp` they shard like the kernels do; an A or B that already has
+    # `embed` keeps one fsdp-sharded axis (a mesh axis is used once per array), and a rank that
+    # fsdp does not divide is replicated (`fit_spec`). Their all-gather in the step is the
+    # FSDP weight gather the kernels already do (r x out per layer, far smaller).
+    "lora_rank": ("fsdp",),
 }
 
 

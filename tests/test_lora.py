@@ -169,9 +169,10 @@ def test_adapters_shard_like_their_kernels():
     _, state = shd.abstract_model(lambda: LlavaModel(cfg, rngs=None), mesh)
     spec = {path_str(p): v.value.sharding.spec for p, v in nnx.to_flat_state(state)}
     assert spec["llm/layers/lora/q_a"] == jax.sharding.PartitionSpec(None, "fsdp", None)
-    assert spec["llm/layers/lora/q_b"] == jax.sharding.PartitionSpec(None, None, "tensor", None)
-    assert spec["llm/layers/lora/down_a"] == jax.sharding.PartitionSpec(None, "tensor", None)
-    assert spec["llm/layers/lora/down_b"] == jax.sharding.PartitionSpec(None, None, "fsdp")
+    # the rank (4) over fsdp (2) where no embed axis took fsdp already (`lora_rank` in the rules)
+    assert spec["llm/layers/lora/q_b"] == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    assert spec["llm/layers/lora/down_a"] == jax.sharding.PartitionSpec(None, "tensor", "fsdp")
+    assert spec["llm/layers/lora/down_b"] == jax.sharding.PartitionSpec(None, "fsdp", None)
     # a sharded model gets its adapters in those shardings, and runs
     graphdef, abstract = shd.abstract_model(lambda: LlavaModel(cfg.replace(lora=None), rngs=None), mesh)
     state = jax.device_put(nnx.state(LlavaModel(cfg.replace(lora=None), rngs=None)),  # zeros: quick

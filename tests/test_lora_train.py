@@ -15,6 +15,7 @@ from flax import nnx
 from llava_jax import build
 from llava_jax import sharding as shd
 from llava_jax.models.lora import LoraConfig
+from llava_jax.models.params import path_str
 from llava_jax.train.state import make_optimizer, make_train_step, split_model
 from test_trainer import cmd, run, world  # noqa: F401 - world: the shapes-world fixture
 from train_util import IMAGE_TOKEN, devices, optim_config, params_by_path, synthetic_batch, tiny_model
@@ -95,6 +96,71 @@ def test_tiny_lora_preset_through_build_on_a_sharded_mesh():
     plain, a, b = fwd(trained, None), fwd(trained, jax.random.key(0)), fwd(trained, jax.random.key(1))
     assert not np.allclose(a, plain) and not np.allclose(a, b)
     np.testing.assert_array_equal(a, fwd(trained, jax.random.key(0)))
+
+
+def _lora_specs(state) -> dict:
+    return {path_str(p): v.get_value().sharding.spec for p, v in nnx.to_flat_state(state) if "/lora/" in path_str(p)}
+
+
+def test_lora_factors_shard_over_fsdp_and_train_as_the_replicated_layout():
+    """On an FSDP-only mesh every LoRA factor is split over `fsdp`: those without an `embed` axis
+    (B of q/k/v/gate/up, A of o/down) over their rank (`lora_rank` in the rules table), so no
+    factor, nor its Adam moments, sits whole on every chip. Two train steps (the second through
+    a non-zero B) give what the old layout (rank replicated) gives."""
+    from llava_jax.demo.run import load_demo_config
+
+    P = jax.sharding.PartitionSpec
+    config = load_demo_config("tiny_stage2_lora")  # rank 8
+    config.model.scratch.text.update(hidden_size=16, intermediate_size=32, num_heads=4, num_kv_heads=2, head_dim=4)
+    config.optim.warmup_steps = 0
+    mesh = shd.make_mesh((1, 8, 1), devices=devices(8))
+    model = build.model(config, mesh, types.SimpleNamespace(image_token_id=IMAGE_TOKEN), vocab_size=64)
+    specs = _lora_specs(nnx.state(model))
+    assert len(specs) == 14 and all("fsdp" in spec for spec in specs.values()), specs
+    assert specs["llm/layers/lora/q_b"] == P(None, "fsdp", None, None)  # [layers, rank, heads, head_dim]
+    assert specs["llm/layers/lora/o_a"] == P(None, None, None, "fsdp")  # [layers, heads, head_dim, rank]
+    assert specs["llm/layers/lora/q_a"] == P(None, "fsdp", None)  # [layers, embed, rank]: embed keeps fsdp
+    for p, v in nnx.to_flat_state(nnx.state(model.llm.layers.lora)):
+        x = v.get_value()
+        assert x.addressable_shards[0].data.size * 8 == x.size, p  # one eighth per device
+
+    # the same values in the old layout (new buffers: the steps donate their inputs)
+    graphdef, state = nnx.split(model)
+    replicated_rank = shd.state_shardings(state, mesh, {**shd.LOGICAL_RULES, "lora_rank": ()})
+    moved = jax.tree.map(lambda v, s: v.replace(jax.device_put(v.get_value(), s, may_alias=False)), state,
+                         replicated_rank, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    old = nnx.merge(graphdef, moved)
+    assert _lora_specs(nnx.state(old))["llm/layers/lora/q_b"] == P(None, None, None, None)
+    batch = {k: jax.device_put(v, shd.batch_sharding(mesh, v.ndim)) for k, v in synthetic_batch(model.config).items()}
+    results = []
+    for m in (model, old):
+        parts = build.train_parts(config, mesh, m, num_steps=20)
+        trainable, opt_state, metrics = parts.trainable, parts.opt_state, []
+        for i in (1, 2):
+            trainable, opt_state, out = parts.step(trainable, opt_state, parts.frozen, batch, jnp.asarray(i))
+            metrics.append((float(out["loss"]), float(out["grad_norm"])))
+        results.append((metrics, params_by_path(trainable)))
+    (new_metrics, new_params), (old_metrics, old_params) = results
+    np.testing.assert_allclose(new_metrics, old_metrics, rtol=1e-6)
+    assert set(new_params) == set(old_params)
+    for path, v in new_params.items():
+        np.testing.assert_allclose(v, old_params[path], rtol=1e-5, atol=1e-7, err_msg=path)
+    assert np.abs(new_params["llm/layers/lora/q_b"]).max() > 0  # step 2 ran through a non-zero B
+
+
+def test_a_rank_fsdp_does_not_divide_is_replicated():
+    """Rank 4 on fsdp 8: the rank axis falls back to replication (as any indivisible dimension
+    does), and a factor with an `embed` axis still shards it."""
+    from llava_jax.models.llava import LlavaModel
+    from train_util import tiny_model_config
+
+    P = jax.sharding.PartitionSpec
+    cfg = tiny_model_config(lora=LoraConfig(rank=4, alpha=8))
+    _, state = shd.abstract_model(lambda: LlavaModel(cfg, rngs=None), shd.make_mesh((1, 8, 1), devices(8)))
+    specs = _lora_specs(state)
+    assert specs["llm/layers/lora/q_b"] == P(None, None, None, None)
+    assert specs["llm/layers/lora/down_b"] == P(None, None, "fsdp")  # [layers, rank, embed]
+    assert specs["llm/layers/lora/q_a"] == P(None, "fsdp", None)
 
 
 @pytest.mark.slow  # a trainer and two export subprocesses: minutes on 2 busy cores

@@ -4,6 +4,7 @@ both processes. Each process reads its own input shard; the global batch is asse
 process-local rows. Both are SIGKILLed mid-run, restarted with the same command, and the losses
 match a single-process 4-device run of the same config."""
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -41,14 +42,21 @@ def proc_env(local_devices: int, rank: int | None = None, port: int | None = Non
     return e
 
 
-def start_all(world, workdir, logdir, tag):
+def start_all(world, workdir, logdir, tag, config="tiny_stage1", args=ARGS):
     port = free_port()
     procs = []
     for rank in range(NPROC):
         log = open(logdir / f"{tag}.{rank}.log", "w")
-        procs.append(subprocess.Popen(cmd(world, workdir, "tiny_stage1", *ARGS), env=proc_env(LOCAL_DEVICES, rank, port, logdir / "jax-cache"),
+        procs.append(subprocess.Popen(cmd(world, workdir, config, *args), env=proc_env(LOCAL_DEVICES, rank, port, logdir / "jax-cache"),
                                       cwd=REPO, stdout=log, stderr=subprocess.STDOUT))
     return procs
+
+
+def run_single_process(world, workdir, config="tiny_stage1", args=ARGS):
+    """The reference: one process holding the same 4-device mesh."""
+    p = subprocess.run(cmd(world, workdir, config, *args), env=proc_env(NPROC * LOCAL_DEVICES), cwd=REPO,
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
 
 
 def wait_all(procs, logdir, tag, timeout=900):
@@ -66,11 +74,8 @@ def wait_all(procs, logdir, tag, timeout=900):
 
 
 def test_two_processes_kill_resume_match_single_process(world, tmp_path):
-    # reference: one process, the same 4-device mesh
     ref = tmp_path / "ref"
-    p = subprocess.run(cmd(world, ref, "tiny_stage1", *ARGS), env=proc_env(NPROC * LOCAL_DEVICES), cwd=REPO,
-                       capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, p.stderr[-3000:]
+    run_single_process(world, ref)
 
     w = tmp_path / "mp"
     procs = start_all(world, w, tmp_path, "first")
@@ -104,20 +109,90 @@ def test_two_processes_kill_resume_match_single_process(world, tmp_path):
 def test_sigterm_on_one_host_saves_everywhere_at_one_step(world, tmp_path):
     """Preemption of ONE host (TPU maintenance, spot reclaim): JAX's preemption sync point makes
     both processes save at the same step and exit cleanly."""
-    global ARGS
-    saved = ARGS
-    ARGS = ["--config.data.pack=False", "--config.train.num_steps=200", "--config.train.ckpt_every=1000"]
-    try:
-        w = tmp_path / "mp"
-        procs = start_all(world, w, tmp_path, "sig")
-        assert wait_for_steps(procs[0], w, 3, timeout=900)
-        procs[1].send_signal(signal.SIGTERM)
-        wait_all(procs, tmp_path, "sig")
-    finally:
-        ARGS = saved
+    args = ["--config.data.pack=False", "--config.train.num_steps=200", "--config.train.ckpt_every=1000"]
+    w = tmp_path / "mp"
+    procs = start_all(world, w, tmp_path, "sig", args=args)
+    assert wait_for_steps(procs[0], w, 3, timeout=900)
+    procs[1].send_signal(signal.SIGTERM)
+    wait_all(procs, tmp_path, "sig")
     import json
 
     summary = json.loads((w / "train_summary.json").read_text())
     assert summary["status"].startswith("preempted") and summary["step"] < 200
     saved_steps = sorted(int(x.name) for x in (w / "checkpoints").iterdir() if x.name.isdigit())
     assert saved_steps == [summary["step"]]
+
+
+# LoRA stage 2 with the adapters sharded over an fsdp axis that spans both processes (rank 8
+# over fsdp 4: `lora_rank` -> fsdp in the rules table); lr 1e-2 so the adapters move visibly.
+# Dropout off: its masks follow the global row, and a sample's row differs between one process
+# (rows 0..7 = samples 0..7) and two (process 0's samples 0, 2, 4, 6 first), so the losses would
+# differ by the masks (~1e-4), not by anything multi-host.
+LORA_ARGS = ["--config.data.pack=False", "--config.train.num_steps=6", "--config.train.ckpt_every=2",
+             "--config.optim.lr=1e-2", "--config.model.lora.dropout=0.0", "--config.train.mesh.data=1",
+             "--config.train.mesh.fsdp=-1"]
+
+
+def _fresh_frozen_digest(world, base_quant: str) -> str:
+    """The frozen params of the LoRA config built afresh in this process (one device), as the
+    trainer's summary digests them (`integrity.tree_checksums`: the same on any mesh)."""
+    import jax
+
+    from llava_jax import build
+    from llava_jax import sharding as shd
+    from llava_jax.demo.run import load_demo_config
+    from llava_jax.train import integrity
+    from llava_jax.train.state import split_model
+
+    config = load_demo_config("tiny_stage2_lora")
+    config.tokenizer_path, config.model.base_quant = str(world / "tok"), base_quant
+    tok, ids = build.tokenizer(config)
+    model = build.model(config, shd.make_mesh((1, 1, 1), devices=jax.devices()[:1]), ids, vocab_size=len(tok))
+    frozen = build.frozen_for_training(split_model(model, list(config.trainable))[2], config)
+    return integrity.json_digest(integrity.tree_checksums(frozen))
+
+
+@pytest.mark.slow  # five trainer runs (two of them 2-process) per case: minutes on 2 busy cores
+@pytest.mark.parametrize("base_quant", ["none", "int8"])
+def test_lora_on_two_processes_matches_one_and_resumes(world, tmp_path, base_quant):
+    """LoRA (and QLoRA int8) over 2 processes, fsdp across them: the losses equal a
+    single-process run of the same config; the frozen base (the whole LLM, the tower) comes out
+    bit-identical to a fresh build of it; the checkpoints hold the adapters (and the projector)
+    only, and a restore from step 4 gives the uninterrupted run's steps 5 and 6."""
+    import json
+
+    from llava_jax.train.checkpoint import Checkpointer
+
+    args = LORA_ARGS + [f"--config.model.base_quant={base_quant}"]
+    fresh = _fresh_frozen_digest(world, base_quant)
+    ref = tmp_path / "ref"
+    run_single_process(world, ref, "tiny_stage2_lora", args)
+    w = tmp_path / "mp"
+    wait_all(start_all(world, w, tmp_path, "first", "tiny_stage2_lora", args), tmp_path, "first")
+    log0 = (tmp_path / "first.0.log").read_text()
+    assert "process 0 of 2, 2 local / 4 global devices" in log0 and "'fsdp': 4" in log0
+
+    r, g = losses(ref), losses(w)
+    assert sorted(g) == sorted(r) == list(range(1, 7)) and g[6] < g[1]
+    np.testing.assert_allclose([g[s] for s in range(1, 7)], [r[s] for s in range(1, 7)], rtol=2e-5)
+    summary = json.loads((w / "train_summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["frozen_digest"] == json.loads((ref / "train_summary.json").read_text())["frozen_digest"]
+    assert summary["frozen_digest"] == fresh
+
+    ck = Checkpointer(w)
+    saved = set(ck.extra(4)["integrity"]["params"])
+    ck.close()
+    assert {f"llm/layers/lora/{n}_{ab}" for n in ("q", "k", "v", "o", "gate", "up", "down") for ab in "ab"} <= saved
+    assert all("/lora/" in p or p.startswith("projector/") for p in saved), sorted(saved)
+
+    # restore: drop step 6 and its metrics, rerun the same command on 2 processes
+    shutil.rmtree(w / "checkpoints" / "6")
+    metrics = (w / "metrics.jsonl").read_text().splitlines()
+    (w / "metrics.jsonl").write_text("".join(line + "\n" for line in metrics if json.loads(line)["step"] <= 4))
+    wait_all(start_all(world, w, tmp_path, "second", "tiny_stage2_lora", args), tmp_path, "second")
+    assert "resumed from" in (tmp_path / "second.0.log").read_text()
+    g = losses(w)
+    np.testing.assert_allclose([g[5], g[6]], [r[5], r[6]], rtol=2e-5)
+    summary = json.loads((w / "train_summary.json").read_text())
+    assert summary["step"] == 6 and summary["frozen_digest"] == fresh

@@ -87,8 +87,8 @@ def io_dims(text_cfg) -> dict[str, tuple[tuple, tuple, tuple, tuple]]:
 
 class LoraAdapters(nnx.Module):
     """The adapters of every decoder layer, stacked on the leading `layers` axis like the kernels.
-    The rank axis has its own logical name (`lora_rank`, replicated by the rules table): r is
-    small and rarely divides a mesh axis."""
+    The rank axis has its own logical name, `lora_rank`: the rules table splits it over `fsdp`
+    (`llava_jax/sharding.py`), so the factors that have no `embed` axis shard on FSDP meshes too."""
 
     def __init__(self, text_cfg, lora: LoraConfig, param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
         self.config = lora

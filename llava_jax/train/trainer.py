@@ -20,6 +20,7 @@ from llava_jax import build
 from llava_jax import sharding as shd
 from llava_jax.config import LlavaConfig
 from llava_jax.fileio import as_path
+from llava_jax.train import integrity
 from llava_jax.train.checkpoint import Checkpointer
 from llava_jax.train.metrics import MetricsWriter, peak_flops_per_device
 from llava_jax.train.state import count_params, param_count_by_subtree, step_flops
@@ -176,8 +177,12 @@ def train(config, workdir: str) -> dict:
     skips = getattr(data_iter, "skip_log", None)
     if skips is not None and skips.total:  # counted all along (metrics); said once at the end
         log.info("%s%s", skips, f"; listed in {as_path(workdir) / config.data.skip_log}" if config.data.skip_log else "")
+    # The frozen params' values as one digest (checksums of their bits, the same on any mesh and
+    # process count): equal to a fresh build's, it shows the base (a LoRA run's LLM, the tower)
+    # left training bit-identical. Every process takes part (the sums are collectives).
+    frozen_digest = integrity.json_digest(integrity.tree_checksums(frozen))
     # `last` (the last logged metrics) must not override the step the run really ended at
-    summary = {**last, "status": status, "step": step, "num_steps": num_steps}
+    summary = {**last, "status": status, "step": step, "num_steps": num_steps, "frozen_digest": frozen_digest}
     if is_main:
         (workdir_p / "train_summary.json").write_text(json.dumps(summary, indent=2))
         log.info("training %s at step %d", status, step)
