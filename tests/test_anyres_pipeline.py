@@ -19,11 +19,12 @@ from llava_jax.config import IGNORE_INDEX, LlavaConfig, TextConfig, VisionConfig
 from llava_jax.data import anyres  # noqa: E402
 from llava_jax.data.images import normalize  # noqa: E402
 from llava_jax.data.packing import shift_labels  # noqa: E402
-from llava_jax.data.pipeline import PipelineConfig, SampleProcessor, make_iterator  # noqa: E402
+from llava_jax.data.pipeline import PipelineConfig, SampleProcessor  # noqa: E402
 from llava_jax.data.tokenize import tokenize_conversation  # noqa: E402
 from llava_jax.models.llava import LlavaModel  # noqa: E402
 from llava_jax.train import state as st  # noqa: E402
 from test_anyres import PATCH, PINPOINTS, S, hf_image_processor, make_image  # noqa: E402
+from test_pipeline import run  # noqa: E402
 from test_chat_templates import real_tokenizer  # noqa: E402
 
 VOCAB = 832  # the 800-token test tokenizer + <image> (800) + <pad> (801)
@@ -79,16 +80,7 @@ def pipeline_config(cfg: LlavaConfig, **kw) -> PipelineConfig:
 
 
 def batches(records, tokenizer, pcfg, n=None):
-    it = make_iterator(records, tokenizer, pcfg, 0, 1)
-    out = []
-    try:
-        for b in it:
-            out.append(b)
-            if n is not None and len(out) == n:
-                break
-    finally:
-        it.close()
-    return out
+    return run(records, tokenizer, pcfg, n=n)[0]
 
 
 def init_model(cfg: LlavaConfig, seed: int = 0) -> LlavaModel:
