@@ -50,28 +50,33 @@ def add_model_args(p: argparse.ArgumentParser):
 
 def warmup_groups(gen, max_batch: int, max_prompt_tokens: int) -> list:
     """Encoded prompt groups for `BatchScheduler.warm_up`: the batch buckets up to `max_batch`
-    with a short text prompt and with a one-image prompt, then one prompt per prompt-length
-    bucket up to `max_prompt_tokens`."""
+    with a short text prompt and with a one-image prompt, then one text prompt and one one-image
+    prompt filling each prompt-length bucket up to `max_prompt_tokens` (an image prompt only where
+    its image tokens fit: an AnyRes image takes hundreds to thousands, so its prompts live in the
+    long buckets). Prompts with several images (larger image-slot buckets) are not warmed."""
+    import dataclasses
+
     from PIL import Image
 
     from llava_jax.serve.engine import BATCH_BUCKETS, PROMPT_BUCKETS
 
     size = gen.cfg.vision.image_size
-    text = gen.encode([{"role": "user", "content": "Hello"}])
-    image = gen.encode([{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (size, size))},
-                                                     {"type": "text", "text": "Hello"}]}])
-    groups = [[e] * b for b in BATCH_BUCKETS if b <= max_batch for e in (text, image)]
+    picture = Image.new("RGB", (size, size))
+    short = {False: gen.encode([{"role": "user", "content": "Hello"}]),
+             True: gen.encode([{"role": "user", "content": [{"type": "image", "image": picture},
+                                                            {"type": "text", "text": "Hello"}]}])}
+    groups = [[short[image]] * b for b in BATCH_BUCKETS if b <= max_batch for image in (False, True)]
+    # Only the shapes matter, so a bucket is filled with one ordinary token after the first (BOS)
+    # rather than with text (a tokenizer may merge repeated filler words into a few tokens).
+    filler = gen.tokenizer.encode("Hello", add_special_tokens=False)[0]
     prev = 0
     for p in PROMPT_BUCKETS:
         if p > max_prompt_tokens:
             break
-        words = max(1, p - len(text.ids))  # about one token per filler word; shrink until it fits
-        e = gen.encode([{"role": "user", "content": "Hello" + " word" * words}])
-        while len(e.ids) > p and words > 1:
-            words = max(1, words - (len(e.ids) - p))
-            e = gen.encode([{"role": "user", "content": "Hello" + " word" * words}])
-        if prev < len(e.ids) <= p:
-            groups.append([e])
+        for e in short.values():
+            if len(e.ids) <= prev:  # (a short prompt's own bucket is warmed above)
+                ids = e.ids[:1] + [filler] * (p - len(e.ids)) + e.ids[1:]
+                groups.append([dataclasses.replace(e, ids=ids)])
         prev = p
     return groups
 
