@@ -1,4 +1,5 @@
-"""LLaVA-1.5 recipe with a SigLIP so400m-14-384 tower instead of CLIP (7B, stage 1 and stage 2).
+"""LLaVA-1.5 recipe with a SigLIP so400m-14-384 tower instead of CLIP: Vicuna-7B (`7b_<stage>`) or
+Qwen2-7B-Instruct (`qwen2_7b_<stage>`), stage one of stage1, stage2, lora, qlora.
 
     python -m llava_jax.train --config=configs/llava_siglip.py:7b_stage1 --workdir=DIR \
         --config.model.clip_path=/ckpt/siglip-so400m-patch14-384 \
@@ -7,6 +8,8 @@
     python -m llava_jax.train --config=configs/llava_siglip.py:7b_stage2 --workdir=DIR2 \
         --config.model.init_from_workdir=DIR ...
     python -m llava_jax.tools.aot --config=configs/llava_siglip.py:7b_stage2 --topology=v5p-64
+    # SigLIP x Qwen2-7B-Instruct (LLaVA-OneVision's pairing, base resolution):
+    python -m llava_jax.tools.aot --config=configs/llava_siglip.py:qwen2_7b_stage2 --topology=v5p-64
 
 Everything as `configs/llava_v1_5.py` (same schedules, batches, templates, LoRA variant
 `7b_lora`) except the tower: `model.clip_path` names a SigLIP dir (google/siglip-so400m-patch14-384,
@@ -29,13 +32,20 @@ def llava_v1_5_config(arg: str):
     return module.get_config(arg)
 
 
+# LLM -> the SigLIP preset (the geometry without checkpoints); the rest comes from llava_v1_5.py's
+# recipe of that LLM (templates, schedules, batches, LoRA / QLoRA variants).
+PRESETS = {"7b": "llava_siglip_7b", "qwen2_7b": "llava_siglip_qwen2_7b"}
+
+
 def get_config(arg: str = "7b_stage1"):
-    if not arg.startswith("7b_"):
-        raise ValueError(f"unknown config {arg!r}; use one of 7b_stage1, 7b_stage2, 7b_lora")
+    llm, _, stage = arg.rpartition("_")
+    if llm not in PRESETS:
+        raise ValueError(f"unknown config {arg!r}; use <llm>_<stage> with llm one of {', '.join(PRESETS)} and a "
+                         "stage of configs/llava_v1_5.py (stage1, stage2, lora, qlora), e.g. qwen2_7b_stage2")
     c = llava_v1_5_config(arg)
-    c.name = c.name.replace("llava-v1.5", "llava-siglip")
+    c.name = c.name.replace("llava-v1.5", "llava-siglip") if llm == "7b" else c.name.replace("llava-", "llava-siglip-")
     c.model.clip_path = "siglip-so400m-patch14-384"
-    c.model.preset = "llava_siglip_7b"
+    c.model.preset = PRESETS[llm]
     c.model.vision_feature_layer = -2
     c.model.vision_feature_select_strategy = "full"
     return c

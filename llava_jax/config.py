@@ -643,6 +643,14 @@ def llava_siglip_7b(**overrides) -> LlavaConfig:
     return LlavaConfig(vision=SIGLIP_SO400M_14_384, text=VICUNA_7B, **kw)
 
 
+def llava_siglip_qwen2_7b(**overrides) -> LlavaConfig:
+    """SigLIP so400m-14-384 (features as `llava_siglip_7b`) + mlp2x_gelu + Qwen2-7B-Instruct: the
+    pairing LLaVA-OneVision uses (at base resolution; OneVision adds AnyRes), `<image>` after the
+    LLM's own vocabulary."""
+    kw = dict(vision_feature_layer=-2, vision_feature_select_strategy="full", image_token_id=QWEN2_7B.vocab_size)
+    return LlavaConfig(vision=SIGLIP_SO400M_14_384, text=QWEN2_7B, **{**kw, **overrides})
+
+
 # LLaVA-NeXT (llava-v1.6): CLIP ViT-L/14-336 AnyRes over these canvases (grids 1x2, 2x1, 2x2, 3x1,
 # 1x3: max_tiles 4, at most 2928 image tokens), the llava-hf checkpoints' vocab of 32064 with
 # <image> = 32000 (the released llava-v1.6-*-hf config.json values).
@@ -667,6 +675,7 @@ PRESETS = {
     "llava_mistral_7b": _clip_336_with(MISTRAL_7B_V0_2, "Mistral-7B-Instruct-v0.2"),
     "llava_mistral_7b_v0_1": _clip_336_with(MISTRAL_7B_V0_1, "Mistral-7B-v0.1 (sliding window 4096)"),
     "llava_siglip_7b": llava_siglip_7b,
+    "llava_siglip_qwen2_7b": llava_siglip_qwen2_7b,
     "llava_v1_6_vicuna_7b": _llava_v1_6_with(VICUNA_7B, "Vicuna-7B v1.5"),
     "llava_v1_6_vicuna_13b": _llava_v1_6_with(VICUNA_13B, "Vicuna-13B v1.5"),
     "llava_v1_6_mistral_7b": _llava_v1_6_with(dataclasses.replace(MISTRAL_7B_V0_2, vocab_size=32064),
