@@ -270,4 +270,5 @@ def test_recipe_configs_use_the_backbone_preset_and_template(llm, preset, templa
     assert c.data.template == template and resolve_template(template)
     assert build.model_config(c).text == PRESETS[preset]().text
     assert build.preset_for(c.model.llm_path) == preset
-    assert mod.get_config(f"{llm}_stage1").data.template == "plain"
+    s1 = mod.get_config(f"{llm}_stage1")
+    assert s1.data.template == "plain" and s1.model.cast_frozen  # the frozen LLM in bf16 (bit-identical steps)
