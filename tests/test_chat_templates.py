@@ -86,12 +86,12 @@ def test_chat_templates_equal_apply_chat_template_and_supervise_each_reply(moder
 
 def _serving_generator(tok, image_id, template):
     """The server's prompt builder (ChatGenerator.encode) on a stand-in model config."""
-    from llava_jax.config import ImageProcessorConfig
+    from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
     from llava_jax.serve.generator import ChatGenerator
 
-    cfg = types.SimpleNamespace(image_token_id=image_id, num_image_tokens=3, vision=types.SimpleNamespace(image_size=8),
-                                text=types.SimpleNamespace(eos_token_id=None, max_position_embeddings=4096),
-                                image_processor=ImageProcessorConfig())
+    # a real (tiny) config, so every field the generator reads exists: 8 px / patch 4 = 4 image tokens
+    cfg = LlavaConfig(vision=VisionConfig(image_size=8, patch_size=4), image_token_id=image_id,
+                      text=TextConfig(vocab_size=max(len(tok), image_id + 1), eos_token_id=None))
     return ChatGenerator(types.SimpleNamespace(config=cfg), tok, template=template, engine=object())
 
 
@@ -127,7 +127,7 @@ def test_serving_prompt_is_a_prefix_of_the_training_ids(template, tmp_path_facto
             turns = [("human", f"{IMAGE_TOKEN}\n{question}"), ("gpt", answer), ("human", "Why?"), ("gpt", "It is.")]
             messages = [{"role": "user", "content": [{"type": "image", "image": image},
                                                      {"type": "text", "text": question}]}]
-        train = tokenize_conversation(tok, template, turns, image_id, 3)
+        train = tokenize_conversation(tok, template, turns, image_id, gen.cfg.num_image_tokens)
         prompt = gen.encode(messages).ids
         assert train["input_ids"][:len(prompt)].tolist() == prompt, (tok_name, template)
         first_supervised = int(np.flatnonzero(train["labels"] != IGNORE_INDEX)[0])
