@@ -41,7 +41,7 @@ from PIL import Image
 
 from llava_jax.data.images import preprocess_image_uint8, to_rgb
 from llava_jax.data.templates import CHAT_TEMPLATE, IMAGE_TOKEN, default_template, resolve_template
-from llava_jax.data.tokenize import end_of_turn_ids, tokenize_conversation
+from llava_jax.data.tokenize import end_of_turn_ids, expand_image_tokens, tokenize_conversation
 from llava_jax.serve.engine import FINISH_EOS, Engine, Request, SamplingParams
 
 
@@ -360,11 +360,11 @@ class ChatGenerator:
 
         batch = anyres.anyres_batch([images], self.cfg, max_images=len(images))
         counts = [anyres.num_image_tokens(int(h), int(w), self.cfg) for h, w in batch["image_sizes"][0]]
-        ids = np.asarray(enc["input_ids"])
-        reps = np.ones(len(ids), np.int64)
-        reps[ids == self.cfg.image_token_id] = counts  # tokenized with one token per image
+        # tokenized with one token per image: the training pipeline's expansion, per image
+        ids, _ = expand_image_tokens(np.asarray(enc["input_ids"]), np.asarray(enc["labels"]),
+                                     self.cfg.image_token_id, counts)
         index = batch["image_index"][0]
-        return Encoded([int(x) for x in np.repeat(ids, reps)], batch["tiles"][0], enc["text"], index[index >= 0])
+        return Encoded([int(x) for x in ids], batch["tiles"][0], enc["text"], index[index >= 0])
 
     @property
     def image_tokens_text(self) -> str:
