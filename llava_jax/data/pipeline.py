@@ -349,18 +349,28 @@ def _decode_draft(src, mode: str, size: int, name: str | None, min_ratio: float,
     return imglib._preprocess_drafted(rgb, width, height, scale, mode, size, processor)  # noqa: SLF001
 
 
+def _is_decoded(src: Any) -> bool:
+    """A decoded HWC (or HW) uint8 array, as opposed to a path or encoded bytes (a 1-D array)."""
+    return isinstance(src, np.ndarray) and src.ndim in (2, 3)
+
+
+def _full_decode(src: Any, name: str | None):
+    """The PIL image of a decoded array, or the full decode of a path / encoded bytes."""
+    if _is_decoded(src):
+        from PIL import Image
+
+        return Image.fromarray(src)
+    return imglib.load_image(src.tobytes() if isinstance(src, np.ndarray) else src, name)
+
+
 def decode_image(src: Any, cfg: PipelineConfig, name: str | None = None) -> np.ndarray:
     """One image (path, encoded bytes, or a decoded HWC uint8 array) -> uint8 [S, S, 3] per
     ``cfg.image_decode``. Raises ValueError for unreadable inputs (cause kept)."""
     mode, size, proc = cfg.image_mode, cfg.image_size, cfg.image_processor
-    if isinstance(src, np.ndarray) and src.ndim in (2, 3):
-        from PIL import Image
-
-        return imglib.preprocess_image_uint8(Image.fromarray(src), mode=mode, size=size, processor=proc)
+    if _is_decoded(src) or cfg.image_decode == "exact":
+        return imglib.preprocess_image_uint8(_full_decode(src, name), mode=mode, size=size, processor=proc)
     if isinstance(src, np.ndarray):
         src = src.tobytes()
-    if cfg.image_decode == "exact":
-        return imglib.preprocess_image_uint8(imglib.load_image(src, name), mode=mode, size=size, processor=proc)
     if cfg.image_decode == "fast":
         return imglib.decode_and_preprocess_uint8(src, mode, size, name=name, draft_gap=cfg.draft_gap, processor=proc)
     return _decode_draft(src, mode, size, name, cfg.draft_min_ratio, proc)
@@ -369,13 +379,7 @@ def decode_image(src: Any, cfg: PipelineConfig, name: str | None = None) -> np.n
 def decode_anyres(src: Any, model_cfg: LlavaConfig, name: str | None = None):
     """One image (path, encoded bytes, or a decoded HWC uint8 array) -> its AnyRes views:
     ``anyres.preprocess_anyres_uint8`` of the full decode. Raises ValueError for unreadable inputs."""
-    if isinstance(src, np.ndarray) and src.ndim in (2, 3):
-        from PIL import Image
-
-        img = Image.fromarray(src)
-    else:
-        img = imglib.load_image(src.tobytes() if isinstance(src, np.ndarray) else src, name)
-    return anyres.preprocess_anyres_uint8(img, model_cfg)
+    return anyres.preprocess_anyres_uint8(_full_decode(src, name), model_cfg)
 
 
 def _listify(x: Any) -> list:
