@@ -137,8 +137,8 @@ def _checkpoint_kwargs(config, image_token_id: int | None) -> tuple[str, dict]:
                   vision_feature_select_strategy=m.vision_feature_select_strategy)
     if image_token_id is not None and m.init != "hf":
         kw["image_token_id"] = image_token_id
-    if image_grid_pinpoints(config):  # e.g. LLaVA-NeXT stage 2 from CLIP + an LLM (+ the stage-1 projector)
-        kw["image_grid_pinpoints"] = image_grid_pinpoints(config)
+    if pins := image_grid_pinpoints(config):  # e.g. LLaVA-NeXT stage 2 from CLIP + an LLM (+ the stage-1 projector)
+        kw["image_grid_pinpoints"] = pins
     return path, kw
 
 
@@ -166,8 +166,8 @@ def model_config(config, vocab_size: int | None = None, image_token_id: int | No
     if m.init == "clip_llama":
         cfg = cfg.replace(projector_type=m.projector_type, vision_feature_layer=m.vision_feature_layer,
                           vision_feature_select_strategy=m.vision_feature_select_strategy)
-    if image_grid_pinpoints(config):
-        cfg = cfg.replace(image_grid_pinpoints=image_grid_pinpoints(config))
+    if pins := image_grid_pinpoints(config):
+        cfg = cfg.replace(image_grid_pinpoints=pins)
     if vocab_size is not None:
         cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=vocab_size))
     return cfg.replace(runtime=runtime(config), lora=lora_config(config), base_quant=base_quant(config))

@@ -228,28 +228,15 @@ def build_row(samples: Sequence[dict], spec: RowSpec) -> dict[str, Any]:
             m += k
             if spec.anyres is not None:
                 sizes += [(int(h), int(w)) for h, w in s["image_sizes"]]
-    if spec.anyres is not None:
-        tile_mask = np.zeros(images.shape[:2], bool)
-        for i, (h, w) in enumerate(sizes):
-            tile_mask[i, : anyres.num_views(h, w, spec.anyres)] = True
-        capacity = anyres.index_capacity(spec.anyres, M, L)
-        return {
-            "input_ids": input_ids,
-            "targets": targets,
-            "segment_ids": segment_ids,
-            "positions": positions,
-            "tiles": images,
-            "tile_mask": tile_mask,
-            "image_index": anyres.row_image_index(sizes, spec.anyres, capacity),
-        }
-    return {
-        "input_ids": input_ids,
-        "targets": targets,
-        "segment_ids": segment_ids,
-        "positions": positions,
-        "images": images,
-        "image_mask": image_mask,
-    }
+    row = {"input_ids": input_ids, "targets": targets, "segment_ids": segment_ids, "positions": positions}
+    if spec.anyres is None:
+        return {**row, "images": images, "image_mask": image_mask}
+    tile_mask = np.zeros(images.shape[:2], bool)
+    for i, (h, w) in enumerate(sizes):
+        tile_mask[i, : anyres.num_views(h, w, spec.anyres)] = True
+    capacity = anyres.index_capacity(spec.anyres, M, L)
+    return {**row, "tiles": images, "tile_mask": tile_mask,
+            "image_index": anyres.row_image_index(sizes, spec.anyres, capacity)}
 
 
 def _row_stats(samples: Sequence[dict], spec: RowSpec, counters: dict[str, int]) -> dict[str, Any]:
