@@ -90,18 +90,63 @@ def one_line(e: BaseException, limit: int = 240) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _orbax_echo(unraisable) -> bool:
+    """An abandoned Orbax read coroutine, collected after the first read failed."""
+    code = getattr(unraisable.object, "cr_code", None)
+    return code is not None and "orbax" in code.co_filename
+
+
+def _late_tensorstore_completion(unraisable) -> bool:
+    """A TensorStore read that Orbax stopped waiting for (another read had failed) finishing
+    after Orbax closed its event loop: TensorStore's done-callback then calls
+    `loop.call_soon_threadsafe` on the closed loop, from its own thread, so Python reports
+    "Exception ignored in: None ... Event loop is closed". This can land any time after the
+    restore returned, hence a filter that stays (`_keep_late_completions_quiet`)."""
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed"):
+        return False
+    tb = unraisable.exc_traceback
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == "call_soon_threadsafe":
+            args = frame.f_locals.get("args", ())
+            return any(type(a).__module__.startswith("tensorstore") for a in args)
+        tb = tb.tb_next
+    return False
+
+
+_late_filter_installed = False
+
+
+def _keep_late_completions_quiet():
+    """Install (once per process) a hook that drops `_late_tensorstore_completion` and passes
+    every other unraisable exception to the hook that was there before."""
+    global _late_filter_installed
+    if _late_filter_installed:
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _late_tensorstore_completion(unraisable):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    _late_filter_installed = True
+
+
 @contextlib.contextmanager
 def quiet_failed_reads():
     """While restoring: when one array read fails, Orbax's other reads of the same damaged file
     fail too, in coroutines nobody awaits any more; Python prints each one ("Exception ignored
-    in: <coroutine ...>", a whole TensorStore spec) when it is collected. The first failure is
-    what gets reported (one line), so those echoes from Orbax's coroutines are dropped; any
-    other unraisable exception still reaches the previous hook."""
+    in: <coroutine ...>", a whole TensorStore spec) when it is collected, and a read still in
+    flight in TensorStore can complete onto Orbax's closed event loop. The first failure is
+    what gets reported (one line), so those echoes are dropped; any other unraisable exception
+    still reaches the previous hook."""
+    _keep_late_completions_quiet()
     previous = sys.unraisablehook
 
     def hook(unraisable):
-        code = getattr(unraisable.object, "cr_code", None)
-        if code is None or "orbax" not in code.co_filename:
+        if not _orbax_echo(unraisable):
             previous(unraisable)
 
     sys.unraisablehook = hook
