@@ -43,6 +43,7 @@ from lmms_eval.api.model import lmms
 from lmms_eval.models.registry_v2 import ModelManifest
 
 from llava_jax.data.templates import IMAGE_TOKEN
+from llava_jax.models.llava import image_kwargs
 from llava_jax.serve.engine import SamplingParams, bucket
 from llava_jax.serve.generator import ChatGenerator, Completion
 
@@ -190,10 +191,7 @@ class LlavaJax(lmms):
             @jax.jit
             def fn(state, ids, mask, images, image_mask, image_index):
                 model = nnx.merge(graphdef, state)
-                if image_index is not None:  # AnyRes: `images` are tiles (serve/generator.py)
-                    logits = model(ids, attention_mask=mask, tiles=images, image_index=image_index)
-                else:
-                    logits = model(ids, attention_mask=mask, images=images, image_mask=image_mask)
+                logits = model(ids, attention_mask=mask, **image_kwargs(images, image_mask, image_index))
                 return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
 
             self._logprob_fn = lambda *a: fn(state, *a)

@@ -43,6 +43,16 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+
+def image_kwargs(images, image_mask, image_index) -> dict:
+    """The model's image keyword arguments for a serving/eval batch: AnyRes tiles placed by a host
+    `image_index` (LLaVA-NeXT), plain images with their mask, or none (text only)."""
+    if image_index is not None:
+        return {"tiles": images, "image_index": image_index}
+    if images is not None:
+        return {"images": images, "image_mask": image_mask}
+    return {}
+
 class LlavaModel(nnx.Module):
     def __init__(self, config: LlavaConfig, *, rngs: nnx.Rngs | None = None):
         self.config = config

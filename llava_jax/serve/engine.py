@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llava_jax.models.llava import LlavaModel
+from llava_jax.models.llava import LlavaModel, image_kwargs
 
 PROMPT_BUCKETS = (32, 64, 128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -181,11 +181,7 @@ class Engine:
 
     @staticmethod
     def _embed(model, ids, images, image_mask, image_index):
-        if image_index is not None:  # AnyRes: `images` are tiles, the host index places their features
-            return model.embed_inputs(ids, tiles=images, image_index=image_index)
-        if images is not None:
-            return model.embed_inputs(ids, images=images, image_mask=image_mask)
-        return model.embed_inputs(ids)
+        return model.embed_inputs(ids, **image_kwargs(images, image_mask, image_index))
 
     def _prefill(self, state, ids, seg, images, image_mask, image_index, samp, eos, *, max_len: int):
         self.traces["prefill"] += 1  # runs once per compilation
