@@ -115,3 +115,31 @@ def test_xla_flag_sets_are_known_to_this_jaxlib():
     assert bad.returncode != 0  # the check above can fail
     with pytest.raises(ValueError, match="unknown xla flag set"):
         bench.parse_variants("xla=fast")
+
+
+def test_llamacpp_rows_are_decode_at_batch_one_per_quant():
+    """llama.cpp's CLI decodes one sequence: its rows exist only for decode B=1, one per GGUF type."""
+    args = bench.parse_args(["--preset=demo", "--tasks=stage1,decode", "--decode_batches=1,2",
+                             "--frameworks=jax,llamacpp", "--llamacpp_quants=f16,q4_K_M"])
+    jobs = bench.build_jobs(args, bench.geometry_from_args(args))
+    got = {(j["framework"], j["work"], j.get("batch"), j.get("quant")) for j in jobs}
+    assert {g for g in got if g[0] == "llamacpp"} == {("llamacpp", "decode", 1, "f16"), ("llamacpp", "decode", 1, "q4_K_M")}
+    assert ("jax", "decode", 2, None) in got and ("jax", "train", None, None) in got
+
+
+def test_llamacpp_side_by_side_runs_llama_cpp_itself(tmp_path):
+    """The demo-size model exported by llava-jax's GGUF export and timed by llama.cpp's own tools
+    (llama-mtmd-cli for the image encoder, llama-bench for the LLM) next to llava-jax's engine."""
+    from llava_jax.tools import llamacpp
+
+    if llamacpp.bin_dir() is None:
+        pytest.skip("no llama.cpp build (python -m llava_jax.tools.llamacpp builds it, ~25 min); tests never build")
+    js = tmp_path / "r.jsonl"
+    out = _run(["--preset=demo", "--tasks=decode", "--frameworks=jax,llamacpp", "--llamacpp_quants=f16",
+                "--new_tokens=16", "--decode_repeats=1", f"--json={js}"], tmp_path)
+    rows = {r[1]: r for r in _rows(out)}
+    assert set(rows) == {"llava-jax (Engine)", "llama.cpp (f16 GGUF)"}, rows
+    r = rows["llama.cpp (f16 GGUF)"]
+    assert _num(r[2]) > 0 and _num(r[3]) > 0 and "42 prompt tokens" in r[7], r
+    (res,) = [json.loads(x) for x in js.read_text().splitlines() if '"llamacpp"' in x]
+    assert res["ok"] and res["backend"].startswith("llama.cpp ") and res["llm_file_bytes"] > 0

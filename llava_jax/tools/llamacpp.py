@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -112,6 +113,38 @@ def mtmd_generate(llm, mmproj, image, prompt: str, n: int, *, threads: int = 2, 
                 return p.stdout, p.stderr.decode("utf-8", errors="replace")
             seen.append(p.stdout)
     raise RuntimeError("llama-mtmd-cli's output was cut off at exit or changed between runs (8 tries)")
+
+
+def image_encode_ms(llm, mmproj, image, *, threads: int = 2, tries: int = 6, timeout: int = 1800) -> float:
+    """The time llama.cpp's vision encoder (tower + projector) takes for `image`, as its own log
+    line says (one `llama-mtmd-cli` run of one new token; the run is repeated if that line was
+    lost at exit, see `mtmd_generate`)."""
+    cmd = [tool("llama-mtmd-cli"), "-m", llm, "--mmproj", mmproj, "--image", image, "-p", "<__media__>", "-n", "1",
+           "--temp", "0", "--seed", "0", "-t", str(threads), "--no-warmup"]
+    for _ in range(tries):
+        p = subprocess.run([str(c) for c in cmd], capture_output=True, timeout=timeout)
+        log = p.stderr.decode("utf-8", errors="replace")
+        if p.returncode != 0:
+            raise RuntimeError(f"llama-mtmd-cli failed ({p.returncode}):\n{log[-3000:]}")
+        m = re.search(r"mtmd batch encoding done in (\d+) ms", log)
+        if m:
+            return float(m.group(1))
+    raise RuntimeError(f"llama-mtmd-cli printed no image encoding time in {tries} runs")
+
+
+def bench_llm(llm, *, n_prompt: int = 0, n_gen: int = 0, depth: int = 0, threads: int = 2, reps: int = 3,
+              timeout: int = 1800) -> float:
+    """llama-bench's mean tokens/s for one test: a prompt of `n_prompt` tokens, or `n_gen` tokens
+    generated one at a time after `depth` tokens already in the KV cache."""
+    import json
+
+    cmd = [tool("llama-bench"), "-m", llm, "-p", str(n_prompt), "-n", str(n_gen), "-d", str(depth), "-t", str(threads),
+           "-r", str(reps), "-o", "json"]
+    p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise RuntimeError(f"llama-bench failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    (row,) = json.loads(p.stdout)
+    return float(row["avg_ts"])
 
 
 def tokenize(llm, text: str, bos: bool) -> list[int]:

@@ -16,6 +16,11 @@ Same model geometry, random weights, same work on both sides (issue 9):
     (`torch.compile`, CUDA graphs), after warm-up calls with the same settings.
     ms/step = (time(new_tokens) - time(1 token)) / (new_tokens - 1): decode steps only, prefill
     excluded; decode tokens/s = batch x 1000 / ms/step.
+  * llama.cpp (`--frameworks=...,llamacpp`, decode at batch 1 only): the same geometry exported
+    by llava-jax's GGUF export (`--llamacpp_quants`, default f16,q4_K_M) and timed by llama.cpp's
+    own tools from the build `python -m llava_jax.tools.llamacpp` caches (`llamacpp_jobs`).
+    The presets `demo` (the demo's model size) and `cpu` (the 1B-class geometry, 32 new tokens)
+    are for this CPU side-by-side.
 Reported: tokens/s, ms/step, MFU (model FLOPs of `train.state.step_flops`, the same count for both
 sides, over the device's dense bf16 peak from a table by device kind), peak device memory, and the
 ratio llava-jax / transformers (compiled unless that was skipped) of tokens/s.

@@ -20,7 +20,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m llava_jax.tools.bench", description=summary)
     p.add_argument("--preset", choices=sorted(PRESETS), default="h100")
     p.add_argument("--tasks", default="stage1,stage2,decode", help="comma list of stage1, stage2, decode")
-    p.add_argument("--frameworks", default="jax,torch", help="comma list of jax, torch")
+    p.add_argument("--frameworks", default="jax,torch",
+                   help="comma list of jax, torch, llamacpp (llama.cpp: decode at batch 1, from its cached build)")
+    p.add_argument("--llamacpp_quants", default="f16,q4_K_M", help="GGUF types of the LLM for llama.cpp rows")
+    p.add_argument("--threads", type=int, default=0, help="llama.cpp threads (0 = all CPUs)")
     p.add_argument("--variants", default=None, help="llava-jax option sets (see module doc); default per preset")
     p.add_argument("--torch_compile", choices=("auto", "yes", "no"), default="auto",
                    help="auto: compile on CUDA, eager elsewhere (torch.compile on CPU is slow)")
@@ -48,6 +51,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.tasks = [t for t in args.tasks.split(",") if t]
     args.frameworks = [f for f in args.frameworks.split(",") if f]
+    args.llamacpp_quants = [q for q in args.llamacpp_quants.split(",") if q]
     if args.variants is None:
         args.variants = PRESETS[args.preset]["variants"]
     return args
@@ -90,6 +94,7 @@ def main(argv=None) -> int:
             what = f"{job['framework']} {job['work']}{job.get('stage', '')}" + \
                    (f" B={job['batch']}" if job["work"] == "decode" else "") + \
                    (f" [{variant_label(job['variant'])}]" if job["framework"] == "jax" else
+                    f" [{job['quant']}]" if job["framework"] == "llamacpp" else
                     f" [{'compiled' if job['compiled'] else 'eager'}]")
             print(f"[{i + 1}/{len(jobs)}] {what} ...", file=sys.stderr, flush=True)
             r = run_isolated(job, args.worker_timeout, args.xla_flags) if isolate else run_job(job)

@@ -37,6 +37,8 @@ def side_label(r: dict) -> str:
         return "llava-jax (Engine" + ("" if x == "default" else f", xla={x}") + ")"
     if r["framework"] == "jax":
         return f"llava-jax ({variant_label(r['variant'])})"
+    if r["framework"] == "llamacpp":
+        return f"llama.cpp ({r['quant']} GGUF)"
     return "transformers " + ("compiled" if r["compiled"] else "eager")
 
 
@@ -69,7 +71,7 @@ def render_table(results: list[dict], geo: Geometry, peak_override: float | None
         g = groups[key]
         base = next((r for r in g if r["framework"] == "torch" and r["ok"] and r["compiled"]), None) \
             or next((r for r in g if r["framework"] == "torch" and r["ok"]), None)
-        g.sort(key=lambda r: (r["framework"] != "jax", not r.get("compiled", True)))
+        g.sort(key=lambda r: (["jax", "llamacpp", "torch"].index(r["framework"]), not r.get("compiled", True)))
         for i, r in enumerate(g):
             work = work_label(r, geo) if i == 0 else ""
             if not r["ok"]:
@@ -85,9 +87,13 @@ def render_table(results: list[dict], geo: Geometry, peak_override: float | None
             notes = []
             if r["work"] == "decode":
                 notes.append(f"prefill {r['prefill_s'] * 1e3:.1f} ms")
+                if r["framework"] == "llamacpp":
+                    notes.append(f"of which image encode {r['image_encode_s'] * 1e3:.1f} ms; {r['prompt_tokens']} "
+                                 f"prompt tokens; LLM file {r['llm_file_bytes'] / 1e6:.1f} MB")
             else:
                 notes.append(f"loss {r['loss_first']:.3f}→{r['loss_last']:.3f}")
-            notes.append(f"warm-up/compile {r['compile_s']:.0f} s")
+            if r.get("compile_s") is not None:
+                notes.append(f"warm-up/compile {r['compile_s']:.0f} s")
             lines.append(f"| {work} | {side_label(r)} | {_fmt(r['tokens_per_s'], ',.0f')} | "
                          f"{_fmt(r['sec_per_step'] * 1e3, '.2f')} | {_pct(r['mfu'])} | {mem_s} | {ratio_s} | "
                          f"{'; '.join(notes)} |")

@@ -13,6 +13,7 @@ import time
 import traceback
 
 from llava_jax.tools.bench.jax_jobs import jax_decode, jax_train
+from llava_jax.tools.bench.llamacpp_jobs import llamacpp_decode
 from llava_jax.tools.bench.torch_jobs import torch_decode, torch_train
 from llava_jax.tools.bench.workload import DEFAULT_VARIANT, XLA_FLAG_SETS, Geometry, parse_variants
 
@@ -25,7 +26,9 @@ def run_job(spec: dict) -> dict:
     geo = Geometry(**{**spec["geometry"], "decode_batches": tuple(spec["geometry"]["decode_batches"])})
     t = time.perf_counter()
     try:
-        if spec["framework"] == "jax":
+        if spec["framework"] == "llamacpp":
+            res = llamacpp_decode(geo, spec["batch"], spec["quant"], spec["opts"])
+        elif spec["framework"] == "jax":
             if spec["work"] == "decode":
                 res = jax_decode(geo, spec["batch"], spec["variant"], spec["opts"])
             else:
@@ -72,7 +75,7 @@ def versions() -> dict[str, str]:
 
     out = {}
     for p in ("jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda12-pjrt", "jax-cuda13-plugin", "jax-cuda13-pjrt",
-              "nvidia-cudnn-cu12", "nvidia-cudnn-cu13", "flax", "optax", "torch", "transformers"):
+              "nvidia-cudnn-cu12", "nvidia-cudnn-cu13", "flax", "optax", "torch", "transformers", "gguf"):
         try:
             out[p] = md.version(p)
         except md.PackageNotFoundError:
@@ -93,7 +96,8 @@ def build_jobs(args, geo: Geometry) -> list[dict]:
     torch_modes = [compiled] + ([False] if args.torch_eager and compiled else [])
     if "torch" in args.frameworks and importlib.util.find_spec("torch") is None:
         raise SystemExit("torch is not installed: use --frameworks=jax or pip install torch")
-    opts = {"grad_clip": args.grad_clip, "profile_dir": args.profile_dir, "decode_chunk": args.decode_chunk}
+    opts = {"grad_clip": args.grad_clip, "profile_dir": args.profile_dir, "decode_chunk": args.decode_chunk,
+            "threads": args.threads}
     gd = dataclasses.asdict(geo)
     works = []
     for w in args.tasks:
@@ -117,6 +121,9 @@ def build_jobs(args, geo: Geometry) -> list[dict]:
         if "torch" in args.frameworks:
             for c in torch_modes:
                 jobs.append({"framework": "torch", **w, "compiled": c, "geometry": gd, "opts": opts})
+        if "llamacpp" in args.frameworks and w["work"] == "decode" and w["batch"] == 1:  # its CLI: one sequence
+            for q in args.llamacpp_quants:
+                jobs.append({"framework": "llamacpp", **w, "quant": q, "geometry": gd, "opts": opts})
     return jobs
 
 

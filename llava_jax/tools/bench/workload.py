@@ -67,6 +67,16 @@ PRESETS: dict[str, dict[str, Any]] = {
                                    image_token_id=255, seq_len=64, train_batch=2, prompt_text=8, new_tokens=48,
                                    decode_batches=(1, 2), warmup=1, steps=3, decode_repeats=5),
                  variants="attention=dpa_padded,remat=dots_attn,loss_chunk=16,frozen_bf16=1"),
+    # CPU decoding side by side with llama.cpp (issue 23), batch 1, one run each:
+    # the demo's model size (configs/demo.py: 48-px images of 9 patches, a 3-layer 128-wide LLM) ...
+    "demo": dict(geometry=Geometry(v_hidden=64, v_inter=128, v_layers=2, v_heads=4, image_size=48, patch_size=16,
+                                   vocab=776, hidden=128, inter=256, layers=3, heads=4, kv_heads=2,
+                                   image_token_id=775, prompt_text=32, new_tokens=128, decode_batches=(1,),
+                                   decode_repeats=3),
+                 variants="attention=xla"),
+    # ... and the 1B-class geometry of the h100 preset, with fewer new tokens for 2 CPU cores.
+    "cpu": dict(geometry=Geometry(new_tokens=32, decode_batches=(1,), decode_repeats=1),
+                variants="attention=xla"),
 }
 
 VARIANT_KEYS = {"attention": str, "remat": str, "loss_chunk": int, "frozen_bf16": int, "param_dtype": str, "xla": str}
