@@ -28,7 +28,7 @@ Geometry without the checkpoints (tools/aot.py): the presets `llava_v1_6_vicuna_
 import importlib.util
 from pathlib import Path
 
-from llava_jax.config import LLAVA_V1_6_PINPOINTS
+from llava_jax.presets import LLAVA_V1_6_PINPOINTS
 
 # LLM -> (its name in configs/llava_v1_5.py, the stage-2 geometry preset)
 LLMS = {

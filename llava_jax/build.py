@@ -33,7 +33,6 @@ from flax import nnx
 
 from llava_jax import sharding as shd
 from llava_jax.config import (
-    PRESETS,
     LlavaConfig,
     RopeConfig,
     RuntimeOptions,
@@ -41,6 +40,7 @@ from llava_jax.config import (
     VisionConfig,
 )
 from llava_jax.models.llava import LlavaModel
+from llava_jax.presets import PRESETS
 from llava_jax.models.params import PathPatterns, path_str
 
 log = logging.getLogger(__name__)
@@ -369,7 +369,8 @@ def training_data(config, tokenizer, model_cfg: LlavaConfig, mesh, workdir) -> T
     """The run's input pipeline. Skipped rows go to the workdir's skip log (one file per process
     when there are several); `train.num_steps <= 0` means one schedule over `data.num_epochs`,
     estimated in packed rows (`estimate_num_steps`)."""
-    from llava_jax.data.pipeline import PipelineConfig, make_iterator, make_skip_log
+    from llava_jax.data.pipeline import make_iterator, make_skip_log
+    from llava_jax.data.pipeline_config import PipelineConfig
     from llava_jax.data.sources import ConcatSource, sources_from_config
     from llava_jax.fileio import as_path
 

@@ -78,7 +78,7 @@ def test_image_token_counts_equal_llava_next_processor(tmp_path):
 
 def test_llava_v1_6_geometry():
     """The released llava-v1.6 geometry: 5 views, at most 2928 image tokens."""
-    from llava_jax.config import CLIP_VIT_L_14_336
+    from llava_jax.presets import CLIP_VIT_L_14_336
 
     cfg = LlavaConfig(vision=CLIP_VIT_L_14_336, image_grid_pinpoints=((336, 672), (672, 336), (672, 672),
                                                                        (1008, 336), (336, 1008)))

@@ -19,7 +19,8 @@ from llava_jax.config import IGNORE_INDEX, LlavaConfig, TextConfig, VisionConfig
 from llava_jax.data import anyres  # noqa: E402
 from llava_jax.data.images import normalize  # noqa: E402
 from llava_jax.data.packing import shift_labels  # noqa: E402
-from llava_jax.data.pipeline import PipelineConfig, SampleProcessor  # noqa: E402
+from llava_jax.data.pipeline import SampleProcessor  # noqa: E402
+from llava_jax.data.pipeline_config import PipelineConfig  # noqa: E402
 from llava_jax.data.tokenize import tokenize_conversation  # noqa: E402
 from llava_jax.models.llava import LlavaModel  # noqa: E402
 from llava_jax.train import state as st  # noqa: E402

@@ -16,7 +16,8 @@ torch = pytest.importorskip("torch")
 import llava_jax  # noqa: E402
 from hf_util import (BACKBONES, CONFIGS, IMAGE_TOKEN, hf_generate, make_batch, make_hf_llava,  # noqa: E402
                      num_image_tokens, torch_logits)
-from llava_jax.config import PRESETS, LlavaConfig  # noqa: E402
+from llava_jax.config import LlavaConfig  # noqa: E402
+from llava_jax.presets import PRESETS  # noqa: E402
 
 
 @pytest.fixture(scope="module", params=sorted(BACKBONES))

@@ -40,7 +40,8 @@ def generated(tmp_path_factory):
 def test_generated_rows_load_through_the_pipeline(generated):
     from transformers import AutoTokenizer
 
-    from llava_jax.data.pipeline import PipelineConfig, make_iterator
+    from llava_jax.data.pipeline import make_iterator
+    from llava_jax.data.pipeline_config import PipelineConfig
     from llava_jax.data.sources import LlavaJsonSource
     from llava_jax.data.tokenize import add_llava_special_tokens
 

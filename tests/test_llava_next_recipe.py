@@ -14,7 +14,7 @@ from flax import nnx
 
 from llava_jax import build
 from llava_jax import sharding as shd
-from llava_jax.config import LLAVA_V1_6_PINPOINTS, PRESETS
+from llava_jax.presets import LLAVA_V1_6_PINPOINTS, PRESETS
 from llava_jax.models.llava import LlavaModel
 from llava_jax.train.state import lr_groups, make_optimizer, param_count_by_subtree, split_model
 

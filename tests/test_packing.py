@@ -325,7 +325,7 @@ def records(tmp_path_factory):
 
 
 def _cfg(**kw):
-    from llava_jax.data.pipeline import PipelineConfig
+    from llava_jax.data.pipeline_config import PipelineConfig
 
     base = dict(max_length=256, max_images_per_row=3, image_size=28, num_image_tokens=4, template="vicuna_v1",
                 batch_size=2, pack_bins=2, seed=0, shuffle=False, prefetch_batches=0)

@@ -10,7 +10,8 @@ from PIL import Image
 
 from llava_jax.data.images import preprocess_image_uint8
 from llava_jax.data.packing import IGNORE_INDEX, ungroup
-from llava_jax.data.pipeline import PipelineConfig, make_iterator, make_pipeline, make_sample_dataset
+from llava_jax.data.pipeline import make_iterator, make_pipeline, make_sample_dataset
+from llava_jax.data.pipeline_config import PipelineConfig
 from llava_jax.data.skips import SKIP_REASONS
 from llava_jax.data.tokenize import tokenize_conversation
 
@@ -459,7 +460,7 @@ def test_data_bench_smoke(capsys):
 def test_pipeline_config_from_a_training_config_takes_every_data_field():
     """`config.data` is the one source of the trainer's pipeline settings: every field it shares
     with PipelineConfig arrives (no hand-kept list of fields), the geometry comes from the model."""
-    from llava_jax.config import llava_1_5_7b
+    from llava_jax.presets import llava_1_5_7b
     from llava_jax.train.defaults import base_config
 
     d = base_config().data

@@ -15,8 +15,8 @@ from transformers import LlavaForConditionalGeneration  # noqa: E402
 import llava_jax  # noqa: E402
 from hf_util import (CONFIGS, IMAGE_TOKEN, hf_generate, make_batch, make_hf_llava, num_image_tokens,  # noqa: E402
                      torch_logits)
-from llava_jax.config import (PRESETS, SIGLIP_SO400M_14_384, ImageProcessorConfig, LlavaConfig,  # noqa: E402
-                              VisionConfig)
+from llava_jax.config import ImageProcessorConfig, LlavaConfig, VisionConfig  # noqa: E402
+from llava_jax.presets import PRESETS, SIGLIP_SO400M_14_384  # noqa: E402
 from llava_jax.models.pixels import normalize  # noqa: E402
 from llava_jax.serve.engine import Engine, SamplingParams  # noqa: E402
 
@@ -121,7 +121,8 @@ def test_generator_and_pipeline_use_the_checkpoints_siglip_processor(tmp_path):
     image tokens, and the model normalises uint8 images on device as the processor does."""
     from serve_util import hf_processor, make_chat_checkpoint, png_bytes, rand_image
 
-    from llava_jax.data.pipeline import PipelineConfig, decode_image
+    from llava_jax.data.pipeline import decode_image
+    from llava_jax.data.pipeline_config import PipelineConfig
     from llava_jax.serve.generator import ChatGenerator
 
     d, hf, tok = make_chat_checkpoint(tmp_path, siglip_resample=2)

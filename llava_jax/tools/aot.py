@@ -28,7 +28,7 @@ step (the LLM alone; for calibration against published LLM figures).
 
 Model sizes come from the config's checkpoint directories when they exist locally, else from the
 named preset `model.preset` or the one the directory names (vicuna-7b-v1.5, llava-1.5-13b-hf, ...:
-`llava_jax.config.PRESETS`), through `llava_jax.build.model_config`.
+`llava_jax.presets.PRESETS`), through `llava_jax.build.model_config`.
 """
 from __future__ import annotations
 

@@ -307,7 +307,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     a = p.parse_args(argv)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from llava_jax.data.pipeline import PipelineConfig, SampleProcessor, resolve_ids
+    from llava_jax.data.pipeline import SampleProcessor, resolve_ids
+    from llava_jax.data.pipeline_config import PipelineConfig
     from llava_jax.data.tokenize import add_llava_special_tokens, load_tokenizer
 
     info = machine_info()

@@ -94,7 +94,7 @@ def shapes_memory(size: str, modes, group_size: int, dtype="bfloat16") -> dict:
     import jax.numpy as jnp
     from flax import nnx
 
-    from llava_jax.config import PRESETS
+    from llava_jax.presets import PRESETS
     from llava_jax.models.llava import LlavaModel
     from llava_jax.serve.quant import param_bytes, quantize_model
 

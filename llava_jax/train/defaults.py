@@ -23,7 +23,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.clip_path = ""
     c.model.llm_path = ""
     c.model.projector_path = ""  # a stage-1 projector file (mm_projector.bin / safetensors)
-    # A named geometry (llava_jax.config.PRESETS: llava_1_5_7b, llava_1_5_13b) for tools that need
+    # A named geometry (llava_jax.presets.PRESETS: llava_1_5_7b, llava_1_5_13b) for tools that need
     # only shapes (tools/aot.py) when the checkpoint dirs are not on this machine; "" = the one
     # the llm_path / hf_path directory name stands for.
     c.model.preset = ""
@@ -36,7 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.vision_feature_layer = -2
     c.model.vision_feature_select_strategy = "default"
     # LLaVA-NeXT AnyRes: the (height, width) canvases images are tiled onto (docs/anyres.md), e.g.
-    # llava_jax.config.LLAVA_V1_6_PINPOINTS; () = as the checkpoint / preset says (plain LLaVA).
+    # llava_jax.presets.LLAVA_V1_6_PINPOINTS; () = as the checkpoint / preset says (plain LLaVA).
     c.model.image_grid_pinpoints = ()
     c.model.dtype = "bfloat16"  # compute
     c.model.param_dtype = "float32"  # master params

@@ -147,8 +147,10 @@ def jax_decode(geo: Geometry, batch: int, variant: dict, opts: dict) -> dict:
     from llava_jax.config import RuntimeOptions
     from llava_jax.serve.engine import Engine, SamplingParams
 
-    # Serving weights in bf16; the attention impl only matters for the prefill here.
-    rt = RuntimeOptions(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attention_impl=variant["attention"])
+    # Serving weights in bf16 unless `serve_dtype` says otherwise; the attention impl only matters
+    # for the prefill here.
+    dt = getattr(jnp, variant.get("serve_dtype", "bfloat16"))
+    rt = RuntimeOptions(dtype=dt, param_dtype=dt, attention_impl=variant["attention"])
     cfg = geo.llava_config(rt)
     t0 = time.perf_counter()
     kw = {"chunk_size": opts["decode_chunk"]} if opts.get("decode_chunk") and \

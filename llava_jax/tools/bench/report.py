@@ -33,8 +33,9 @@ def derive(r: dict, geo: Geometry, peak_override: float | None) -> dict:
 
 def side_label(r: dict) -> str:
     if r["framework"] == "jax" and r["work"] == "decode":  # only the XLA flags reach decoding
-        x = r["variant"]["xla"]
-        return "llava-jax (Engine" + ("" if x == "default" else f", xla={x}") + ")"
+        x, dt = r["variant"]["xla"], r["variant"].get("serve_dtype", "bfloat16")
+        return ("llava-jax (Engine" + ("" if dt == "bfloat16" else f", {dt}") + ("" if x == "default" else f", xla={x}")
+                + ")")
     if r["framework"] == "jax":
         return f"llava-jax ({variant_label(r['variant'])})"
     if r["framework"] == "llamacpp":
@@ -94,7 +95,8 @@ def render_table(results: list[dict], geo: Geometry, peak_override: float | None
                 notes.append(f"loss {r['loss_first']:.3f}→{r['loss_last']:.3f}")
             if r.get("compile_s") is not None:
                 notes.append(f"warm-up/compile {r['compile_s']:.0f} s")
-            lines.append(f"| {work} | {side_label(r)} | {_fmt(r['tokens_per_s'], ',.0f')} | "
+            tok_spec = ",.0f" if r["tokens_per_s"] >= 100 else ".1f"  # CPU decoding: a few tokens/s
+            lines.append(f"| {work} | {side_label(r)} | {_fmt(r['tokens_per_s'], tok_spec)} | "
                          f"{_fmt(r['sec_per_step'] * 1e3, '.2f')} | {_pct(r['mfu'])} | {mem_s} | {ratio_s} | "
                          f"{'; '.join(notes)} |")
     return "\n".join(lines)

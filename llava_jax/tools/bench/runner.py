@@ -111,10 +111,11 @@ def build_jobs(args, geo: Geometry) -> list[dict]:
     for w in works:
         if "jax" in args.frameworks:
             variants = parse_variants(args.variants)
-            if w["work"] == "decode":  # cached decoding uses bf16 weights and the xla attention
-                seen = {}  # path whatever the variant: one run per XLA flag set
+            if w["work"] == "decode":  # cached decoding takes the xla attention path whatever the
+                seen = {}  # variant: one run per XLA flag set and serving dtype
                 for v in variants:
-                    seen.setdefault(v["xla"], {**DEFAULT_VARIANT, "xla": v["xla"]})
+                    key = (v["xla"], v["serve_dtype"])
+                    seen.setdefault(key, {**DEFAULT_VARIANT, "xla": v["xla"], "serve_dtype": v["serve_dtype"]})
                 variants = list(seen.values())
             for v in variants:
                 jobs.append({"framework": "jax", **w, "variant": v, "geometry": gd, "opts": opts})

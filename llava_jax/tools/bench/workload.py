@@ -79,9 +79,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                 variants="attention=xla"),
 }
 
-VARIANT_KEYS = {"attention": str, "remat": str, "loss_chunk": int, "frozen_bf16": int, "param_dtype": str, "xla": str}
+VARIANT_KEYS = {"attention": str, "remat": str, "loss_chunk": int, "frozen_bf16": int, "param_dtype": str, "xla": str,
+                "serve_dtype": str}
+# `serve_dtype`: the weights' and compute dtype of decoding (bf16 serving; float32 is the faster
+# choice on CPUs, where XLA has no fast bf16 matmul); the training variants ignore it.
 DEFAULT_VARIANT = {"attention": "xla", "remat": "none", "loss_chunk": 0, "frozen_bf16": 0, "param_dtype": "float32",
-                   "xla": "default"}
+                   "xla": "default", "serve_dtype": "bfloat16"}
 # Named XLA_FLAGS sets for the `xla=` variant key (isolated runs only: XLA reads its flags at
 # start-up). Every name here is accepted by jaxlib 0.10.2 (tests/test_bench.py checks).
 XLA_FLAG_SETS = {
@@ -111,7 +114,7 @@ def parse_variants(text: str) -> list[dict[str, Any]]:
 
 
 def variant_label(v: dict[str, Any]) -> str:
-    return ",".join(f"{k}={v[k]}" for k in VARIANT_KEYS if v[k] != DEFAULT_VARIANT[k]) or "defaults"
+    return ",".join(f"{k}={v.get(k, d)}" for k, d in DEFAULT_VARIANT.items() if v.get(k, d) != d) or "defaults"
 
 
 def train_tokens(geo: Geometry, seed: int = 0):
