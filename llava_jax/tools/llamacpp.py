@@ -115,12 +115,13 @@ def mtmd_generate(llm, mmproj, image, prompt: str, n: int, *, threads: int = 2, 
     raise RuntimeError("llama-mtmd-cli's output was cut off at exit or changed between runs (8 tries)")
 
 
-def image_encode_ms(llm, mmproj, image, *, threads: int = 2, tries: int = 6, timeout: int = 1800) -> float:
+def image_encode_ms(llm, mmproj, image, *, threads: int = 2, tries: int = 10, timeout: int = 1800) -> float:
     """The time llama.cpp's vision encoder (tower + projector) takes for `image`, as its own log
-    line says (one `llama-mtmd-cli` run of one new token; the run is repeated if that line was
-    lost at exit, see `mtmd_generate`)."""
-    cmd = [tool("llama-mtmd-cli"), "-m", llm, "--mmproj", mmproj, "--image", image, "-p", "<__media__>", "-n", "1",
-           "--temp", "0", "--seed", "0", "-t", str(threads), "--no-warmup"]
+    line says (one `llama-mtmd-cli` run; the run is repeated if that line was lost at exit, see
+    `mtmd_generate`: 16 new tokens after the image keep the process alive long enough for its
+    logger to write the line in most runs, where 1 token lost it 6 times in a row for a tiny model)."""
+    cmd = [tool("llama-mtmd-cli"), "-m", llm, "--mmproj", mmproj, "--image", image, "-p", "<__media__>", "-n", "16",
+           "--ignore-eos", "--temp", "0", "--seed", "0", "-t", str(threads), "--no-warmup"]
     for _ in range(tries):
         p = subprocess.run([str(c) for c in cmd], capture_output=True, timeout=timeout)
         log = p.stderr.decode("utf-8", errors="replace")
