@@ -20,7 +20,8 @@ from pathlib import Path
 
 from llava_jax.tools.bench.workload import Geometry
 
-# The words the random model's tokenizer is trained on and the prompt is drawn from.
+# The words the random model's tokenizer is trained on (llama.cpp tokenizes only the chat
+# template's text here: the timed prompt is llama-bench's own tokens).
 _WORDS = ("what is in the picture describe image colour shape left right top bottom small large "
           "red green blue yellow circle square triangle cross how many objects are there").split()
 
