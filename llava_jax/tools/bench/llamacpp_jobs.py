@@ -1,6 +1,6 @@
 """llama.cpp's side of the decode measurement (issue 23's CPU side-by-side): the same geometry,
 random weights, exported with llava-jax's own GGUF export (`--quant f16 | q8_0 | q4_0 | q4_K_M`),
-run by `llama-mtmd-cli` from the build `python -m llava_jax.tools.llamacpp` caches.
+timed by `llama-mtmd-cli` and `llama-bench` from the build `python -m llava_jax.tools.llamacpp` caches.
 
 The work is the llava-jax/transformers decode work at batch 1, timed by llama.cpp's own tools:
 * prefill = the image's encoding (tower + projector; `llama-mtmd-cli` on one random image of
@@ -62,7 +62,7 @@ def llamacpp_decode(geo: Geometry, batch: int, quant: str, opts: dict) -> dict:
         rng = np.random.default_rng(3)
         image = d / "image.png"
         Image.fromarray(rng.integers(0, 256, (geo.image_size, geo.image_size, 3), np.uint8)).save(image)
-        kw = dict(threads=threads, timeout=opts.get("timeout", 1800))
+        kw = dict(threads=threads)
         encode_ms = llamacpp.image_encode_ms(files["llm"], files["mmproj"], image, **kw)
         prompt_ts = llamacpp.bench_llm(files["llm"], n_prompt=geo.prompt_len, reps=geo.decode_repeats, **kw)
         decode_ts = llamacpp.bench_llm(files["llm"], n_gen=geo.new_tokens, depth=geo.prompt_len,
