@@ -166,6 +166,70 @@ def test_openai_server_several_image_urls(setup):
     assert direct.encoded.ids.count(gen.cfg.image_token_id) == counts
 
 
+# two images of different aspect ratios, as a question file lists them (LLaVA-NeXT's multi-image
+# rows: `image` is a list), without and with `<image>` placeholders in the text
+TWO_QUESTIONS = [{"question_id": "front", "image": ["a.png", "b.png"], "text": "Compare the pictures."},
+                 {"question_id": "placed", "image": ["a.png", "b.png"],
+                  "text": "Look at this:\n<image>\nand this one:\n<image>\nWhich is wider?"}]
+
+
+def _save_two(folder):
+    TWO[0].save(folder / "a.png")  # PNG: the same pixels come back
+    TWO[1].save(folder / "b.png")
+
+
+def test_eval_two_image_questions_equal_llava_next_generate(setup, tmp_path):
+    """A question with a list of images (different aspect ratios) answered by eval.answer =
+    transformers' LlavaNext greedy generate on the checkpoint's ids and LlavaNextImageProcessor's
+    pixels; with `<image>` placeholders, image k is the k-th placeholder and the prompt is the
+    one the training pipeline renders for that human turn (the template puts the images first)."""
+    from llava_jax.data.templates import render
+    from llava_jax.eval.answer import answer_questions, question_message
+
+    _, gen, hf, tok = setup
+    _save_two(tmp_path)
+    answers = answer_questions(None, None, TWO_QUESTIONS, tmp_path, generator=gen, batch_size=2, max_new_tokens=NEW)
+    for q, a in zip(TWO_QUESTIONS, answers):
+        msg = question_message(q, tmp_path)
+        images = [p["image"] for p in msg["content"] if p["type"] == "image"]
+        assert [im.size for im in images] == [im.size for im in TWO]
+        enc = gen.encode([msg])
+        assert enc.images.shape == (2, 5, S, S, 3)
+        assert a["text"] == _reply(gen, tok, _hf_greedy(hf, tok, enc, images)).strip()
+    placed = gen.encode([question_message(TWO_QUESTIONS[1], tmp_path)])
+    assert placed.text == render(gen.template, [("human", TWO_QUESTIONS[1]["text"])], add_generation_prompt=True).text
+    assert "this:\n\nand this one:\n\nWhich" in placed.text  # the text between the images kept as written
+    with pytest.raises(ValueError, match="question 9: the text has 2 <image> but there are 1 images"):
+        question_message({"question_id": 9, "image": ["a.png"], "text": "<image> and <image>?"}, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def lmms(setup):
+    pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (optional: pip install -e '.[lmms]')")
+    from llava_jax.eval.lmms import LlavaJax
+
+    return LlavaJax(pretrained=str(setup[0]), batch_size=2)
+
+
+def test_lmms_generate_until_two_visuals_equals_eval_answer(lmms, tmp_path):
+    """The lmms-eval plugin's generate_until with two visuals per request (one context without
+    `<image>`, one with two) = eval.answer's answers to the same questions."""
+    from lmms_eval.api.instance import Instance
+
+    from llava_jax.eval.answer import answer_questions
+
+    _save_two(tmp_path)
+    lmms.task_dict = {"t": {"test": [{"q": q} for q in TWO_QUESTIONS]}}
+    reqs = [Instance("generate_until", (q["text"], {"max_new_tokens": NEW, "until": []}, lambda d: list(TWO),
+                                        i, "t", "test"), idx=0, metadata={"task": "t", "doc_id": i, "repeats": 1})
+            for i, q in enumerate(TWO_QUESTIONS)]
+    got = lmms.generate_until(reqs)
+    want = answer_questions(None, None, TWO_QUESTIONS, tmp_path, generator=lmms.gen, batch_size=2,
+                            max_new_tokens=NEW)
+    assert [g.strip() for g in got] == [a["text"] for a in want]
+    assert any(got)  # (not all empty replies)
+
+
 def test_eval_answers_through_the_generator(setup, tmp_path):
     from llava_jax.eval.answer import answer_questions
 
@@ -187,14 +251,11 @@ def test_eval_answers_through_the_generator(setup, tmp_path):
     assert [r["question_id"] for r in rows] == [0, 1, 2, 3]
 
 
-def test_lmms_loglikelihood_takes_anyres_tiles(setup):
+def test_lmms_loglikelihood_takes_anyres_tiles(setup, lmms):
     """The lmms-eval plugin's scoring path (`LlavaJax._logprobs`) on a two-image AnyRes prompt and
     its reply = transformers' LlavaNext log-probs on the same ids."""
-    pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (optional: pip install -e '.[lmms]')")
-    from llava_jax.eval.lmms import LlavaJax
-
-    d, _, hf, tok = setup
-    lm = LlavaJax(pretrained=str(d))
+    _, _, hf, tok = setup
+    lm = lmms
     prompt, full, _, cont = lm._continuation_ids(_message(TWO), "Two pictures.")
     assert cont and prompt.image_index is not None
     got = lm._logprobs(np.asarray(full, np.int32), prompt.images, prompt.image_index)[:len(full)]

@@ -1,4 +1,5 @@
-"""Answer generation for a question file (`question_id`, `image`, `text`, `category`): batched
+"""Answer generation for a question file (`question_id`, `image`, `text`, `category`; `image` is a
+path or a list of paths, placed where `text` has `<image>`, else before it): batched
 decoding through the serving `ChatGenerator` (greedy by default; the same prompts, image
 preprocessing and stop tokens as the server), written as JSONL (`question_id`, `prompt`,
 `text`, `answer_id`, `model_id`). A rerun skips ids already answered in the output file.
@@ -19,6 +20,7 @@ from typing import Iterable, Sequence
 
 from llava_jax.cli import VERBOSE_HELP, setup
 from llava_jax.data.images import load_image
+from llava_jax.data.templates import IMAGE_TOKEN
 from llava_jax.serve.engine import SamplingParams
 from llava_jax.serve.generator import ChatGenerator, Completion
 
@@ -91,13 +93,49 @@ def answer_questions(model, tokenizer, questions: Iterable[dict], image_folder=N
     return [done[q["question_id"]] for q in questions]
 
 
-def question_message(q: dict, image_folder, prompt_suffix: str = "") -> dict:
-    """A question row as one user message: its image (if any) before its text."""
-    content = []
-    if q.get("image"):
-        content.append({"type": "image", "image": load_image(Path(image_folder or ".") / q["image"])})
-    content.append({"type": "text", "text": q["text"] + prompt_suffix})
+def user_message(text: str, images: Sequence = ()) -> dict:
+    """One user message of a text in LLaVA's question format and its images (PIL), for
+    `ChatGenerator.encode`: with `<image>` in the text, image k is the k-th `<image>` (their
+    numbers must agree); without, all images come before the text (LLaVA's `model_vqa`). The text
+    between the placeholders is kept verbatim, so the prompt is the one the training pipeline
+    renders for the same human turn (its template then puts the images in front of the turn,
+    as LLaVA trains them: `data.templates`, "Image placement"). `eval.answer` question rows and
+    the lmms-eval plugin's contexts both go through here."""
+    images = list(images)
+    pieces = text.split(IMAGE_TOKEN)
+    if len(pieces) == 1:
+        return {"role": "user", "content": [{"type": "image", "image": im} for im in images] +
+                [{"type": "text", "text": text}]}
+    if len(pieces) - 1 != len(images):
+        raise ValueError(f"the text has {len(pieces) - 1} {IMAGE_TOKEN} but there are {len(images)} images")
+    content: list[dict] = []
+    for i, piece in enumerate(pieces):
+        # verbatim, not stripped: pieces are joined as they are, and "a:\n<image>\nb" must keep
+        # the newline between "a:" and "b" (the template strips the ends)
+        if piece:
+            content.append({"type": "text", "text": piece})
+        if i < len(images):
+            content.append({"type": "image", "image": images[i]})
     return {"role": "user", "content": content}
+
+
+def question_images(q: dict) -> list[str]:
+    """A question row's image paths: `image` is one path, a list of paths (several images, as in
+    LLaVA-NeXT's multi-image data), or absent / empty (text only)."""
+    image = q.get("image")
+    if not image:
+        return []
+    return [image] if isinstance(image, str) else list(image)
+
+
+def question_message(q: dict, image_folder, prompt_suffix: str = "") -> dict:
+    """A question row as one user message (`user_message`): its images (paths relative to
+    `image_folder`) where its text has `<image>`, else before its text."""
+    images = [load_image(Path(image_folder or ".") / p) for p in question_images(q)]
+    try:
+        return user_message(q["text"] + prompt_suffix, images)
+    except ValueError as e:
+        raise ValueError(f"question {q.get('question_id')}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- loading
@@ -118,7 +156,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument("--model", default=None, help="a llava-hf directory (weights + tokenizer)")
     p.add_argument("--workdir", default=None, help="or: a training workdir (its latest checkpoint, rebuilt from the "
                    "config the run recorded)")
-    p.add_argument("--questions", required=True, help="question JSONL: question_id, image, text[, category]")
+    p.add_argument("--questions", required=True, help="question JSONL: question_id, image (a path or a list of "
+                   "paths; absent: text only), text (images go where it has <image>, else first)[, category]")
     p.add_argument("--image_folder", default=None, help="question `image` paths are relative to this")
     p.add_argument("--out", required=True, help="answers JSONL (appended; answered ids are skipped)")
     p.add_argument("--template", default=None, help="conversation template (default: the checkpoint tokenizer's chat template if it has one, else "

@@ -10,8 +10,9 @@ opens). Further `--model_args`: `template`, `image_mode`, `dtype` (float32 | bfl
 * `generate_until`: the requests run through the serving `ChatGenerator` (the engine's batched
   decoding, the server's prompt and image preprocessing), `--batch_size` at a time, in request
   order, grouped by generation arguments; `until` strings are stop strings; greedy unless the
-  task asks for `temperature` > 0 with `do_sample`. Images come before the question text, as
-  `llava_jax.eval.answer` puts them, unless the context places `<image>` itself.
+  task asks for `temperature` > 0 with `do_sample`. A request's images (one or several) are
+  placed as `llava_jax.eval.answer` places a question's: image k at the context's k-th
+  `<image>`, or all before the text when it has none (`eval.answer.user_message`).
 * `loglikelihood`: the context as the user turn and the continuation as the assistant reply,
   rendered by the model's template, one forward pass; returns (the mean negative log-likelihood
   of the continuation's tokens, whether greedy decoding would produce exactly those tokens).
@@ -42,7 +43,7 @@ except ImportError:  # pragma: no cover - older lmms-eval passes tuples through
 from lmms_eval.api.model import lmms
 from lmms_eval.models.registry_v2 import ModelManifest
 
-from llava_jax.data.templates import IMAGE_TOKEN
+from llava_jax.eval.answer import user_message
 from llava_jax.models.llava import image_kwargs
 from llava_jax.serve.engine import SamplingParams, bucket
 from llava_jax.serve.generator import ChatGenerator, Completion
@@ -56,26 +57,17 @@ def manifest() -> ModelManifest:
 
 
 def _messages(context: str, visuals: Sequence[Any]) -> list[dict]:
-    """One user message: the images where the context has `<image>`, else all before the text."""
+    """One user message (`eval.answer.user_message`, the message of a question row too): image k
+    where the context has its k-th `<image>`, else all before the text."""
     images = []
     for v in visuals:
         if not isinstance(v, Image.Image):
             raise NotImplementedError(f"llava_jax takes images only; this task gives a {type(v).__name__} visual")
         images.append(v)
-    pieces = context.split(IMAGE_TOKEN)
-    content: list[dict] = []
-    if len(pieces) == 1:
-        content += [{"type": "image", "image": im} for im in images]
-        content.append({"type": "text", "text": context})
-    else:
-        if len(pieces) - 1 != len(images):
-            raise ValueError(f"the context has {len(pieces) - 1} {IMAGE_TOKEN} but the task gives {len(images)} images")
-        for i, text in enumerate(pieces):
-            if text.strip("\n"):
-                content.append({"type": "text", "text": text.strip("\n")})
-            if i < len(images):
-                content.append({"type": "image", "image": images[i]})
-    return [{"role": "user", "content": content}]
+    try:
+        return [user_message(context, images)]
+    except ValueError as e:
+        raise ValueError(f"the task's context and visuals disagree: {e}") from None
 
 
 class LlavaJax(lmms):
