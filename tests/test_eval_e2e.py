@@ -117,6 +117,63 @@ def test_shapes_world_answers_judged_into_a_summary(bench, tmp_path):
     assert {r["category"]: r for r in again["rows"]}["overall"]["failed"] == 0
 
 
+def test_two_image_questions_equal_llava_generate(bench, tmp_path, monkeypatch):
+    """Plain LLaVA (one view per image): questions listing two images (`image` a list; without and
+    with `<image>` placeholders) answered by the answer CLI = transformers'
+    LlavaForConditionalGeneration greedy generate on the same prompt ids and pixels (token ids
+    compared: this random model writes byte-fallback pieces whose streamed text may keep a
+    character that the full decode later merges into a replacement character)."""
+    torch = pytest.importorskip("torch")
+    import numpy as np
+    from transformers import LlavaForConditionalGeneration
+
+    from llava_jax.eval.answer import question_message
+    from llava_jax.models.pixels import normalize
+    from llava_jax.serve import generator as generator_mod
+
+    root, questions, _ = bench
+    images = sorted({q["image"] for q in questions})[:2]
+    assert len(images) == 2
+    qs = [{"question_id": "front", "image": images, "text": "How many shapes are in the image?"},
+          {"question_id": "placed", "image": images, "text": "<image>\nWhich shape is yellow?\n<image>"}]
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text("".join(json.dumps(q) + "\n" for q in qs))
+    folder = root / "data" / "images"
+    gens, replies = [], {}  # the generator the CLI built; each prompt's generated ids and text
+    orig_end, orig_init = generator_mod.ChatSession._end, generator_mod.ChatGenerator.__init__
+
+    def init(self, *a, **kw):
+        orig_init(self, *a, **kw)
+        gens.append(self)
+
+    def end(self, slot, reason):
+        c, ts = self.rows[slot]
+        orig_end(self, slot, reason)
+        replies[tuple(c.encoded.ids)] = (list(ts.ids), c.text)
+
+    monkeypatch.setattr(generator_mod.ChatGenerator, "__init__", init)
+    monkeypatch.setattr(generator_mod.ChatSession, "_end", end)
+    answers = answer_cli.main(["--model", str(root / "hf"), "--questions", str(qfile), "--image_folder", str(folder),
+                               "--out", str(tmp_path / "a.jsonl"), "--max_new_tokens", "6", "--batch_size", "2"])
+    (gen,) = gens
+    ref = LlavaForConditionalGeneration.from_pretrained(root / "hf", dtype=torch.float32).eval()
+
+    def cut(ids):
+        return ids[:next((i for i, t in enumerate(ids) if t in gen.eos_ids), len(ids))]
+
+    for q, a in zip(qs, answers):
+        enc = gen.encode([question_message(q, folder)])
+        assert enc.images.shape[0] == 2 and enc.ids.count(gen.cfg.image_token_id) == 2 * gen.cfg.num_image_tokens
+        pix = torch.from_numpy(np.ascontiguousarray(np.transpose(normalize(enc.images), (0, 3, 1, 2))))
+        with torch.no_grad():
+            out = ref.generate(input_ids=torch.tensor([enc.ids]), attention_mask=torch.ones_like(torch.tensor([enc.ids])),
+                               pixel_values=pix, max_new_tokens=6, do_sample=False, eos_token_id=None,
+                               pad_token_id=gen.tokenizer.pad_token_id)
+        ids, text = replies[tuple(enc.ids)]
+        assert cut(ids) == cut(out[0, len(enc.ids):].tolist()) and cut(ids)
+        assert a["text"] == text.strip()
+
+
 @pytest.mark.slow
 def test_briefly_trained_demo_model_from_its_workdir(tmp_path):
     """The demo trainer (tiny config, a few steps) -> answers straight from its workdir via
