@@ -145,6 +145,63 @@ def test_merge_equals_peft_merge_and_unload(hf_dir, tmp_path):
     assert _rel_diff(after, adapted, mask) <= RTOL
 
 
+ORIGINAL_PREFIX = "base_model.model.model."  # PEFT on the original LLaVA's LlavaLlamaForCausalLM
+
+
+@pytest.mark.parametrize("weights", ["adapter_model.bin", "adapter_model.safetensors"])
+def test_adapter_of_the_original_llava_lora_script_loads_with_its_projector(tmp_path, weights):
+    """A LoRA run of haotian-liu/LLaVA's train.py writes PEFT's keys on its LlavaLlamaForCausalLM
+    (`base_model.model.model.layers.N...`; `adapter_model.bin` with the PEFT of its day) and the
+    projector it trained, `named_parameters()` keys with requires_grad, to `non_lora_trainables.bin`
+    (torch.save). Written so from a PEFT adapter, it computes what transformers + PEFT do with the
+    trained projector, and the projector's weights are the file's."""
+    from safetensors.torch import load_file, save_file
+
+    name = "mha_default_rope"  # a projector with biases, as the original's mm_projector
+    make_hf_llava(name, seed=6).save_pretrained(tmp_path / "base")
+    hf = make_hf_llava(name, seed=6)
+    torch.manual_seed(7)
+    with torch.no_grad():  # the projector the LoRA run trained
+        for p in hf.model.multi_modal_projector.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    trained = {k: v.detach().clone() for k, v in hf.model.multi_modal_projector.state_dict().items()}
+    pm = peft.get_peft_model(hf, peft.LoraConfig(
+        init_lora_weights=False, r=4, lora_alpha=8,
+        target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")).eval()
+    pm.save_pretrained(tmp_path / "peft")
+    ids, mask, px = make_batch(pm)
+    ref = torch_logits(pm, ids, mask, px)
+
+    d = tmp_path / "llava-v1.5-7b-lora"  # the original's output_dir
+    d.mkdir()
+    sd = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    orig = {ORIGINAL_PREFIX + k.removeprefix(ORIGINAL_PREFIX + "language_model."): v for k, v in sd.items()}
+    assert len(orig) == len(sd) == 2 * 7 * 2 and all(k.startswith(ORIGINAL_PREFIX + "layers.") for k in orig)
+    (torch.save if weights.endswith(".bin") else save_file)(orig, d / weights)
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    # find_all_linear_names: the LLM's Linear names; task_type as train.py sets it
+    cfg.update(target_modules=sorted(HF_NAMES.values()), task_type="CAUSAL_LM",
+               base_model_name_or_path="lmsys/vicuna-7b-v1.5")
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    # nn.Sequential(Linear, GELU, Linear): mm_projector.0 / .2
+    non_lora = {f"{ORIGINAL_PREFIX}mm_projector.{2 * (int(k[7]) - 1)}.{k.split('.')[-1]}": v for k, v in trained.items()}
+    assert sorted(non_lora) == [ORIGINAL_PREFIX + f"mm_projector.{i}.{w}" for i in (0, 2) for w in ("bias", "weight")]
+    torch.save(non_lora, d / "non_lora_trainables.bin")
+
+    model = lpeft.load_adapter(llava_jax.from_pretrained(tmp_path / "base"), d)
+    assert model.config.lora.rank == 4 and model.config.lora.modules == tuple(HF_NAMES)
+    got = dict(hf_tensors(model, select=lambda p: p.startswith("projector/")))
+    assert set(got) == {f"multi_modal_projector.{k}" for k in trained}
+    for k, v in trained.items():
+        np.testing.assert_array_equal(got[f"multi_modal_projector.{k}"], v.numpy(), err_msg=k)
+    ours, _ = _ours(model, pm)
+    assert _rel_diff(ours, ref, mask) <= RTOL
+    # without the projector file: the base's projector, another model
+    (d / "non_lora_trainables.bin").unlink()
+    other, _ = _ours(lpeft.load_adapter(llava_jax.from_pretrained(tmp_path / "base"), d), pm)
+    assert _rel_diff(other, ref, mask) > 1e-3
+
+
 def test_unsupported_peft_settings_are_named(hf_dir, tmp_path):
     _peft_adapter(tmp_path / "a", seed=5, r=2, lora_alpha=4, target_modules=r".*vision_tower.*\.q_proj")
     with pytest.raises(CheckpointError, match="vision_tower"):
