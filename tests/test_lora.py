@@ -16,7 +16,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import llava_jax  # noqa: E402
-from hf_util import make_batch, make_hf_llava, torch_logits  # noqa: E402
+from hf_util import make_batch, make_hf_llava, original_lora_dir, torch_logits  # noqa: E402
 from llava_jax.convert import peft as lpeft  # noqa: E402
 from llava_jax.convert.hf import CheckpointError, hf_tensors  # noqa: E402
 from llava_jax.models.lora import LoraConfig  # noqa: E402
@@ -145,9 +145,6 @@ def test_merge_equals_peft_merge_and_unload(hf_dir, tmp_path):
     assert _rel_diff(after, adapted, mask) <= RTOL
 
 
-ORIGINAL_PREFIX = "base_model.model.model."  # PEFT on the original LLaVA's LlavaLlamaForCausalLM
-
-
 @pytest.mark.parametrize("weights", ["adapter_model.bin", "adapter_model.safetensors"])
 def test_adapter_of_the_original_llava_lora_script_loads_with_its_projector(tmp_path, weights):
     """A LoRA run of haotian-liu/LLaVA's train.py writes PEFT's keys on its LlavaLlamaForCausalLM
@@ -155,8 +152,6 @@ def test_adapter_of_the_original_llava_lora_script_loads_with_its_projector(tmp_
     projector it trained, `named_parameters()` keys with requires_grad, to `non_lora_trainables.bin`
     (torch.save). Written so from a PEFT adapter, it computes what transformers + PEFT do with the
     trained projector, and the projector's weights are the file's."""
-    from safetensors.torch import load_file, save_file
-
     name = "mha_default_rope"  # a projector with biases, as the original's mm_projector
     make_hf_llava(name, seed=6).save_pretrained(tmp_path / "base")
     hf = make_hf_llava(name, seed=6)
@@ -171,22 +166,9 @@ def test_adapter_of_the_original_llava_lora_script_loads_with_its_projector(tmp_
     pm.save_pretrained(tmp_path / "peft")
     ids, mask, px = make_batch(pm)
     ref = torch_logits(pm, ids, mask, px)
-
-    d = tmp_path / "llava-v1.5-7b-lora"  # the original's output_dir
-    d.mkdir()
-    sd = load_file(tmp_path / "peft" / "adapter_model.safetensors")
-    orig = {ORIGINAL_PREFIX + k.removeprefix(ORIGINAL_PREFIX + "language_model."): v for k, v in sd.items()}
-    assert len(orig) == len(sd) == 2 * 7 * 2 and all(k.startswith(ORIGINAL_PREFIX + "layers.") for k in orig)
-    (torch.save if weights.endswith(".bin") else save_file)(orig, d / weights)
-    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    # find_all_linear_names: the LLM's Linear names; task_type as train.py sets it
-    cfg.update(target_modules=sorted(HF_NAMES.values()), task_type="CAUSAL_LM",
-               base_model_name_or_path="lmsys/vicuna-7b-v1.5")
-    (d / "adapter_config.json").write_text(json.dumps(cfg))
-    # nn.Sequential(Linear, GELU, Linear): mm_projector.0 / .2
-    non_lora = {f"{ORIGINAL_PREFIX}mm_projector.{2 * (int(k[7]) - 1)}.{k.split('.')[-1]}": v for k, v in trained.items()}
-    assert sorted(non_lora) == [ORIGINAL_PREFIX + f"mm_projector.{i}.{w}" for i in (0, 2) for w in ("bias", "weight")]
-    torch.save(non_lora, d / "non_lora_trainables.bin")
+    d = original_lora_dir(tmp_path / "peft", tmp_path / "llava-v1.5-7b-lora", trained, weights)
+    assert sorted(torch.load(d / "non_lora_trainables.bin")) == [
+        f"base_model.model.model.mm_projector.{i}.{w}" for i in (0, 2) for w in ("bias", "weight")]
 
     model = lpeft.load_adapter(llava_jax.from_pretrained(tmp_path / "base"), d)
     assert model.config.lora.rank == 4 and model.config.lora.modules == tuple(HF_NAMES)

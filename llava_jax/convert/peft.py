@@ -269,25 +269,23 @@ def load_adapter(model, adapter_dir):
     return _attach(model, adapters, src.lora)
 
 
-def init_adapter(model, adapter_dir):
-    """Start training from a PEFT adapter directory (`model.lora.init_adapter`): `model`'s adapters
-    (made from the run's `model.lora`) take the file's values, layers the file leaves out keep
-    their fresh ones (trainable: B is zero, A not), and an original-LLaVA run's projector
-    (`non_lora_trainables.bin`) replaces the model's. The file must have been trained with the
-    run's rank, alpha, rsLoRA and projections; a mismatch is refused naming the file."""
-    lora = model.config.lora
+def check_init_adapter(adapter_dir, cfg):
+    """The adapter directory `adapter_dir`, read, if it fits the LoRA adapters of the model config
+    `cfg` (`cfg.lora`: the run's `model.lora`): the same rank, alpha, rsLoRA and projections;
+    otherwise a CheckpointError naming the file and, for the rank, the shapes. Needs no model, so
+    a run is refused before its base is loaded."""
+    lora = cfg.lora
     if lora is None:
         raise ValueError(f"model.lora.init_adapter={str(adapter_dir)!r} needs LoRA adapters: set model.lora.rank")
-    src = _AdapterDir(adapter_dir, model.config.text.num_layers)
+    src = _AdapterDir(adapter_dir, cfg.text.num_layers)
     got, where = src.lora, src.path / ADAPTER_CONFIG
     problems = []
     if got.rank != lora.rank:
         n = next((n for n in got.modules if n in lora.modules), got.modules[0])
-        ours = getattr(model.llm.layers.lora, f"{n}_a", None)
-        expect = "" if ours is None else \
-            f" expects {keymap.hf_shape(keymap.hf_key_for(f'{lora_lib.LORA_PREFIX}{n}_a')[1], ours.value.shape[1:])}"
+        transform = keymap.hf_key_for(f"{lora_lib.LORA_PREFIX}{n}_a")[1]
+        expect = keymap.hf_shape(transform, lora_lib.io_dims(cfg.text)[n][0] + (lora.rank,))
         problems.append(f"rank: {where} has r={got.rank} ({src.first_tensor(n)}), "
-                        f"model.lora.rank={lora.rank}{expect}")
+                        f"model.lora.rank={lora.rank} expects {expect}")
     if got.alpha != lora.alpha:
         problems.append(f"alpha: {where} has lora_alpha={got.alpha:g}, model.lora.alpha={lora.alpha:g}")
     if got.rslora != lora.rslora:
@@ -299,6 +297,16 @@ def init_adapter(model, adapter_dir):
     if problems:
         raise CheckpointError(f"model.lora.init_adapter={str(src.path)!r} does not fit model.lora: "
                               + "; ".join(problems))
+    return src
+
+
+def init_adapter(model, adapter_dir):
+    """Start training from a PEFT adapter directory (`model.lora.init_adapter`): `model`'s adapters
+    (made from the run's `model.lora`) take the file's values, layers the file leaves out keep
+    their fresh ones (trainable: B is zero, A not), and an original-LLaVA run's projector
+    (`non_lora_trainables.bin`) replaces the model's. The file must have been trained with the
+    run's rank, alpha, rsLoRA and projections (`check_init_adapter`)."""
+    src = check_init_adapter(adapter_dir, model.config)
     src.fill(model.llm.layers.lora)
     src.load_projector(model)
     return model
