@@ -145,6 +145,39 @@ def test_merge_equals_peft_merge_and_unload(hf_dir, tmp_path):
     assert _rel_diff(after, adapted, mask) <= RTOL
 
 
+def test_export_cli_merges_an_adapter_into_a_base_as_peft_merge_and_unload(hf_dir, tmp_path):
+    """`python -m llava_jax.export --format hf --model BASE --adapter DIR --out OUT` writes the
+    llava-hf directory PEFT's `merge_and_unload()` gives: transformers loads it with the same
+    tensors (<= 1e-6 each). `--nomerge` is refused there, in one error line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from transformers import LlavaForConditionalGeneration
+
+    pm = _peft_adapter(tmp_path / "adapter", seed=8, r=4, lora_alpha=8,
+                       target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
+    ref = pm.merge_and_unload().state_dict()
+    repo = Path(__file__).resolve().parents[1]
+    env = {**__import__("os").environ, "JAX_PLATFORMS": "cpu"}
+    base = [sys.executable, "-m", "llava_jax.export", "--format", "hf", "--model", str(hf_dir),
+            "--adapter", str(tmp_path / "adapter")]
+    p = subprocess.run(base + ["--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=repo, env=env,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "(merged)" in p.stdout
+    got = LlavaForConditionalGeneration.from_pretrained(tmp_path / "out").state_dict()
+    assert set(got) == set(ref)
+    worst = max(float((got[k].float() - ref[k].float()).abs().max()) for k in ref)
+    print("export --adapter vs merge_and_unload, max|diff|", worst)
+    assert worst <= 1e-6, worst
+    p = subprocess.run(base + ["--nomerge", "--out", str(tmp_path / "out2")], capture_output=True, text=True,
+                       cwd=repo, env=env, timeout=600)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("error: --nomerge: --format=hf has no place")
+    assert not (tmp_path / "out2").exists()
+
+
 @pytest.mark.parametrize("weights", ["adapter_model.bin", "adapter_model.safetensors"])
 def test_adapter_of_the_original_llava_lora_script_loads_with_its_projector(tmp_path, weights):
     """A LoRA run of haotian-liu/LLaVA's train.py writes PEFT's keys on its LlavaLlamaForCausalLM

@@ -300,6 +300,19 @@ def check_init_adapter(adapter_dir, cfg):
     return src
 
 
+def with_adapter(model, base, adapter, merged: bool = True):
+    """`model` (loaded from `base`) with the PEFT LoRA adapter directory `adapter` on it, merged
+    into the kernels when `merged` (`--adapter` of the server, the chat CLI and the export); a
+    CheckpointError names the adapter, the base and the tensor that does not fit."""
+    if adapter is None:
+        return model
+    try:
+        model = load_adapter(model, adapter)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        raise type(e)(f"cannot put the adapter {adapter} on the model {base}: {e}") from e
+    return merge(model) if merged else model
+
+
 def init_adapter(model, adapter_dir):
     """Start training from a PEFT adapter directory (`model.lora.init_adapter`): `model`'s adapters
     (made from the run's `model.lora`) take the file's values, layers the file leaves out keep
