@@ -295,3 +295,42 @@ def test_lora_run_killed_and_restarted_gives_the_uninterrupted_losses(world, tmp
     assert "resumed from" in p.stdout + p.stderr
     got = losses(w)
     assert [got[s] for s in range(1, 13)] == [want[s] for s in range(1, 13)]  # exactly equal
+
+
+@pytest.mark.parametrize("size", ["7b", "13b"])
+def test_lora_and_qlora_presets_are_the_original_finetune_lora_recipe(size):
+    """configs/llava_v1_5.py `{7b,13b}_lora` are the original scripts/v1_5/finetune_lora.sh (r 128,
+    alpha 256, dropout 0.05 on the seven projections, lr 2e-4, mm_projector_lr 2e-5, stage 2 of
+    vicuna_v1 at batch 128), training adapters + projector only, each at its lr; `_qlora` is the
+    same over an int4 base."""
+    import importlib.util
+    from pathlib import Path
+
+    from llava_jax.models.llava import LlavaModel
+    from llava_jax.train.state import lr_groups
+    from train_util import tiny_model_config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "llava_v1_5.py"
+    spec = importlib.util.spec_from_file_location("llava_v1_5_recipe", path)
+    recipes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipes)
+    lora_cfg, qlora_cfg = recipes.get_config(f"{size}_lora"), recipes.get_config(f"{size}_qlora")
+    for c in (lora_cfg, qlora_cfg):
+        lora = build.lora_config(c)
+        assert lora == LoraConfig(rank=128, alpha=256.0, dropout=0.05) and lora.scale == 2.0 and not lora.rslora
+        assert lora.modules == ("q", "k", "v", "o", "gate", "up", "down") and not c.model.lora.init_adapter
+        assert tuple(c.trainable) == TRAINABLE
+        assert c.optim.lr == 2e-4 and tuple(map(tuple, c.optim.group_lr)) == ((r"projector/.*", 2e-5),)
+        assert (c.stage, c.data.template, c.train.global_batch, c.optim.schedule, c.optim.warmup_ratio,
+                c.optim.weight_decay) == (2, "vicuna_v1", 128, "cosine", 0.03, 0.0)
+        assert c.model.llm_path == f"vicuna-{size}-v1.5" and c.model.init_from_workdir_patterns == (r"projector/.*",)
+    assert build.base_quant(lora_cfg) is None and lora_cfg.name == f"llava-v1.5-{size}-lora"
+    assert build.base_quant(qlora_cfg) == "int4" and qlora_cfg.name == f"llava-v1.5-{size}-qlora"
+    # what trains, at which lr: adapters at optim.lr, the projector in its group (zeros: quick)
+    _, trainable, frozen = split_model(LlavaModel(tiny_model_config(lora=build.lora_config(lora_cfg)), rngs=None),
+                                       lora_cfg.trainable)
+    lrs, labels = lr_groups(lora_cfg.optim, trainable)
+    by_path = {path_str(p): lrs[v.get_value()] for p, v in nnx.to_flat_state(labels)}
+    assert {p for p, lr in by_path.items() if lr == 2e-5} == {p for p in by_path if p.startswith("projector/")}
+    assert {p for p, lr in by_path.items() if lr == 2e-4} == {p for p in by_path if "/lora/" in p} != set()
+    assert not any("/lora/" in path_str(p) or path_str(p).startswith("projector/") for p, _ in nnx.to_flat_state(frozen))
