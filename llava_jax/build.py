@@ -5,7 +5,8 @@ the trainer (``train/trainer.py``, the loop), ``export``, ``eval.answer``, the d
     config -> tokenizer()            the run's tokenizer + the <image>/<pad> ids
            -> model_config()         scratch / HF dirs / CLIP + LLaMA dirs / a named preset
            -> model()                params created or loaded straight into their shards, then the
-                                     previous stages' workdirs on top (`init_from_workdir`)
+                                     previous stages' workdirs on top (`init_from_workdir`), then
+                                     a PEFT adapter to start LoRA from (`model.lora.init_adapter`)
            -> trained_model()        a training workdir's finished model, rebuilt from the config
                                      the run recorded; refuses params no checkpoint provided
            -> training_data()        this process's input iterator and the schedule's length
@@ -204,6 +205,10 @@ def model(config, mesh, tokenizer_ids=None, vocab_size: int | None = None) -> Ll
     """The model of `config` with every param created or loaded directly into its shard (no full
     copy on one device), then the previous stages' trained params applied on top."""
     m = config.model
+    if adapter := init_adapter(config):  # refused before the base is loaded if it does not fit model.lora
+        from llava_jax.convert.peft import check_init_adapter
+
+        check_init_adapter(adapter, model_config(config, vocab_size, getattr(tokenizer_ids, "image_token_id", None)))
     if m.init == "scratch":
         cfg = scratch_config(config, vocab_size, tokenizer_ids.image_token_id)
         graphdef, abs_state = shd.abstract_model(lambda: LlavaModel(cfg, rngs=nnx.Rngs(m.seed)), mesh)
@@ -234,7 +239,18 @@ def model(config, mesh, tokenizer_ids=None, vocab_size: int | None = None) -> Ll
             built = quantize_model(built, base_quant(config))
     for wd in previous_stages(config):
         built, _ = apply_workdir_params(built, wd, m.init_from_workdir_patterns)
+    if adapter := init_adapter(config):  # after the previous stages: an adapter's own projector wins
+        from llava_jax.convert.peft import init_adapter as load_init_adapter
+
+        built = load_init_adapter(built, adapter)
     return built
+
+
+def init_adapter(config) -> str | None:
+    """`model.lora.init_adapter`: the PEFT adapter directory the run's adapters start from (None:
+    fresh adapters, or a config that predates the field)."""
+    lora = config.model.get("lora")
+    return (lora.get("init_adapter", "") if lora is not None else "") or None
 
 
 def previous_stages(config) -> list[str]:

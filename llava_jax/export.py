@@ -1,4 +1,4 @@
-"""Export a training run's model to a llava-hf directory:
+"""Export a training run's model (or a checkpoint + a LoRA adapter) to a llava-hf directory:
 
     python -m llava_jax.export --workdir=DIR --out=HF_DIR [--dtype=bfloat16] [--overwrite]
 
@@ -29,6 +29,19 @@ a PEFT adapter directory (`peft.PeftModel.from_pretrained(llava_hf_model, ADAPTE
 is the run's `model.hf_path`). A LoRA run's projector trains too: export it with the default
 format, or the merged model, as PEFT's adapter holds the LLM's adapters only.
 
+A PEFT LoRA adapter merged into a base (`--adapter`, with `--model` or `--workdir` as the base):
+
+    python -m llava_jax.export --format=hf --model=BASE_HF_DIR --adapter=ADAPTER_DIR --out=HF_DIR
+
+writes the llava-hf directory PEFT's `merge_and_unload()` gives for that base and adapter (and the
+base's tokenizer, when its directory has one). ADAPTER_DIR is any adapter `convert/peft.py`
+imports: PEFT's, `--format=peft`'s, or an original LLaVA LoRA run's output directory (its
+`non_lora_trainables.bin` projector replaces the base's). `--format=gguf` takes `--adapter` too.
+`--merge` (the default, and the only choice for llava-hf and GGUF, which have no place for
+unmerged adapters) writes the adapters merged into the weights; `--nomerge` is refused there:
+`--format=peft` writes an adapter alone. Without `--adapter`, `--format=hf --model=DIR` rewrites
+any checkpoint llava-jax loads (e.g. the original LLaVA's layout) as a llava-hf directory.
+
 HF_DIR must be empty or new: old weight files left next to the new ones would be read back
 instead of them (a stale shard index). `--overwrite` writes into a non-empty HF_DIR, removing
 the weight files there (*.safetensors, model.safetensors.index.json) first; other files stay.
@@ -47,7 +60,12 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "the run's config file (path:arg); default: the config the run recorded in WORKDIR",
     lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "the training workdir to export (its latest checkpoint)")
-_MODEL = flags.DEFINE_string("model", None, "or (--format=gguf): a llava-hf directory / any checkpoint llava-jax loads")
+_MODEL = flags.DEFINE_string("model", None, "or (--format=hf / gguf): a llava-hf directory / any checkpoint llava-jax "
+                             "loads")
+_ADAPTER = flags.DEFINE_string("adapter", None, "a PEFT LoRA adapter directory to merge into the model (--model or "
+                               "--workdir) before writing it (--format=hf / gguf)")
+_MERGE = flags.DEFINE_bool("merge", True, "write LoRA adapters merged into the weights (PEFT's merge_and_unload); "
+                           "llava-hf and GGUF hold them no other way, so --nomerge is refused (use --format=peft)")
 _FORMAT = flags.DEFINE_enum("format", "hf", ["hf", "gguf", "peft"], "hf: a llava-hf directory; gguf: llama.cpp/Ollama "
                             "files; peft: the run's LoRA adapter as a PEFT adapter directory")
 _QUANT = flags.DEFINE_enum("quant", "f16", ["f16", "q8_0", "q4_0", "q4_K_M"], "GGUF weight type of the LLM "
@@ -69,13 +87,35 @@ def _trained_model(workdir: str, config, allow_random_init: bool):
 
 
 def export(workdir: str, out: str, config=None, dtype: str = "float32", allow_random_init: bool = False,
-           overwrite: bool = False):
+           overwrite: bool = False, adapter: str | None = None):
+    """A training workdir's model (with the PEFT adapter `adapter` merged into it) as llava-hf."""
     from llava_jax.convert.hf import save_pretrained
+    from llava_jax.convert.peft import with_adapter
     from llava_jax.convert.safetensors_io import check_output_dir
 
     check_output_dir(out, overwrite)  # refuse now, not after building the model
     model, tokenizer, _ = _trained_model(workdir, config, allow_random_init)
+    model = with_adapter(model, workdir, adapter)
     save_pretrained(model, out, tokenizer=tokenizer, dtype=dtype, overwrite=overwrite)
+    return model
+
+
+def export_checkpoint(model_dir: str, out: str, adapter: str | None = None, dtype: str = "float32",
+                      overwrite: bool = False):
+    """A checkpoint directory llava-jax loads (`llava_jax.from_pretrained`), with the PEFT adapter
+    `adapter` merged into it, as llava-hf; the directory's tokenizer too when it has one."""
+    from pathlib import Path
+
+    import llava_jax
+    from llava_jax.convert.peft import with_adapter
+    from llava_jax.convert.safetensors_io import check_output_dir
+    from llava_jax.data.tokenize import load_tokenizer
+
+    check_output_dir(out, overwrite)
+    model = with_adapter(llava_jax.from_pretrained(model_dir), model_dir, adapter)
+    has_tokenizer = any((Path(model_dir) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+    tokenizer = load_tokenizer(model_dir) if has_tokenizer else None
+    llava_jax.save_pretrained(model, out, tokenizer=tokenizer, dtype=dtype, overwrite=overwrite)
     return model
 
 
@@ -102,23 +142,37 @@ def main(argv):
     from llava_jax.convert.hf import CheckpointError
 
     try:
+        if _FORMAT.value == "peft":
+            if _ADAPTER.value:
+                raise ValueError("--format=peft writes the adapter a run trained; --adapter is one already")
+        elif not _MERGE.value:
+            raise ValueError(f"--nomerge: --format={_FORMAT.value} has no place for unmerged LoRA adapters; write them "
+                             "with --format=peft (and serve them with --adapter-unmerged)")
         if _FORMAT.value == "gguf":
-            from llava_jax.convert.gguf_export import export_checkpoint
+            from llava_jax.convert.gguf_export import export_checkpoint as export_gguf
 
-            files = export_checkpoint(_OUT.value, _WORKDIR.value, _MODEL.value, _QUANT.value, _CONFIG.value,
-                                      _RANDOM.value)
+            files = export_gguf(_OUT.value, _WORKDIR.value, _MODEL.value, _QUANT.value, _CONFIG.value,
+                                _RANDOM.value, adapter=_ADAPTER.value)
             if jax.process_index() == 0:
                 print("\n".join(f"{k}: {v}" for k, v in files.items()))
             return
-        if not _WORKDIR.value:
+        if _FORMAT.value == "hf" and bool(_WORKDIR.value) == bool(_MODEL.value):
+            raise ValueError("give exactly one of --workdir or --model")
+        if _FORMAT.value == "hf" and _MODEL.value:
+            export_checkpoint(_MODEL.value, _OUT.value, _ADAPTER.value, _DTYPE.value, _OVERWRITE.value)
+        elif not _WORKDIR.value:
             raise ValueError(f"--format={_FORMAT.value} exports a training workdir: give --workdir")
-        write = export_adapter if _FORMAT.value == "peft" else export
-        write(_WORKDIR.value, _OUT.value, _CONFIG.value, _DTYPE.value, _RANDOM.value, _OVERWRITE.value)
+        elif _FORMAT.value == "peft":
+            export_adapter(_WORKDIR.value, _OUT.value, _CONFIG.value, _DTYPE.value, _RANDOM.value, _OVERWRITE.value)
+        else:
+            export(_WORKDIR.value, _OUT.value, _CONFIG.value, _DTYPE.value, _RANDOM.value, _OVERWRITE.value,
+                   _ADAPTER.value)
     except (ProvenanceError, CheckpointError, FileNotFoundError, FileExistsError, ValueError, NotImplementedError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     if jax.process_index() == 0:
-        print(f"exported {_WORKDIR.value} to {_OUT.value}")
+        what = _WORKDIR.value or _MODEL.value
+        print(f"exported {what}{f' + {_ADAPTER.value} (merged)' if _ADAPTER.value else ''} to {_OUT.value}")
 
 
 if __name__ == "__main__":

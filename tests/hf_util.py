@@ -156,3 +156,36 @@ def hf_generate(hf, prompts, pixels, new):
                           pixel_values=torch.tensor(pixels), max_new_tokens=new, do_sample=False,
                           eos_token_id=None, pad_token_id=0)
     return [list(map(int, r)) for r in out[:, L:].numpy()]
+
+
+ORIGINAL_PREFIX = "base_model.model.model."  # PEFT on the original LLaVA's LlavaLlamaForCausalLM
+
+
+def original_lora_dir(peft_dir, out, projector: dict, weights: str = "adapter_model.bin"):
+    """`out`: the adapter of the PEFT directory `peft_dir` (written on transformers'
+    LlavaForConditionalGeneration) as haotian-liu/LLaVA's train.py writes a LoRA run: PEFT keys on
+    its LlavaLlamaForCausalLM (`base_model.model.model.layers.N...`) in `weights`
+    (adapter_model.bin, as the PEFT of its day, or .safetensors), `target_modules` the LLM's Linear
+    names (find_all_linear_names), and the projector it trained (`projector`: llava-hf names
+    `linear_1.weight`, ... -> tensors) as `named_parameters()` keys in non_lora_trainables.bin."""
+    import json
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    peft_dir, out = Path(peft_dir), Path(out)
+    out.mkdir()
+    sd = load_file(peft_dir / "adapter_model.safetensors")
+    orig = {ORIGINAL_PREFIX + k.removeprefix(ORIGINAL_PREFIX + "language_model."): v.contiguous() for k, v in sd.items()}
+    assert all(k.startswith(ORIGINAL_PREFIX + "layers.") for k in orig), sorted(orig)[:3]
+    (torch.save if weights.endswith(".bin") else save_file)(orig, out / weights)
+    cfg = json.loads((peft_dir / "adapter_config.json").read_text())
+    names = sorted({k.split(".")[-3] for k in orig})  # q_proj, ..., the modules adapted
+    cfg.update(target_modules=names, task_type="CAUSAL_LM", base_model_name_or_path="lmsys/vicuna-7b-v1.5")
+    (out / "adapter_config.json").write_text(json.dumps(cfg))
+    # nn.Sequential(Linear, GELU, Linear): linear_i is mm_projector.{2 (i - 1)}
+    non_lora = {f"{ORIGINAL_PREFIX}mm_projector.{2 * (int(k.split('.')[0][7:]) - 1)}.{k.split('.')[-1]}":
+                torch.as_tensor(np.array(v)) for k, v in projector.items()}
+    torch.save(non_lora, out / "non_lora_trainables.bin")
+    return out

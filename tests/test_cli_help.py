@@ -20,7 +20,8 @@ def help_of(module: str) -> str:
 @pytest.mark.parametrize("module,must", [
     ("llava_jax.train", ["python -m llava_jax.train --config=", "--config:", "--workdir:", "--config.<group>.<field>",
                          "--[no]verbose"]),
-    ("llava_jax.export", ["--workdir:", "--out:", "--allow_random_init", "run_config.json"]),
+    ("llava_jax.export", ["--workdir:", "--out:", "--allow_random_init", "run_config.json", "--adapter:",
+                          "--[no]merge"]),
     ("llava_jax.demo", ["--out:", "--seed:", "exports the model"]),
     ("llava_jax.tools.aot", ["--topology:", "--config:"]),
     ("llava_jax.serve", ["--model", "--warmup", "--template", "--adapter", "--adapter-unmerged"]),

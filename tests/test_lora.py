@@ -16,7 +16,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import llava_jax  # noqa: E402
-from hf_util import make_batch, make_hf_llava, torch_logits  # noqa: E402
+from hf_util import make_batch, make_hf_llava, original_lora_dir, torch_logits  # noqa: E402
 from llava_jax.convert import peft as lpeft  # noqa: E402
 from llava_jax.convert.hf import CheckpointError, hf_tensors  # noqa: E402
 from llava_jax.models.lora import LoraConfig  # noqa: E402
@@ -143,6 +143,78 @@ def test_merge_equals_peft_merge_and_unload(hf_dir, tmp_path):
     # the merged model computes what the adapted one did
     after, mask = _ours(model, merged_hf)
     assert _rel_diff(after, adapted, mask) <= RTOL
+
+
+def test_export_cli_merges_an_adapter_into_a_base_as_peft_merge_and_unload(hf_dir, tmp_path):
+    """`python -m llava_jax.export --format hf --model BASE --adapter DIR --out OUT` writes the
+    llava-hf directory PEFT's `merge_and_unload()` gives: transformers loads it with the same
+    tensors (<= 1e-6 each). `--nomerge` is refused there, in one error line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from transformers import LlavaForConditionalGeneration
+
+    pm = _peft_adapter(tmp_path / "adapter", seed=8, r=4, lora_alpha=8,
+                       target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
+    ref = pm.merge_and_unload().state_dict()
+    repo = Path(__file__).resolve().parents[1]
+    env = {**__import__("os").environ, "JAX_PLATFORMS": "cpu"}
+    base = [sys.executable, "-m", "llava_jax.export", "--format", "hf", "--model", str(hf_dir),
+            "--adapter", str(tmp_path / "adapter")]
+    p = subprocess.run(base + ["--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=repo, env=env,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "(merged)" in p.stdout
+    got = LlavaForConditionalGeneration.from_pretrained(tmp_path / "out").state_dict()
+    assert set(got) == set(ref)
+    worst = max(float((got[k].float() - ref[k].float()).abs().max()) for k in ref)
+    print("export --adapter vs merge_and_unload, max|diff|", worst)
+    assert worst <= 1e-6, worst
+    p = subprocess.run(base + ["--nomerge", "--out", str(tmp_path / "out2")], capture_output=True, text=True,
+                       cwd=repo, env=env, timeout=600)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("error: --nomerge: --format=hf has no place")
+    assert not (tmp_path / "out2").exists()
+
+
+@pytest.mark.parametrize("weights", ["adapter_model.bin", "adapter_model.safetensors"])
+def test_adapter_of_the_original_llava_lora_script_loads_with_its_projector(tmp_path, weights):
+    """A LoRA run of haotian-liu/LLaVA's train.py writes PEFT's keys on its LlavaLlamaForCausalLM
+    (`base_model.model.model.layers.N...`; `adapter_model.bin` with the PEFT of its day) and the
+    projector it trained, `named_parameters()` keys with requires_grad, to `non_lora_trainables.bin`
+    (torch.save). Written so from a PEFT adapter, it computes what transformers + PEFT do with the
+    trained projector, and the projector's weights are the file's."""
+    name = "mha_default_rope"  # a projector with biases, as the original's mm_projector
+    make_hf_llava(name, seed=6).save_pretrained(tmp_path / "base")
+    hf = make_hf_llava(name, seed=6)
+    torch.manual_seed(7)
+    with torch.no_grad():  # the projector the LoRA run trained
+        for p in hf.model.multi_modal_projector.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    trained = {k: v.detach().clone() for k, v in hf.model.multi_modal_projector.state_dict().items()}
+    pm = peft.get_peft_model(hf, peft.LoraConfig(
+        init_lora_weights=False, r=4, lora_alpha=8,
+        target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")).eval()
+    pm.save_pretrained(tmp_path / "peft")
+    ids, mask, px = make_batch(pm)
+    ref = torch_logits(pm, ids, mask, px)
+    d = original_lora_dir(tmp_path / "peft", tmp_path / "llava-v1.5-7b-lora", trained, weights)
+    assert sorted(torch.load(d / "non_lora_trainables.bin")) == [
+        f"base_model.model.model.mm_projector.{i}.{w}" for i in (0, 2) for w in ("bias", "weight")]
+
+    model = lpeft.load_adapter(llava_jax.from_pretrained(tmp_path / "base"), d)
+    assert model.config.lora.rank == 4 and model.config.lora.modules == tuple(HF_NAMES)
+    got = dict(hf_tensors(model, select=lambda p: p.startswith("projector/")))
+    assert set(got) == {f"multi_modal_projector.{k}" for k in trained}
+    for k, v in trained.items():
+        np.testing.assert_array_equal(got[f"multi_modal_projector.{k}"], v.numpy(), err_msg=k)
+    ours, _ = _ours(model, pm)
+    assert _rel_diff(ours, ref, mask) <= RTOL
+    # without the projector file: the base's projector, another model
+    (d / "non_lora_trainables.bin").unlink()
+    other, _ = _ours(lpeft.load_adapter(llava_jax.from_pretrained(tmp_path / "base"), d), pm)
+    assert _rel_diff(other, ref, mask) > 1e-3
 
 
 def test_unsupported_peft_settings_are_named(hf_dir, tmp_path):

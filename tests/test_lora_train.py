@@ -98,6 +98,70 @@ def test_tiny_lora_preset_through_build_on_a_sharded_mesh():
     np.testing.assert_array_equal(a, fwd(trained, jax.random.key(0)))
 
 
+def test_lora_run_started_from_an_adapter_begins_at_its_loss_and_trains(tmp_path):
+    """`model.lora.init_adapter`: a stage-2 LoRA run (the tiny preset through `build`, fsdp 2)
+    started from an adapter in the original LLaVA's layout (adapter_model.bin and the projector in
+    non_lora_trainables.bin) has at step 0 the loss of the model merged with that adapter and
+    projector, and trains; an adapter of another rank, alpha or projections is refused, naming
+    the file and the shapes."""
+    pytest.importorskip("torch")
+    from hf_util import original_lora_dir
+    from llava_jax.convert import peft as lpeft
+    from llava_jax.convert.hf import CheckpointError, hf_tensors
+    from llava_jax.demo.run import load_demo_config
+    from llava_jax.train.state import batch_loss
+
+    config = load_demo_config("tiny_stage2_lora")  # rank 8, alpha 16, the seven projections
+    config.model.scratch.text.update(hidden_size=16, intermediate_size=32, num_heads=4, num_kv_heads=2, head_dim=4)
+    config.model.lora.dropout = 0.0  # step 0's loss is then the adapted model's own
+    config.optim.lr, config.optim.warmup_steps = 1e-2, 0
+    mesh = shd.make_mesh((1, 2, 1), devices=devices(2))
+    ids = types.SimpleNamespace(image_token_id=IMAGE_TOKEN)
+    src = build.model(config, mesh, ids, vocab_size=64)
+    batch = {k: jax.device_put(v, shd.batch_sharding(mesh, v.ndim)) for k, v in synthetic_batch(src.config).items()}
+
+    def loss_of(model):
+        graphdef, trainable, frozen = nnx.split(model, nnx.Param, ...)
+        s, n = jax.jit(batch_loss, static_argnums=2)(trainable, frozen, graphdef, batch)
+        return float(s / n)
+
+    fresh = loss_of(src)  # B = 0: the base's loss
+    key = jax.random.key(3)  # adapters and a projector that do something
+    for sub in (src.llm.layers.lora, src.projector):
+        for name, var in sorted(nnx.state(sub, nnx.Param).items()):
+            key, k = jax.random.split(key)
+            getattr(sub, name).value = jax.device_put(0.2 * jax.random.normal(k, var.value.shape), var.value.sharding)
+    lpeft.save_adapter(src, tmp_path / "peft")
+    projector = {k.removeprefix("multi_modal_projector."): v
+                 for k, v in hf_tensors(src, select=lambda p: p.startswith("projector/"))}
+    adapter = original_lora_dir(tmp_path / "peft", tmp_path / "lora-run", projector)
+    merged = loss_of(lpeft.merge(src))
+
+    config.model.lora.init_adapter = str(adapter)
+    model = build.model(config, mesh, ids, vocab_size=64)
+    assert model.llm.layers.lora.q_b.value.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None, None)
+    parts = build.train_parts(config, mesh, model, num_steps=20)
+    trainable, opt_state, losses = parts.trainable, parts.opt_state, []
+    for i in range(4):
+        trainable, opt_state, m = parts.step(trainable, opt_state, parts.frozen, batch, jnp.asarray(i + 1))
+        losses.append(float(m["loss"]))
+    print("fresh", fresh, "merged", merged, "run", losses)
+    np.testing.assert_allclose(losses[0], merged, rtol=1e-5)
+    assert abs(fresh - merged) > 1e-3  # the adapter and projector matter (100x the tolerance above)
+    assert losses[-1] < losses[0], losses
+
+    for field, value, match in (
+            ("rank", 4, r"lora-run/adapter_config.json has r=8 \(base_model.model.model.layers.0.self_attn.q_proj."
+                        r"lora_A.weight in adapter_model.bin has shape \(8, 16\)\), model.lora.rank=4 expects \(4, 16\)"),
+            ("alpha", 32.0, r"lora_alpha=16, model.lora.alpha=32"),
+            ("targets", (r"llm/layers/(q|v)_kernel",), r"targets: the adapter adapts self_attn.q_proj, .*mlp.down_proj; "
+                                                        r"model.lora.targets=.* adapt self_attn.q_proj, self_attn.v_proj$")):
+        bad = config.copy_and_resolve_references()
+        bad.model.lora[field] = value
+        with pytest.raises(CheckpointError, match=match):  # before any param is made
+            build.model(bad, mesh, ids, vocab_size=64)
+
+
 def _lora_specs(state) -> dict:
     return {path_str(p): v.get_value().sharding.spec for p, v in nnx.to_flat_state(state) if "/lora/" in path_str(p)}
 
@@ -231,3 +295,42 @@ def test_lora_run_killed_and_restarted_gives_the_uninterrupted_losses(world, tmp
     assert "resumed from" in p.stdout + p.stderr
     got = losses(w)
     assert [got[s] for s in range(1, 13)] == [want[s] for s in range(1, 13)]  # exactly equal
+
+
+@pytest.mark.parametrize("size", ["7b", "13b"])
+def test_lora_and_qlora_presets_are_the_original_finetune_lora_recipe(size):
+    """configs/llava_v1_5.py `{7b,13b}_lora` are the original scripts/v1_5/finetune_lora.sh (r 128,
+    alpha 256, dropout 0.05 on the seven projections, lr 2e-4, mm_projector_lr 2e-5, stage 2 of
+    vicuna_v1 at batch 128), training adapters + projector only, each at its lr; `_qlora` is the
+    same over an int4 base."""
+    import importlib.util
+    from pathlib import Path
+
+    from llava_jax.models.llava import LlavaModel
+    from llava_jax.train.state import lr_groups
+    from train_util import tiny_model_config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "llava_v1_5.py"
+    spec = importlib.util.spec_from_file_location("llava_v1_5_recipe", path)
+    recipes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipes)
+    lora_cfg, qlora_cfg = recipes.get_config(f"{size}_lora"), recipes.get_config(f"{size}_qlora")
+    for c in (lora_cfg, qlora_cfg):
+        lora = build.lora_config(c)
+        assert lora == LoraConfig(rank=128, alpha=256.0, dropout=0.05) and lora.scale == 2.0 and not lora.rslora
+        assert lora.modules == ("q", "k", "v", "o", "gate", "up", "down") and not c.model.lora.init_adapter
+        assert tuple(c.trainable) == TRAINABLE
+        assert c.optim.lr == 2e-4 and tuple(map(tuple, c.optim.group_lr)) == ((r"projector/.*", 2e-5),)
+        assert (c.stage, c.data.template, c.train.global_batch, c.optim.schedule, c.optim.warmup_ratio,
+                c.optim.weight_decay) == (2, "vicuna_v1", 128, "cosine", 0.03, 0.0)
+        assert c.model.llm_path == f"vicuna-{size}-v1.5" and c.model.init_from_workdir_patterns == (r"projector/.*",)
+    assert build.base_quant(lora_cfg) is None and lora_cfg.name == f"llava-v1.5-{size}-lora"
+    assert build.base_quant(qlora_cfg) == "int4" and qlora_cfg.name == f"llava-v1.5-{size}-qlora"
+    # what trains, at which lr: adapters at optim.lr, the projector in its group (zeros: quick)
+    _, trainable, frozen = split_model(LlavaModel(tiny_model_config(lora=build.lora_config(lora_cfg)), rngs=None),
+                                       lora_cfg.trainable)
+    lrs, labels = lr_groups(lora_cfg.optim, trainable)
+    by_path = {path_str(p): lrs[v.get_value()] for p, v in nnx.to_flat_state(labels)}
+    assert {p for p, lr in by_path.items() if lr == 2e-5} == {p for p in by_path if p.startswith("projector/")}
+    assert {p for p, lr in by_path.items() if lr == 2e-4} == {p for p in by_path if "/lora/" in p} != set()
+    assert not any("/lora/" in path_str(p) or path_str(p).startswith("projector/") for p, _ in nnx.to_flat_state(frozen))

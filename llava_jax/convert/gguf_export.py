@@ -351,9 +351,10 @@ def export_gguf(model, tokenizer, out_dir, quant: str = "f16", name: str | None 
 
 
 def export_checkpoint(out, workdir=None, model_dir=None, quant: str = "f16", config=None,
-                      allow_random_init: bool = False) -> dict[str, Path]:
+                      allow_random_init: bool = False, adapter=None) -> dict[str, Path]:
     """GGUF files of a training workdir (its latest checkpoint, rebuilt as the trainer built it)
-    or of a checkpoint directory llava-jax loads (`llava_jax.from_pretrained`)."""
+    or of a checkpoint directory llava-jax loads (`llava_jax.from_pretrained`), with the PEFT LoRA
+    adapter directory `adapter` merged in when given."""
     if bool(workdir) == bool(model_dir):
         raise ValueError("give exactly one of --workdir or --model")
     if workdir:
@@ -370,6 +371,10 @@ def export_checkpoint(out, workdir=None, model_dir=None, quant: str = "f16", con
         template = "vicuna_v1"
     if template == "chat_template":  # the tokenizer's own template: its Jinja is no Template to convert
         template = "vicuna_v1"
+    if adapter:
+        from llava_jax.convert.peft import with_adapter
+
+        model = with_adapter(model, workdir or model_dir, adapter)
     return export_gguf(model, tokenizer, out, quant=quant, name=name, template=template)
 
 

@@ -5,7 +5,8 @@ canonical HF key (the legacy llava-hf layout) and a named transform. `{i}` is th
 a stacked param; regex groups fill `{1}`, `{2}`, ... Other checkpoint layouts are first rewritten
 to canonical keys by a small per-layout `normalize_*` function, so the map itself never branches.
 LoRA adapters (`llm/layers/lora/*`) map to PEFT's tensor names on the same canonical keys
-(`...q_proj.lora_A.weight`); `normalize_peft` / `peft_key` translate a PEFT adapter file's keys.
+(`...q_proj.lora_A.weight`); `normalize_peft` / `peft_key` translate a PEFT adapter file's keys
+(`normalize_peft` also reads the original LLaVA's LoRA runs, through `normalize_llama`).
 """
 from __future__ import annotations
 
@@ -151,15 +152,22 @@ def normalize_llava_hf(key: str) -> str | None:
 
 
 # PEFT names a tensor by the module path in the wrapped model (`base_model.model.` + the
-# transformers module name, adapter name dropped), so its keys are llava-hf keys behind a prefix.
+# transformers module name, adapter name dropped), so its keys are llava-hf keys behind a prefix,
+# or, for an adapter the original LLaVA's LoRA script trained on its `LlavaLlamaForCausalLM`,
+# that model's keys (`base_model.model.model.layers.N...`, `...model.mm_projector.0.weight` in its
+# `non_lora_trainables.bin`) behind the same prefix.
 PEFT_PREFIX = "base_model.model."
 
 
 def normalize_peft(key: str) -> str | None:
-    """A PEFT adapter file's key -> canonical (legacy llava-hf) key."""
+    """A PEFT adapter file's key (on llava-hf, or on the original LLaVA) -> canonical key."""
     if not key.startswith(PEFT_PREFIX):
         return None
-    return normalize_llava_hf(key[len(PEFT_PREFIX):])
+    key = key[len(PEFT_PREFIX):]
+    canon = normalize_llava_hf(key)
+    if canon is not None and canon.startswith("model."):  # no llava-hf layout: the original's model
+        return normalize_llama(key)
+    return canon
 
 
 def peft_key(canonical: str) -> str:

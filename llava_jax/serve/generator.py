@@ -264,8 +264,10 @@ class ChatGenerator:
             raise FileNotFoundError(f"{path} has no config.json: not a llava-hf model directory (nor a training workdir "
                                     f"with {RUN_CONFIG}); export a workdir with `python -m llava_jax.export --workdir "
                                     "DIR --out HF_DIR`")
-        model = _with_adapter(llava_jax.from_pretrained(path, dtype=dtype, mesh=mesh, **load_kw), path, adapter,
-                              merge_adapter)
+        from llava_jax.convert import peft
+
+        model = peft.with_adapter(llava_jax.from_pretrained(path, dtype=dtype, mesh=mesh, **load_kw), path, adapter,
+                                  merge_adapter)
         if quantize:
             from llava_jax.serve.quant import quantize_model
 
@@ -286,11 +288,12 @@ class ChatGenerator:
     def _from_workdir(cls, workdir: Path, template, image_mode, dtype, quantize, mesh, chunk_size, name, adapter,
                       merge_adapter):
         from llava_jax import build
+        from llava_jax.convert import peft
 
         config = build.run_config(workdir)
         config.model.dtype = {v: k for k, v in build.DTYPES.items()}[dtype]
         model, tokenizer, config = build.trained_model(workdir, config, mesh)
-        model = _with_adapter(model, workdir, adapter, merge_adapter)
+        model = peft.with_adapter(model, workdir, adapter, merge_adapter)
         if quantize:
             from llava_jax.serve.quant import quantize_model
 
@@ -502,18 +505,3 @@ class ChatSession:
                     continue
             if fin is not None:
                 self._end(slot, fin)
-
-
-def _with_adapter(model, base, adapter, merge: bool):
-    """`model` with the PEFT LoRA adapter directory `adapter` on it (merged into the kernels when
-    `merge`); a CheckpointError names the adapter, the base and the tensor that does not fit."""
-    if adapter is None:
-        return model
-    from llava_jax.convert import peft
-    from llava_jax.convert.hf import CheckpointError
-
-    try:
-        model = peft.load_adapter(model, adapter)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        raise type(e)(f"cannot put the adapter {adapter} on the model {base}: {e}") from e
-    return peft.merge(model) if merge else model

@@ -51,8 +51,11 @@ def base_config() -> ml_collections.ConfigDict:
     # LoRA adapters on the LLM's linear layers (llava_jax/models/lora.py; docs/lora.md). rank 0 =
     # none. They are params like any other: train them with trainable=(r".*lora.*", ...); the base
     # they sit on stays frozen. targets: regexes over the base kernels' paths (llm/layers/q_kernel).
+    # init_adapter: a PEFT LoRA adapter directory (PEFT's, `export --format=peft`'s, or an original
+    # LLaVA LoRA run's output dir, whose non_lora_trainables.bin projector it also takes) to start
+    # the adapters from instead of fresh ones; its rank, alpha, rslora and projections must be these.
     c.model.lora = ml_collections.ConfigDict({"rank": 0, "alpha": 16.0, "dropout": 0.0, "rslora": False,
-                                              "targets": DEFAULT_TARGETS})
+                                              "targets": DEFAULT_TARGETS, "init_adapter": ""})
     # QLoRA: the frozen LLM's linear kernels stored weight-only quantized, "none" | "int8" | "int4"
     # (the serving quantizer, llava_jax/models/quant.py); the adapters and the projector stay in
     # param_dtype and train. Needs model.lora (refused without it).
