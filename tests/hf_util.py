@@ -141,8 +141,9 @@ def torch_logits(model, ids, mask, pixels):
     return out.logits.float().numpy()
 
 
-def hf_generate(hf, prompts, pixels, new):
-    """transformers' greedy `generate` on left-padded prompts: the new tokens per prompt."""
+def hf_generate(hf, prompts, pixels, new, eos_token_id=None):
+    """transformers' greedy `generate` on left-padded prompts: the new tokens per prompt (with
+    `eos_token_id`: up to and including the first one; `pixels` None: text-only prompts)."""
     import torch
 
     L = max(len(p) for p in prompts)
@@ -152,7 +153,10 @@ def hf_generate(hf, prompts, pixels, new):
         ids[i, L - len(p):] = p
         mask[i, L - len(p):] = 1
     with torch.no_grad():
-        out = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                          pixel_values=torch.tensor(pixels), max_new_tokens=new, do_sample=False,
-                          eos_token_id=None, pad_token_id=0)
-    return [list(map(int, r)) for r in out[:, L:].numpy()]
+        px = {} if pixels is None else {"pixel_values": torch.tensor(pixels)}
+        out = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), **px, max_new_tokens=new,
+                          do_sample=False, eos_token_id=eos_token_id, pad_token_id=0)
+    rows = [list(map(int, r)) for r in out[:, L:].numpy()]
+    if eos_token_id is not None:  # a finished row is padded to the longest one
+        rows = [r[:r.index(eos_token_id) + 1] if eos_token_id in r else r for r in rows]
+    return rows
