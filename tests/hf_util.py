@@ -59,6 +59,18 @@ BACKBONES = {
                   rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
         llava=dict(vision_feature_layer=-2),
     ),
+    # Qwen2 with a tied head (tie_word_embeddings, as Qwen2-0.5B / 1.5B): the embedding is the head.
+    # Init std 0.2: at the default 0.02 the residual stream is mostly the input embedding, so a
+    # tied head repeats the last token forever and greedy generation checks nothing.
+    "qwen2_tied": dict(
+        text_type="qwen2",
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    image_size=28, patch_size=14),
+        text=dict(vocab_size=152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, initializer_range=0.2,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+        llava=dict(vision_feature_layer=-2, tie_word_embeddings=True),
+    ),
     # Mistral with a sliding window of 5, shorter than make_batch's rows (4 image tokens + 12).
     "mistral_window": dict(
         text_type="mistral",

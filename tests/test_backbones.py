@@ -38,8 +38,9 @@ def test_config_reads_the_architecture(pair):
     tc = hf.config.text_config
     assert t.model_type == tc.model_type
     if t.model_type == "qwen2":
-        assert (t.attention_bias, t.o_proj_bias, t.tie_word_embeddings) == (True, False, False)
-        assert t.sliding_window is None
+        assert (t.attention_bias, t.o_proj_bias) == (True, False) and t.sliding_window is None
+        assert t.tie_word_embeddings == tc.tie_word_embeddings == (name == "qwen2_tied")
+        assert hasattr(model.llm, "lm_head") != t.tie_word_embeddings  # tied: the embedding is the head
     else:
         assert (t.attention_bias, t.o_proj_bias, t.sliding_window) == (False, False, tc.sliding_window)
     layers = model.llm.layers
@@ -173,10 +174,12 @@ def test_clip_plus_llm_dir_is_read_as_its_architecture(pair, tmp_path):
 
 def test_peft_adapter_export_loads_in_peft(pair, tmp_path):
     """Qwen2 only: PEFT names modules, not biases, so its adapter keys are LLaMA's; Mistral's
-    layer is LLaMA's (tests/test_lora.py)."""
+    layer is LLaMA's (tests/test_lora.py). The tied Qwen2 has the same adapters (none on the head)."""
     peft = pytest.importorskip("peft")
     if pair[0].startswith("mistral"):
         pytest.skip("Mistral's layer layout is LLaMA's: covered by tests/test_lora.py")
+    if pair[0] == "qwen2_tied":
+        pytest.skip("the adapters (q/k/v/o, MLP) are the untied Qwen2's: covered by qwen2_gqa_bias")
     import jax
     from flax import nnx
 
