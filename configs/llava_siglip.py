@@ -18,7 +18,7 @@ a full SiglipModel or a SiglipVisionModel), features are the output of its 26th 
 has no class token): 729 image tokens. Images are preprocessed by SigLIP's processor (square
 resize, mean/std 0.5) read from the tower dir's preprocessor_config.json; "pad" pastes on a
 (127, 127, 127) canvas first. Without local checkpoints the geometry is the preset
-`llava_siglip_7b` (llava_jax.config).
+`llava_siglip_7b` / `llava_siglip_qwen2_7b` (`PRESETS` in llava_jax/presets.py).
 """
 import importlib.util
 from pathlib import Path

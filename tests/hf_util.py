@@ -59,6 +59,18 @@ BACKBONES = {
                   rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
         llava=dict(vision_feature_layer=-2),
     ),
+    # Qwen2 with a tied head (tie_word_embeddings, as Qwen2-0.5B / 1.5B): the embedding is the head.
+    # Init std 0.2: at the default 0.02 the residual stream is mostly the input embedding, so a
+    # tied head repeats the last token forever and greedy generation checks nothing.
+    "qwen2_tied": dict(
+        text_type="qwen2",
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    image_size=28, patch_size=14),
+        text=dict(vocab_size=152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, initializer_range=0.2,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+        llava=dict(vision_feature_layer=-2, tie_word_embeddings=True),
+    ),
     # Mistral with a sliding window of 5, shorter than make_batch's rows (4 image tokens + 12).
     "mistral_window": dict(
         text_type="mistral",
@@ -141,8 +153,9 @@ def torch_logits(model, ids, mask, pixels):
     return out.logits.float().numpy()
 
 
-def hf_generate(hf, prompts, pixels, new):
-    """transformers' greedy `generate` on left-padded prompts: the new tokens per prompt."""
+def hf_generate(hf, prompts, pixels, new, eos_token_id=None):
+    """transformers' greedy `generate` on left-padded prompts: the new tokens per prompt (with
+    `eos_token_id`: up to and including the first one; `pixels` None: text-only prompts)."""
     import torch
 
     L = max(len(p) for p in prompts)
@@ -152,10 +165,13 @@ def hf_generate(hf, prompts, pixels, new):
         ids[i, L - len(p):] = p
         mask[i, L - len(p):] = 1
     with torch.no_grad():
-        out = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                          pixel_values=torch.tensor(pixels), max_new_tokens=new, do_sample=False,
-                          eos_token_id=None, pad_token_id=0)
-    return [list(map(int, r)) for r in out[:, L:].numpy()]
+        px = {} if pixels is None else {"pixel_values": torch.tensor(pixels)}
+        out = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), **px, max_new_tokens=new,
+                          do_sample=False, eos_token_id=eos_token_id, pad_token_id=0)
+    rows = [list(map(int, r)) for r in out[:, L:].numpy()]
+    if eos_token_id is not None:  # a finished row is padded to the longest one
+        rows = [r[:r.index(eos_token_id) + 1] if eos_token_id in r else r for r in rows]
+    return rows
 
 
 ORIGINAL_PREFIX = "base_model.model.model."  # PEFT on the original LLaVA's LlavaLlamaForCausalLM

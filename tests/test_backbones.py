@@ -1,10 +1,11 @@
 """Other LLM backbones through the one scanned decoder, against transformers on tiny random LLaVA
-checkpoints: Qwen2 (q/k/v biases, no o bias, untied head) and Mistral with a sliding window (5)
+checkpoints: Qwen2 (q/k/v biases, no o bias; untied and tied head) and Mistral with a sliding window (5)
 shorter than every sequence here. fp32 logits, greedy generation past the window (the serving
 engine's KV cache), the fused attention impls on packed rows, the llava-hf export (transformers
 loads it: same architecture, equal logits), the PEFT adapter export, the GGUF refusal, and a
-short stage-2 training run. Llama-3 (llama3 RoPE) is `gqa_llama3_list_tied` in
-tests/test_model_parity.py; packing is in tests/test_packing.py."""
+short stage-2 training run (also on Llama-3's layout and the SigLIP tower). Llama-3's parity
+(llama3 RoPE) is `gqa_llama3_list_tied` in tests/test_model_parity.py; packing is in
+tests/test_packing.py."""
 import dataclasses
 import json
 
@@ -38,8 +39,9 @@ def test_config_reads_the_architecture(pair):
     tc = hf.config.text_config
     assert t.model_type == tc.model_type
     if t.model_type == "qwen2":
-        assert (t.attention_bias, t.o_proj_bias, t.tie_word_embeddings) == (True, False, False)
-        assert t.sliding_window is None
+        assert (t.attention_bias, t.o_proj_bias) == (True, False) and t.sliding_window is None
+        assert t.tie_word_embeddings == tc.tie_word_embeddings == (name == "qwen2_tied")
+        assert hasattr(model.llm, "lm_head") != t.tie_word_embeddings  # tied: the embedding is the head
     else:
         assert (t.attention_bias, t.o_proj_bias, t.sliding_window) == (False, False, tc.sliding_window)
     layers = model.llm.layers
@@ -92,14 +94,17 @@ def test_greedy_generation_equals_transformers(pair):
     _greedy_equals_transformers(hf, model)
 
 
+# The LLaVA-OneVision pairing, SigLIP (no class token, "full" features) x Qwen2 (q/k/v biases).
+SIGLIP_QWEN2 = dict(BACKBONES["qwen2_gqa_bias"], vision_type="siglip", vision=CONFIGS["siglip_head_full"]["vision"],
+                    llava=dict(vision_feature_layer=-1, vision_feature_select_strategy="full"))
+
+
 def test_siglip_tower_with_qwen2(tmp_path):
-    """The LLaVA-OneVision pairing, SigLIP (no class token, "full" features) x Qwen2 (q/k/v
-    biases): fp32 logits, greedy generation and the llava-hf export against transformers."""
+    """SigLIP x Qwen2: fp32 logits, greedy generation and the llava-hf export against
+    transformers."""
     from transformers import LlavaForConditionalGeneration
 
-    spec = dict(BACKBONES["qwen2_gqa_bias"], vision_type="siglip", vision=CONFIGS["siglip_head_full"]["vision"],
-                llava=dict(vision_feature_layer=-1, vision_feature_select_strategy="full"))
-    hf = make_hf_llava(spec, seed=0)
+    hf = make_hf_llava(SIGLIP_QWEN2, seed=0)
     hf.save_pretrained(tmp_path / "in")
     model = llava_jax.from_pretrained(tmp_path / "in")
     assert (model.config.vision.model_type, model.config.text.model_type) == ("siglip_vision_model", "qwen2")
@@ -173,10 +178,12 @@ def test_clip_plus_llm_dir_is_read_as_its_architecture(pair, tmp_path):
 
 def test_peft_adapter_export_loads_in_peft(pair, tmp_path):
     """Qwen2 only: PEFT names modules, not biases, so its adapter keys are LLaMA's; Mistral's
-    layer is LLaMA's (tests/test_lora.py)."""
+    layer is LLaMA's (tests/test_lora.py). The tied Qwen2 has the same adapters (none on the head)."""
     peft = pytest.importorskip("peft")
     if pair[0].startswith("mistral"):
         pytest.skip("Mistral's layer layout is LLaMA's: covered by tests/test_lora.py")
+    if pair[0] == "qwen2_tied":
+        pytest.skip("the adapters (q/k/v/o, MLP) are the untied Qwen2's: covered by qwen2_gqa_bias")
     import jax
     from flax import nnx
 
@@ -208,15 +215,29 @@ def test_gguf_export_refuses_what_it_would_write_wrong(pair, tmp_path):
     assert not (tmp_path / "gguf").exists() or not any((tmp_path / "gguf").iterdir())
 
 
-def test_stage2_training_reduces_the_loss(pair):
+def _stage2_reduces_the_loss(name, d):
+    """Four stage-2 steps (projector + LLM trained, tower frozen) of the llava-hf dir `d` on one
+    synthetic batch: the loss drops."""
     from train_util import run_steps, synthetic_batch
 
-    name, hf, d, _ = pair
     model = llava_jax.from_pretrained(d)
     batch = synthetic_batch(model.config, batch=4, length=16)
     *_, losses = run_steps(model, [r"projector/.*", r"llm/.*"], batch, steps=4, lr=3e-3)
     print(f"{name}: losses {losses}")
     assert losses[-1] < losses[0] - 0.1
+
+
+def test_stage2_training_reduces_the_loss(pair):
+    name, hf, d, _ = pair
+    _stage2_reduces_the_loss(name, d)
+
+
+@pytest.mark.parametrize("name", ["gqa_llama3_list_tied", "siglip_head_full", "siglip_qwen2"])
+def test_stage2_training_reduces_the_loss_llama3_and_siglip(name, tmp_path):
+    """The same run on the Llama-3 layout (GQA, llama3 RoPE, tied head; hf_util.CONFIGS) and on
+    the SigLIP tower, with LLaMA and with Qwen2."""
+    make_hf_llava(SIGLIP_QWEN2 if name == "siglip_qwen2" else name, seed=4).save_pretrained(tmp_path)
+    _stage2_reduces_the_loss(name, tmp_path)
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))

@@ -1,10 +1,12 @@
 """End to end on the shapes world: a tiny model answers the held-out questions through the
 answer CLI (a llava-hf directory), a scripted judge on 127.0.0.1 reviews them through the
 LLaVA-Bench CLI (with retries: an HTTP 500, a reply without scores, one that never has them),
-and the summary equals the one computed by hand from the answers and the world's own scorer."""
+and the summary equals the one computed by hand from the answers and the world's own scorer.
+Another backbone: the answer CLI on SigLIP x Qwen2 equals transformers' greedy generation."""
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from judge_server import ScriptedJudge, section, user_content
@@ -217,3 +219,37 @@ def test_briefly_trained_demo_model_from_its_workdir(tmp_path):
                                 "--out_dir", str(tmp_path / "judged"), "--no_progress"])
     overall = obj["rows"][-1]
     assert overall["category"] == "overall" and overall["n"] + overall["failed"] == len(questions)
+
+
+def test_answers_on_siglip_qwen2_equal_transformers_generate(tmp_path):
+    """Eval on another backbone: the answer CLI (through the serving generator: the checkpoint's
+    Qwen2 chat template, its SigLIP processor, batches of 2 with a padded last one) on a SigLIP x
+    Qwen2 llava-hf dir with the real Qwen2 tokenizer. Each answer is transformers' greedy
+    `generate` of the same prompt on that dir; question 0 is the steered one, ended by <|im_end|>."""
+    pytest.importorskip("torch")
+    from serve_util import STEER_QUESTION, chat_pixels, make_chat_checkpoint, rand_image
+    from transformers import LlavaForConditionalGeneration
+
+    from hf_util import hf_generate
+    from llava_jax.serve.generator import ChatGenerator
+
+    d, _, tok = make_chat_checkpoint(tmp_path / "ckpt", backbone="siglip_qwen2")
+    rand_image(0).save(tmp_path / "a.png")
+    rand_image(1, 30, 60).save(tmp_path / "b.png")
+    questions = [{"question_id": 0, "image": "a.png", "text": STEER_QUESTION},
+                 {"question_id": 1, "image": "b.png", "text": "Describe the picture."},
+                 {"question_id": 2, "image": "a.png", "text": "What color is it?"}]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    answers = answer_cli.main(["--model", d, "--questions", str(tmp_path / "q.jsonl"), "--image_folder",
+                               str(tmp_path), "--out", str(tmp_path / "answers.jsonl"), "--max_new_tokens", "12",
+                               "--batch_size", "2"])
+    gen = ChatGenerator.from_pretrained(d)
+    assert gen.template == "chat_template" and gen.cfg.vision.is_siglip and gen.cfg.text.model_type == "qwen2"
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    encs = [gen.encode([answer_cli.question_message(q, tmp_path)]) for q in questions]
+    hf = LlavaForConditionalGeneration.from_pretrained(d).eval()
+    refs = hf_generate(hf, [e.ids for e in encs], np.concatenate([chat_pixels(gen, e) for e in encs]), 12,
+                       eos_token_id=end)
+    assert refs[0][-1] == end and len(refs[0]) < 12  # the steered answer ends at the end of turn
+    assert [a["text"] for a in answers] == [tok.decode(r, skip_special_tokens=True).strip() for r in refs]
+    assert all(a["text"] for a in answers)

@@ -261,20 +261,28 @@ VOCAB = 832  # covers the 800-token test tokenizer + <image> (800) + <pad> (801)
 # Each LLM backbone: Mistral with a sliding window (6) shorter than every packed sample, so the
 # window runs inside segments while the segment boundary still cuts it off.
 BACKBONE_TEXT = {"llama": {}, "qwen2": {}, "mistral": {"sliding_window": 6}}
+# The model fixture's cases: each LLM with CLIP, and the SigLIP tower ("full" features: the 4
+# patches of 28 px / 14, no class token) with Qwen2 (LLaVA-OneVision's pairing).
+MODELS = {name: (name, "clip") for name in BACKBONE_TEXT} | {"siglip_qwen2": ("qwen2", "siglip")}
 
 
-def make_hf_llava_for_tokenizer(image_token_id: int, vocab_size: int = VOCAB, seed: int = 0, text_type: str = "llama"):
+def make_hf_llava_for_tokenizer(image_token_id: int, vocab_size: int = VOCAB, seed: int = 0, text_type: str = "llama",
+                                vision_type: str = "clip"):
     """A tiny random transformers LLaVA whose vocab covers the test tokenizer (hf_util's configs
-    use vocab 128-160 and image token 100), on the `text_type` LLM architecture."""
+    use vocab 128-160 and image token 100), on the `text_type` LLM architecture and the
+    `vision_type` tower (clip, features -2 / "default"; siglip, -1 / "full")."""
     import torch
-    from transformers import CONFIG_MAPPING, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (CONFIG_MAPPING, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration,
+                              SiglipVisionConfig)
 
-    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                          image_size=28, patch_size=14)
+    siglip = vision_type == "siglip"
+    vc = (SiglipVisionConfig if siglip else CLIPVisionConfig)(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28, patch_size=14)
     tc = CONFIG_MAPPING[text_type](vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, **BACKBONE_TEXT[text_type])
-    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_index=image_token_id,
-                      vision_feature_layer=-2)
+    features = dict(vision_feature_layer=-1, vision_feature_select_strategy="full") if siglip else dict(
+        vision_feature_layer=-2)
+    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_index=image_token_id, **features)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(cfg).eval()
     with torch.no_grad():
@@ -283,20 +291,21 @@ def make_hf_llava_for_tokenizer(image_token_id: int, vocab_size: int = VOCAB, se
     return model
 
 
-@pytest.fixture(scope="module", params=sorted(BACKBONE_TEXT))
+@pytest.fixture(scope="module", params=sorted(MODELS))
 def model(request, tokenizer, tmp_path_factory):
     pytest.importorskip("torch")
     import llava_jax
 
+    text_type, vision_type = MODELS[request.param]
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     assert len(tokenizer) <= VOCAB
-    hf = make_hf_llava_for_tokenizer(image_id, text_type=request.param)
+    hf = make_hf_llava_for_tokenizer(image_id, text_type=text_type, vision_type=vision_type)
     d = tmp_path_factory.mktemp("tiny_llava")
     hf.save_pretrained(d)
     m = llava_jax.from_pretrained(d, image_token_id=image_id)
     assert m.config.image_token_id == image_id and m.config.num_image_tokens == 4
-    assert m.config.text.model_type == request.param
-    assert m.config.text.sliding_window == BACKBONE_TEXT[request.param].get("sliding_window")
+    assert m.config.text.model_type == text_type and m.config.vision.is_siglip == (vision_type == "siglip")
+    assert m.config.text.sliding_window == BACKBONE_TEXT[text_type].get("sliding_window")
     return m
 
 

@@ -14,7 +14,8 @@ pytest.importorskip("torch")
 openai = pytest.importorskip("openai")
 
 from serve_util import http_request as _raw  # noqa: E402
-from serve_util import make_chat_checkpoint, png_bytes, rand_image  # noqa: E402
+from serve_util import (CHAT_BACKBONES, STEER_QUESTION, chat_reference, make_chat_checkpoint, png_bytes,  # noqa: E402
+                        rand_image, steer_messages)
 
 from llava_jax.serve.engine import SamplingParams  # noqa: E402
 from llava_jax.serve.generator import ChatGenerator  # noqa: E402
@@ -66,15 +67,43 @@ def test_models_health_and_page(server):
     assert status == 200 and b"<title>llava-jax chat</title>" in body
 
 
-def test_completion_equals_direct_generation(server, gen):
+@pytest.fixture(scope="module", params=["llama", *CHAT_BACKBONES])
+def backbone_server(request, server, gen, tmp_path_factory):
+    """(server, generator, checkpoint dir or None, backbone): the module's LLaMA one, or a server on another
+    backbone (serve_util.CHAT_BACKBONES: Qwen2, Mistral with a window, SigLIP x Qwen2) with its
+    real tokenizer and chat template."""
+    if request.param == "llama":
+        yield server, gen, None, None
+        return
+    d, _, _ = make_chat_checkpoint(tmp_path_factory.mktemp(request.param), backbone=request.param, max_positions=128)
+    g = ChatGenerator.from_pretrained(d, chunk_size=4, name="tiny-llava")
+    srv = _start(g, window_s=0.25, max_batch=8, max_pending=16)
+    yield srv, g, d, request.param
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_completion_equals_direct_generation(backbone_server):
+    """Also on the other backbones: the reply is transformers' greedy `generate` on the same
+    checkpoint, ended by the template's end-of-turn token (<|im_end|>, <|eot_id|>)."""
+    server, gen, d, backbone = backbone_server
     c = _client(server)
-    r = c.chat.completions.create(model="tiny-llava", messages=_image_msg(), max_tokens=12, temperature=0)
-    direct = gen.chat([{"role": "user", "content": [{"type": "image", "image": rand_image(0)},
-                                                     {"type": "text", "text": "What is in the image?"}]}],
-                      SamplingParams(max_new_tokens=12))
+    r = c.chat.completions.create(model="tiny-llava", messages=_image_msg(STEER_QUESTION), max_tokens=12,
+                                  temperature=0)
+    direct = gen.chat(steer_messages(), SamplingParams(max_new_tokens=12))
     assert r.choices[0].message.content == direct.text
     assert r.choices[0].finish_reason == direct.finish_reason
     assert r.usage.prompt_tokens == direct.prompt_tokens and r.usage.completion_tokens == direct.completion_tokens
+    if d is not None:
+        from test_chat_templates import END
+
+        end = gen.tokenizer.convert_tokens_to_ids(END[CHAT_BACKBONES[backbone]["tokenizer"]])
+        assert gen.template == "chat_template" and end in gen.eos_ids
+        ref = chat_reference(d, gen, gen.encode(steer_messages()), end, new=12)
+        assert ref[-1] == end and len(ref) < 12  # it stopped at the end of turn, before the limit
+        assert r.choices[0].message.content == gen.tokenizer.decode(ref, skip_special_tokens=True)
+        assert r.choices[0].finish_reason == "stop"
+        assert r.usage.completion_tokens == len(ref) - 1  # the engine counts the reply, not its EOS
 
 
 def test_streaming(server):
