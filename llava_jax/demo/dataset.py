@@ -39,6 +39,11 @@ Files written under ``out_dir``
     colour per object: "The circles are red and red. Yes."), and ``existence_recheck=True``
     also restates the asked object when its shape is there ("The circle is blue. A green
     circle? No.");
+    ``image_only_answers=True`` keeps every answer of a row unanswerable from the turns before
+    it (no question about a shape the row has named; the description last): evaluation asks
+    one question at a time. ``stage2_rows_per_image=k`` writes k conversations per image (ids
+    ``train_000000``, ``train_000000_1``, ...), so the questions a leak-free row cannot hold go
+    into another row;
     ``shape_negative_prob`` sets the share of "no" existence answers in these rows that name a
     shape in the image ("Is there a red circle?" next to a blue circle; default None: the mix of
     ``eval.jsonl``, half sharing a colour or shape with the image, half any absent pair).
@@ -135,6 +140,7 @@ def generate(
     eval_questions_per_image: int = 3,
     num_text_only: int | None = None,
     num_text_existence: int = 0,
+    stage2_rows_per_image: int = 1,
     image_format: str = "png",
     **world_kwargs: Any,
 ) -> dict[str, Any]:
@@ -177,6 +183,10 @@ def generate(
         qas = world.conversation(scene, rng, ann["captions"])
         stage2.append({"id": scene.id, "image": name,
                        "conversations": _conv([(qa.question, qa.response) for qa in qas], True)})
+        for r in range(1, stage2_rows_per_image):  # more conversations about the same image
+            qas = world.conversation(scene, world.rng("train", i, f"text{r}"), ann["captions"])
+            stage2.append({"id": f"{scene.id}_{r}", "image": name,
+                           "conversations": _conv([(qa.question, qa.response) for qa in qas], True)})
 
     n_text = max(2, num_train // 50) if num_text_only is None else int(num_text_only)
     trng = world.rng("text_only", 0, "rows")
@@ -248,6 +258,7 @@ def generate(
             "train_images": num_train, "eval_images": num_eval,
             "stage1_rows": len(stage1), "stage2_rows": len(stage2), "stage2_text_only_rows": n_text,
             "stage2_text_existence_rows": int(num_text_existence),
+            "stage2_rows_per_image": int(stage2_rows_per_image),
             "eval_questions": len(eval_rows), "eval_questions_per_category": dict(per_cat),
         },
         "chance": chance_rates(world),

@@ -59,6 +59,7 @@ class ShapesWorld:
         existence_evidence: bool = False,
         existence_recheck: bool = False,
         shape_negative_prob: float | None = None,
+        image_only_answers: bool = False,
     ):
         unknown = [s for s in shapes if s not in ALL_SHAPES]
         if unknown:
@@ -106,6 +107,7 @@ class ShapesWorld:
             raise ValueError(f"shape_negative_prob must be None or in [0, 1], got {shape_negative_prob}")
         self.shape_negative_prob = None if shape_negative_prob is None else float(shape_negative_prob)
         self.question_mix = question_mix
+        self.image_only_answers = bool(image_only_answers)
         self.grid = int(grid)
         self.reading_order = bool(reading_order)
         self.seed = int(seed)
@@ -134,6 +136,7 @@ class ShapesWorld:
             "question_mix": self.question_mix, "existence_evidence": self.existence_evidence,
             "existence_recheck": self.existence_recheck,
             "shape_negative_prob": self.shape_negative_prob,
+            "image_only_answers": self.image_only_answers,
         }
 
     def rng(self, split: str, index: int, purpose: str, attempt: int = 0) -> random.Random:
@@ -253,13 +256,17 @@ class ShapesWorld:
     def make_question(self, scene: Scene, category: str, rng: random.Random, *,
                       canonical_only: bool = False, existence_yes: bool | None = None,
                       captions: Sequence[str] | None = None,
-                      shape_negatives: float | None = None) -> QA | None:
+                      shape_negatives: float | None = None,
+                      exclude_shapes: frozenset[str] = frozenset()) -> QA | None:
         """One definite question of `category` about `scene`, or None if none can be asked.
 
         canonical_only: eval mode - count questions only ask the total count.
         existence_yes: force a yes/no existence answer (None: fair coin).
         shape_negatives: the share of "no" existence answers that name a shape in the image (None:
-        half of them share a colour or shape with the image, half are any absent pair)."""
+        half of them share a colour or shape with the image, half are any absent pair).
+        exclude_shapes: existence questions name none of these shapes; the coin and the kind of
+        "no" are drawn first, and None comes back when they leave no candidate (so excluding
+        shapes does not tilt the yes/no share toward the "no"s that are always possible)."""
         objs = scene.objects
         short = rng.random() < self.short_answer_prob
         shape_counts = Counter(o.shape for o in objs)
@@ -323,7 +330,10 @@ class ShapesWorld:
         if category == "existence":
             yes = rng.random() < 0.5 if existence_yes is None else existence_yes
             if yes:
-                o = rng.choice(objs)
+                cands = [o for o in objs if o.shape not in exclude_shapes]
+                if not cands:
+                    return None
+                o = rng.choice(cands) if exclude_shapes else rng.choice(objs)
                 color, shape = o.color, o.shape
             else:
                 present = set(combo_counts)
@@ -336,7 +346,12 @@ class ShapesWorld:
                 else:
                     hard = [(c, s) for c, s in absent if s in shape_counts]
                     share = shape_negatives
-                color, shape = rng.choice(hard if hard and rng.random() < share else absent)
+                pool = hard if hard and rng.random() < share else absent
+                if exclude_shapes:
+                    pool = [(c, s) for c, s in pool if s not in exclude_shapes]
+                    if not pool:
+                        return None
+                color, shape = rng.choice(pool)
             q = rng.choice(T["existence"]).format(color=color, shape=shape)
             thing = f"{article(color)} {color} {shape}"
             if self.existence_evidence:  # "The circle is blue. No."
@@ -396,12 +411,28 @@ class ShapesWorld:
 
     def conversation(self, scene: Scene, rng: random.Random, captions: Sequence[str]) -> list[QA]:
         """`turns` (lo..hi) distinct questions about one scene (stage 2); categories drawn
-        uniformly or by `question_mix`."""
+        uniformly or by `question_mix`.
+
+        With `image_only_answers`, no question asks about a shape the conversation has already
+        named (in a question or an answer), a question that names no shape asks about no colour
+        already named, one question at most asks about the whole scene ("How many objects?"),
+        and the description (if drawn) comes last: every answer has to be read
+        from the image, as in evaluation, which asks one question at a time. Without it, about
+        63% of the later turns asked about a shape named earlier ("The circle is yellow." twice
+        in one row), so half the training answers could be copied from the text above them."""
         k = rng.randint(*self.turns)
         mix = self.question_mix
         qas: list[QA] = []
         seen: set[str] = set()
-        if rng.random() < self.describe_prob:
+        named_shapes: set[str] = set()
+        named_colors: set[str] = set()
+        asked_scene = False
+        answers: list[str] = []  # the row's existence answers so far
+        yes_first = self.image_only_answers and rng.random() < 0.5
+        describe = rng.random() < self.describe_prob
+        if describe and self.image_only_answers:
+            k -= 1  # the description takes the last turn
+        elif describe:
             qa = self.make_question(scene, "describe", rng, captions=captions)
             qas.append(qa)
             seen.add(qa.question)
@@ -410,9 +441,36 @@ class ShapesWorld:
             tries += 1
             cat = (rng.choice(EVAL_CATEGORIES) if mix is None
                    else rng.choices(EVAL_CATEGORIES, weights=[mix[c] for c in EVAL_CATEGORIES])[0])
-            qa = self.make_question(scene, cat, rng, shape_negatives=self.shape_negative_prob)
+            # Leak-free rows can ask each shape once, and a "no" about an absent shape is almost
+            # always possible while a "yes" needs a present shape not yet asked about: left to
+            # the coin, 1 existence answer in 5 was "yes". So a row never has more "no"s than
+            # "yes"s after its first existence answer, which is "yes" in half the rows (40% and
+            # 62% "yes" for the two halves; a "yes" that cannot be asked is not replaced).
+            force_yes = (self.image_only_answers and (answers or yes_first)
+                         and answers.count("no") >= answers.count("yes")) or None
+            qa = self.make_question(scene, cat, rng, shape_negatives=self.shape_negative_prob,
+                                    existence_yes=force_yes, exclude_shapes=frozenset(named_shapes))
             if qa is None or qa.question in seen:
                 continue
+            if self.image_only_answers:
+                shapes, colors = self._named(qa.question)
+                # a question is about the shapes it names, else the colours, else the whole scene
+                if (shapes & named_shapes if shapes else colors & named_colors if colors else asked_scene):
+                    continue
+                asked_scene |= not shapes and not colors
+                more_shapes, more_colors = self._named(qa.response)
+                named_shapes |= shapes | more_shapes
+                named_colors |= colors | more_colors
             qas.append(qa)
             seen.add(qa.question)
+            if qa.category == "existence":
+                answers.append(qa.answer)
+        if describe and self.image_only_answers:
+            qas.append(self.make_question(scene, "describe", rng, captions=captions))
         return qas
+
+    def _named(self, text: str) -> tuple[set[str], set[str]]:
+        """The shapes (singular) and colours a question or answer names."""
+        words = {w.strip(".,?!").lower() for w in text.split()}
+        singular = {PLURALS[s]: s for s in self.shapes}
+        return ({singular.get(w, w) for w in words} & set(self.shapes)), words & set(self.colors)
