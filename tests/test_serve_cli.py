@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # The CLI is backbone-agnostic past the generator: one new backbone (Qwen2 LLM, SigLIP tower, the
-# real Qwen2 tokenizer) here; test_serve_api runs every one of CHAT_BACKBONES through the server.
-@pytest.mark.parametrize("backbone", [None, "siglip_qwen2"])
+# real Qwen2 tokenizer), in the slow run (37 s); test_serve_api serves it through the server in CI.
+@pytest.mark.parametrize("backbone", [None, pytest.param("siglip_qwen2", marks=pytest.mark.slow)])
 def test_cli_chat_over_stdin(tmp_path, backbone):
     d, _, _ = make_chat_checkpoint(tmp_path / "ckpt", backbone=backbone)
     rand_image(0).save(tmp_path / "a.png")
