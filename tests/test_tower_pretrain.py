@@ -64,6 +64,7 @@ def test_cell_labels_match_rendered_pixels(grid_world):
                 assert shp[i, cell] > 0
 
 
+@pytest.mark.slow  # 37 s on 2 cores (CI time); the demo runs the same pretraining
 def test_pretrain_trains_only_the_tower_and_feeds_later_stages(grid_world, tmp_path):
     c = _config(grid_world)
     model = _model(c)

@@ -143,6 +143,7 @@ def test_run_that_runs_out_of_data_reports_saves_and_logs_its_real_last_step(wor
     assert [json.loads(x)["step"] for x in (w / "metrics.jsonl").read_text().splitlines()] == logged
 
 
+@pytest.mark.slow  # 48 s on 2 cores (CI time); test_perf_levers checks each lever's step in CI
 def test_memory_levers_train_like_the_default_path(world, tmp_path):
     """`model.loss_chunk` + `model.cast_frozen` in a bf16 stage-2 run: the same losses as the run
     without them (chunked loss: equal up to summation order; bf16 frozen params: every use casts
