@@ -205,7 +205,8 @@ def model(config, mesh, tokenizer_ids=None, vocab_size: int | None = None) -> Ll
     """The model of `config` with every param created or loaded directly into its shard (no full
     copy on one device), then the previous stages' trained params applied on top."""
     m = config.model
-    if adapter := init_adapter(config):  # refused before the base is loaded if it does not fit model.lora
+    adapter = init_adapter(config)
+    if adapter:  # refused before the base is loaded if it does not fit model.lora
         from llava_jax.convert.peft import check_init_adapter
 
         check_init_adapter(adapter, model_config(config, vocab_size, getattr(tokenizer_ids, "image_token_id", None)))
@@ -239,7 +240,7 @@ def model(config, mesh, tokenizer_ids=None, vocab_size: int | None = None) -> Ll
             built = quantize_model(built, base_quant(config))
     for wd in previous_stages(config):
         built, _ = apply_workdir_params(built, wd, m.init_from_workdir_patterns)
-    if adapter := init_adapter(config):  # after the previous stages: an adapter's own projector wins
+    if adapter:  # after the previous stages: an adapter's own projector wins
         from llava_jax.convert.peft import init_adapter as load_init_adapter
 
         built = load_init_adapter(built, adapter)
