@@ -69,6 +69,7 @@ def test_compiles_the_train_step_for_a_tpu_slice(tmp_path):
     assert p.returncode == 1 and "DOES NOT FIT" in p.stdout
 
 
+@pytest.mark.slow  # CI time (22 s)
 def test_cast_frozen_shrinks_the_compiled_step_on_cpu():
     """The will-it-fit compile reads `model.cast_frozen` like the trainer (here on the CPU device,
     no libtpu needed): the step's arguments shrink by 2 bytes per cast frozen param."""

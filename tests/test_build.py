@@ -94,6 +94,7 @@ def test_model_config_names_a_preset_when_the_checkpoints_are_elsewhere():
     assert build.model_config(c, vocab_size=32064).text.hidden_size == 4096
 
 
+@pytest.mark.slow  # CI time (24 s)
 def test_export_refuses_a_folder_holding_a_model_unless_overwrite(stages, tmp_path):
     """Refused before the model is built, in one line naming the flag; `overwrite` replaces
     the weight files and leaves the user's other files."""

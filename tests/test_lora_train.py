@@ -35,6 +35,7 @@ def _moments(opt_state) -> int:
     return sum(x.size for x in jax.tree.leaves(opt_state) if x.ndim > 0)
 
 
+@pytest.mark.slow  # CI time (22 s)
 def test_lora_over_a_bf16_base_keeps_the_base_bf16_and_bit_identical():
     """The issue's "the base can be bf16": with `model.dtype=bfloat16` and `model.cast_frozen`, the
     trainer's assembly stores the frozen LLM kernels in bf16 (half the memory), the adapters and
@@ -92,6 +93,7 @@ def test_lora_trains_adapters_and_projector_only():
     assert np.abs(params_by_path(trainable)["llm/layers/lora/q_b"]).max() > 0
 
 
+@pytest.mark.slow  # CI time (22 s)
 def test_tiny_lora_preset_through_build_on_a_sharded_mesh():
     from llava_jax.demo.run import load_demo_config
 
@@ -194,6 +196,7 @@ def _lora_specs(state) -> dict:
     return {path_str(p): v.get_value().sharding.spec for p, v in nnx.to_flat_state(state) if "/lora/" in path_str(p)}
 
 
+@pytest.mark.slow  # CI time (34 s); adapter specs on a 2x2x2 mesh stay in CI (test_lora.py)
 def test_lora_factors_shard_over_fsdp_and_train_as_the_replicated_layout():
     """On an FSDP-only mesh every LoRA factor is split over `fsdp`: those without an `embed` axis
     (B of q/k/v/gate/up, A of o/down) over their rank (`lora_rank` in the rules table), so no

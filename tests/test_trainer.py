@@ -120,6 +120,7 @@ def test_sigterm_saves_and_exits_then_resumes(world, reference, tmp_path):
     assert [got[s] for s in range(1, 25)] == [ref[s] for s in range(1, 25)]
 
 
+@pytest.mark.slow  # CI time (47 s)
 def test_run_that_runs_out_of_data_reports_saves_and_logs_its_real_last_step(world, tmp_path):
     """An epoch-bounded run (`num_steps=-1`) ends at "data exhausted" on a step log_every does
     not divide: the summary, the final checkpoint and the metrics log all name that step (the
@@ -158,6 +159,7 @@ def test_memory_levers_train_like_the_default_path(world, tmp_path):
     np.testing.assert_allclose([got[s] for s in range(1, 5)], [ref[s] for s in range(1, 5)], rtol=1e-5)
 
 
+@pytest.mark.slow  # CI time (54 s): resharding on resume; the kill/damage resume tests stay in CI
 def test_resume_on_a_different_mesh(world, tmp_path):
     a = ["--config.train.num_steps=8", "--config.train.ckpt_every=4"]
     ref = tmp_path / "ref"
