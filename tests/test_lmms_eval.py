@@ -135,3 +135,50 @@ def test_lmms_eval_cli_scores_equal_ours(shapes, tmp_path):
     mc_acc = np.mean([score_answer(q["category"], c, q["answer"]) for q, c in zip(questions, chosen)])
     assert results["shapes_choice"]["acc,none"] == pytest.approx(mc_acc, abs=1e-12)
     assert 0 < mc_acc < 1 and 0 < our_acc  # a random model: some right (e.g. counts of 1), not all
+
+
+@pytest.mark.slow  # the lmms-eval CLI against a running server: 1.5-7 min on 2 cores (idle-busy)
+def test_openai_compatible_against_our_server_scores_equal_ours(shapes, tmp_path):
+    """docs/eval.md's alternative without the plugin: lmms-eval's own `openai_compatible` model (the
+    official `openai` client inside lmms-eval) sends each question to `llava_jax.serve`; its answers
+    are the answer CLI's, and its score is ours."""
+    from serve_util import serving
+
+    from llava_jax.demo.scoring import score_answer
+    from llava_jax.eval import answer as answer_cli
+    from llava_jax.serve.generator import ChatGenerator
+    from llava_jax.serve.server import Limits
+
+    root, questions, egg = shapes
+    env = _env(egg)
+    probe = subprocess.run([sys.executable, "-c", "import lmms_eval.evaluator, lmms_eval.models.simple.openai, "
+                            "filelock._api, pytablewriter"], env=env, capture_output=True, text=True, timeout=300)
+    if probe.returncode:
+        pytest.skip("lmms-eval cannot run in this environment: " + probe.stderr.strip().splitlines()[-1])
+    gen = ChatGenerator.from_pretrained(root / "hf", dtype="float32")
+    out = tmp_path / "lmms_out"
+    cli = "import sys; from lmms_eval.cli.dispatch import main; sys.argv[0] = 'lmms-eval'; sys.exit(main())"
+    with serving(gen, limits=Limits(max_tokens=16, default_max_tokens=8)) as srv:
+        host, port = srv.server_address[:2]
+        r = subprocess.run([sys.executable, "-c", cli, "--model", "openai_compatible", "--model_args",
+                            "model_version=hf,max_retries=1,num_concurrent=4", "--tasks", "shapes_qa",
+                            "--include_path", str(root / "tasks"), "--output_path", str(out), "--log_samples"],
+                           env={**env, "OPENAI_API_KEY": "EMPTY", "OPENAI_API_BASE": f"http://{host}:{port}/v1"},
+                           capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    (results_file,) = out.glob("*/*_results.json")
+    results = json.loads(results_file.read_text())["results"]
+    (f,) = out.glob("*/*_samples_shapes_qa.jsonl")
+    qa = sorted((json.loads(x) for x in f.read_text().splitlines() if x.strip()), key=lambda s: s["doc_id"])
+
+    ours = answer_cli.main(["--model", str(root / "hf"), "--questions", str(root / "data" / "eval.jsonl"),
+                            "--image_folder", str(root / "data" / "images"), "--out", str(tmp_path / "a.jsonl"),
+                            "--max_new_tokens", "6", "--dtype", "float32"])
+    assert len(qa) == len(questions) == len(ours)
+    got = [s["filtered_resps"] for s in qa]
+    got = [g[0] if isinstance(g, list) else g for g in got]
+    assert not any("LMMS_EVAL_REQUEST_FAILED" in g for g in got), got
+    assert [g.strip() for g in got] == [a["text"] for a in ours]
+    our_acc = np.mean([score_answer(q["category"], a["text"], q["answer"]) for q, a in zip(questions, ours)])
+    assert results["shapes_qa"]["shapes_acc,none"] == pytest.approx(our_acc, abs=1e-12)
+    assert 0 < our_acc
