@@ -94,9 +94,10 @@ def export(workdir: str, out: str, config=None, dtype: str = "float32", allow_ra
     from llava_jax.convert.safetensors_io import check_output_dir
 
     check_output_dir(out, overwrite)  # refuse now, not after building the model
-    model, tokenizer, _ = _trained_model(workdir, config, allow_random_init)
+    model, tokenizer, config = _trained_model(workdir, config, allow_random_init)
     model = with_adapter(model, workdir, adapter)
-    save_pretrained(model, out, tokenizer=tokenizer, dtype=dtype, overwrite=overwrite)
+    save_pretrained(model, out, tokenizer=tokenizer, dtype=dtype, overwrite=overwrite,
+                    template=config.data.get("template"))  # served in the format it trained in
     return model
 
 

@@ -87,3 +87,40 @@ def test_chat_greedy_equals_transformers(setup, rows):
             imgs[i], mask[i] = e.images, True
     ours = gen.engine.generate(prompts, imgs, mask, SamplingParams(max_new_tokens=10))
     assert ours == ref
+
+
+def test_an_exported_model_is_served_in_the_format_it_was_trained_in(tmp_path):
+    """`save_pretrained(..., template=T)` writes T as the tokenizer's Jinja chat template:
+    transformers' `apply_chat_template` renders llava-jax's T prompt, and the chat/server/eval
+    loader reads T back (`default_template`), with T's own stop tokens; without `template` the
+    directory keeps no chat template and is served as vicuna_v1, as before."""
+    import llava_jax
+    from llava_jax.data.templates import (TEMPLATES, chat_template_jinja, default_template, render,
+                                          template_of_chat_template)
+    from llava_jax.data.tokenize import load_tokenizer
+
+    d, _, _ = make_chat_checkpoint(tmp_path / "ckpt")
+    model, tok = llava_jax.from_pretrained(d), load_tokenizer(d)
+    conv = [("human", "<image>\nWhat is it?"), ("gpt", "A cat."), ("human", "And its colour?")]
+    for name in ("llava_hf", "vicuna_v1"):
+        out = llava_jax.save_pretrained(model, tmp_path / name, tokenizer=tok, template=name)
+        gen = ChatGenerator.from_pretrained(out)
+        assert gen.template == name and default_template(load_tokenizer(out)) == name
+        msgs = [{"role": {"human": "user", "gpt": "assistant"}[r], "content": c} for r, c in conv]
+        hf_text = load_tokenizer(out).apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        assert hf_text == render(name, conv, True).text
+        asked = ChatGenerator(model, tok, template=name)
+        assert gen.eos_ids == asked.eos_ids
+        m = [{"role": "user", "content": [{"type": "image", "image": rand_image(3)},
+                                          {"type": "text", "text": "What is it?"}]}]
+        assert gen.encode(m).ids == asked.encode(m).ids
+    assert getattr(tok, "chat_template", None) is None  # the caller's tokenizer is left as it was
+    plain = llava_jax.save_pretrained(model, tmp_path / "none", tokenizer=tok)
+    assert not getattr(load_tokenizer(plain), "chat_template", None)
+    assert ChatGenerator.from_pretrained(plain).template == "vicuna_v1"
+    # every template with a Jinja form maps back to one that renders the same text
+    for name in TEMPLATES:
+        j = chat_template_jinja(name)
+        if j is not None:
+            back = template_of_chat_template(j)
+            assert render(back, conv, True).text == render(name, conv, True).text, (name, back)

@@ -31,6 +31,8 @@ from typing import Iterator
 
 import numpy as np
 
+from llava_jax.data.templates import chat_template_jinja, default_template
+
 QUANTS = ("f16", "q8_0", "q4_0", "q4_K_M")
 
 
@@ -135,43 +137,6 @@ def _vocab(tokenizer, vocab_size: int):
     if n > vocab_size:
         raise ValueError(f"the tokenizer has {n} tokens but the model's vocabulary only {vocab_size}")
     return tokens, scores, types
-
-
-# ------------------------------------------------------------------------------ chat template
-def chat_template_jinja(template: str = "vicuna_v1") -> str | None:
-    """The llava-jax conversation template as a Jinja chat template (`tokenizer.chat_template`),
-    which llama.cpp's tools and server apply to chat messages (llama-mtmd-cli refuses a model
-    without one). It renders exactly what `llava_jax.data.templates.render` renders for messages
-    whose user content already holds the image markers in front ("<__media__>\\n" + text for
-    llama.cpp, as llava-jax puts "<image>\\n" in front). None for templates with a shape this
-    simple form does not cover (a system block inside the first user turn, stripped contents,
-    image-replacing `plain`)."""
-    from llava_jax.data.templates import get_template
-
-    t = get_template(template)
-    if t.first_user_format is not None or t.strip_content or t.image_placement != "front":
-        return None
-    user, asst = t.roles
-    lits = [t.system, t.system_format, t.user_format, t.assistant_prefix, t.reply_prefix, t.reply_suffix, t.turn_end]
-    if any(c in s for s in lits for c in ("{%", "{{", "{#", "%}", "}}")):
-        return None
-
-    def fmt(s: str, **kw) -> str:  # str.format fields -> Jinja expressions; literal text stays literal
-        for k, v in kw.items():
-            s = s.replace("{" + k + "}", v)
-        return s
-
-    msg = "{{ message['content'] }}"
-    default_sys = fmt(t.system_format, system=t.system) if t.system else ""
-    return ("{% if messages[0]['role'] == 'system' %}{% if messages[0]['content'] %}"
-            + fmt(t.system_format, system="{{ messages[0]['content'] }}") + "{% endif %}"
-            + "{% else %}" + default_sys + "{% endif %}"
-            + "{% for message in messages %}{% if message['role'] == 'user' %}"
-            + fmt(t.user_format, role=user, content=msg)
-            + "{% elif message['role'] == 'assistant' %}"
-            + fmt(t.assistant_prefix, role=asst) + t.reply_prefix + msg + t.reply_suffix + t.turn_end
-            + "{% endif %}{% endfor %}{% if add_generation_prompt %}" + fmt(t.assistant_prefix, role=asst)
-            + "{% endif %}")
 
 
 # ------------------------------------------------------------------------------ writers
@@ -368,7 +333,7 @@ def export_checkpoint(out, workdir=None, model_dir=None, quant: str = "f16", con
         from llava_jax.data.tokenize import load_tokenizer
 
         model, tokenizer, name = llava_jax.from_pretrained(model_dir), load_tokenizer(model_dir), Path(model_dir).name
-        template = "vicuna_v1"
+        template = default_template(tokenizer)  # the format its chat template was written from, else vicuna_v1
     if template == "chat_template":  # the tokenizer's own template: its Jinja is no Template to convert
         template = "vicuna_v1"
     if adapter:

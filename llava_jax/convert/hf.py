@@ -25,6 +25,7 @@ from llava_jax import sharding as shd
 from llava_jax.config import SUPPORTED_TEXT_MODEL_TYPES, LlavaConfig
 from llava_jax.convert import keymap
 from llava_jax.convert.safetensors_io import checkpoint_files, prepare_output_dir, write_sharded
+from llava_jax.data.templates import CHAT_TEMPLATE, chat_template_jinja
 from llava_jax.data.tokenize import save_tokenizer
 from llava_jax.models import lora as lora_lib
 from llava_jax.models.llava import LlavaModel
@@ -287,10 +288,14 @@ def processor_files(cfg: LlavaConfig) -> dict[str, dict]:
 
 
 def save_pretrained(model: LlavaModel, out_dir, tokenizer=None, dtype=None, max_shard_size: int = 5 * 10**9,
-                    overwrite: bool = False):
+                    overwrite: bool = False, template: str | None = None):
     """Write `model` as a llava-hf directory (legacy key layout, sharded safetensors + index,
     config.json, processor configs, and the tokenizer when given). A non-empty `out_dir` is
-    refused unless `overwrite`, which first removes the weight files there (`prepare_output_dir`)."""
+    refused unless `overwrite`, which first removes the weight files there (`prepare_output_dir`).
+    `template`: the llava-jax template the model was trained with, written as the saved
+    tokenizer's chat template, so that chat, serve and eval (`default_template`) and transformers'
+    `apply_chat_template` render the prompt format it learned (templates the Jinja form does not
+    cover, e.g. `plain`, write none)."""
     cfg: LlavaConfig = model.config
     store_dtype = np.dtype(dtype) if dtype is not None else np.dtype(cfg.runtime.param_dtype)
     if store_dtype.name not in ("float32", "bfloat16", "float16"):
@@ -303,5 +308,13 @@ def save_pretrained(model: LlavaModel, out_dir, tokenizer=None, dtype=None, max_
     for name, content in processor_files(cfg).items():
         (out / name).write_text(json.dumps(content, indent=2))
     if tokenizer is not None:
-        save_tokenizer(tokenizer, out)
+        jinja = chat_template_jinja(template) if template and template != CHAT_TEMPLATE else None
+        before = getattr(tokenizer, "chat_template", None)
+        if jinja:
+            tokenizer.chat_template = jinja
+        try:
+            save_tokenizer(tokenizer, out)
+        finally:
+            if jinja:
+                tokenizer.chat_template = before
     return out

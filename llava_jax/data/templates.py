@@ -288,9 +288,56 @@ def resolve_template(name: str | Template) -> str | Template:
 
 
 def default_template(tokenizer) -> str:
-    """The template a checkpoint is served and evaluated with unless one is named: its
-    tokenizer's chat template when it has one, else ``vicuna_v1`` (the LLaVA-1.5 recipe)."""
-    return CHAT_TEMPLATE if getattr(tokenizer, "chat_template", None) else "vicuna_v1"
+    """The template a checkpoint is served and evaluated with unless one is named: the llava-jax
+    template its tokenizer's chat template was written from (`chat_template_jinja`, e.g. by
+    `save_pretrained(..., template=...)`), else its own chat template when it has one, else
+    ``vicuna_v1`` (the LLaVA-1.5 recipe)."""
+    jinja = getattr(tokenizer, "chat_template", None)
+    if not jinja:
+        return "vicuna_v1"
+    return template_of_chat_template(jinja) or CHAT_TEMPLATE
+
+
+def chat_template_jinja(template: str = "vicuna_v1") -> str | None:
+    """The llava-jax conversation template as a Jinja chat template (`tokenizer.chat_template`):
+    what llama.cpp's tools and server apply to chat messages (llama-mtmd-cli refuses a model
+    without one), and what an exported llava-hf directory carries so that it is served, chatted
+    with and evaluated in the format it was trained in (`template_of_chat_template`). It renders exactly what `llava_jax.data.templates.render` renders for messages
+    whose user content already holds the image markers in front ("<__media__>\\n" + text for
+    llama.cpp, as llava-jax puts "<image>\\n" in front). None for templates with a shape this
+    simple form does not cover (a system block inside the first user turn, stripped contents,
+    image-replacing `plain`)."""
+    t = get_template(template)
+    if t.first_user_format is not None or t.strip_content or t.image_placement != "front":
+        return None
+    user, asst = t.roles
+    lits = [t.system, t.system_format, t.user_format, t.assistant_prefix, t.reply_prefix, t.reply_suffix, t.turn_end]
+    if any(c in s for s in lits for c in ("{%", "{{", "{#", "%}", "}}")):
+        return None
+
+    def fmt(s: str, **kw) -> str:  # str.format fields -> Jinja expressions; literal text stays literal
+        for k, v in kw.items():
+            s = s.replace("{" + k + "}", v)
+        return s
+
+    msg = "{{ message['content'] }}"
+    default_sys = fmt(t.system_format, system=t.system) if t.system else ""
+    return ("{% if messages[0]['role'] == 'system' %}{% if messages[0]['content'] %}"
+            + fmt(t.system_format, system="{{ messages[0]['content'] }}") + "{% endif %}"
+            + "{% else %}" + default_sys + "{% endif %}"
+            + "{% for message in messages %}{% if message['role'] == 'user' %}"
+            + fmt(t.user_format, role=user, content=msg)
+            + "{% elif message['role'] == 'assistant' %}"
+            + fmt(t.assistant_prefix, role=asst) + t.reply_prefix + msg + t.reply_suffix + t.turn_end
+            + "{% endif %}{% endfor %}{% if add_generation_prompt %}" + fmt(t.assistant_prefix, role=asst)
+            + "{% endif %}")
+
+
+def template_of_chat_template(jinja) -> str | None:
+    """The name of the llava-jax template whose `chat_template_jinja` is exactly `jinja`, else None."""
+    if not isinstance(jinja, str):
+        return None
+    return next((name for name in TEMPLATES if chat_template_jinja(name) == jinja), None)
 
 
 def _normalize_turn(i: int, turn: Any) -> tuple[str, str]:
