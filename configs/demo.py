@@ -59,7 +59,10 @@ def get_config(arg: str = "stage1"):
         c.data.num_epochs = 4
         c.optim.lr = 2e-3
     else:
-        c.data.template = "vicuna_v1"
+        # llava-hf's LLaVA-1.5 prompt ("USER: <image>\n... ASSISTANT:"), i.e. vicuna_v1 without its
+        # system prompt: the system prompt was 29 of a row's ~124 tokens, and the demo spends the
+        # time it took on a third stage-2 epoch (`llava_jax/demo/run.py: DemoOptions`).
+        c.data.template = "llava_hf"
         c.data.max_length = 256
         c.data.num_epochs = 4
         # Stage 2 has to learn the existence verdict (compare the asked colour with the colours

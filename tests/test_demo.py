@@ -38,11 +38,12 @@ def test_demo_runs_end_to_end(tmp_path):
                           env=env, cwd=REPO)
     assert chat.returncode == 0, chat.stderr[-3000:]
     assert any(line.startswith("ASSISTANT: ") for line in chat.stdout.splitlines()), chat.stdout
+    assert "template llava_hf" in chat.stderr  # the exported folder carries the format stage 2 trained in
     # chat also opens the stage-2 training workdir itself (rebuilt from its recorded config)
     wd = subprocess.run([sys.executable, "-m", "llava_jax.chat", "--model", str(tmp_path / "demo" / "stage2"),
                          "--max-tokens", "4"], input="How many shapes are there?\n/quit\n", capture_output=True,
                         text=True, timeout=600, env=env, cwd=REPO)
-    assert wd.returncode == 0 and "template vicuna_v1" in wd.stderr, wd.stderr[-3000:]
+    assert wd.returncode == 0 and "template llava_hf" in wd.stderr, wd.stderr[-3000:]
     ev = subprocess.run([sys.executable, *commands["eval"].split()[1:]], capture_output=True, text=True, timeout=600,
                         env=env, cwd=REPO)
     assert ev.returncode == 0, ev.stderr[-3000:]

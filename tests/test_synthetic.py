@@ -362,22 +362,27 @@ def test_question_mix_sets_the_share_of_each_category():
 def test_shape_negative_prob_sets_how_often_a_no_names_a_shape_in_the_image():
     """Of the "no" existence answers in stage-2 rows, the share that name a shape in the image,
     counted from the scenes: all of them at 1.0 (where the scene allows one), about 3/4 at 0.75,
-    fewer by default; the eval path (make_question) keeps its own mix."""
-    def shape_share(world, n=300):
-        hits = total = 0
+    fewer by default; with the option set, the others name a shape the image lacks in a colour
+    it has; the eval path (make_question) keeps its own mix."""
+    def shares(world, n=300):
+        shape_hits = colour_only = total = 0
         for i in range(n):
             scene = world.sample_scene(i)
-            shapes = {o.shape for o in scene.objects}
+            shapes, colours = {o.shape for o in scene.objects}, {o.color for o in scene.objects}
             for qa in world.conversation(scene, world.rng("train", i, "text"), ["a caption"]):
                 if qa.category == "existence" and qa.answer == "no":
+                    colour, shape = re.search(r"\ba (\w+) (\w+)", qa.question).groups()
                     total += 1
-                    hits += re.search(r"a \w+ (\w+)", qa.question)[1] in shapes
-        return hits / total
+                    shape_hits += shape in shapes
+                    colour_only += shape not in shapes and colour in colours
+        return shape_hits / total, colour_only / total
 
     mix = {"existence": 1.0}
-    assert shape_share(scenes.ShapesWorld(seed=2, question_mix=mix, shape_negative_prob=1.0)) == 1.0
-    assert 0.75 <= shape_share(scenes.ShapesWorld(seed=2, question_mix=mix, shape_negative_prob=0.75)) <= 0.9
-    assert shape_share(scenes.ShapesWorld(seed=2, question_mix=mix)) < 0.7
+    assert shares(scenes.ShapesWorld(seed=2, question_mix=mix, shape_negative_prob=1.0))[0] == 1.0
+    shape_share, colour_share = shares(scenes.ShapesWorld(seed=2, question_mix=mix, shape_negative_prob=0.75))
+    assert 0.7 <= shape_share <= 0.8 and shape_share + colour_share > 0.98, (shape_share, colour_share)
+    shape_share, colour_share = shares(scenes.ShapesWorld(seed=2, question_mix=mix))
+    assert shape_share < 0.7 and shape_share + colour_share < 0.9, (shape_share, colour_share)
     scene = scenes.ShapesWorld(seed=2).sample_scene(0)
     qa_set = scenes.ShapesWorld(seed=2, shape_negative_prob=1.0).make_question(
         scene, "existence", random.Random(7), existence_yes=False)

@@ -45,8 +45,10 @@ Files written under ``out_dir``
     ``train_000000``, ``train_000000_1``, ...), so the questions a leak-free row cannot hold go
     into another row;
     ``shape_negative_prob`` sets the share of "no" existence answers in these rows that name a
-    shape in the image ("Is there a red circle?" next to a blue circle; default None: the mix of
-    ``eval.jsonl``, half sharing a colour or shape with the image, half any absent pair).
+    shape in the image ("Is there a red circle?" next to a blue circle); the others name a shape
+    the image lacks in a colour it has ("Is there a red cross?" next to a red circle); default
+    None: the mix of ``eval.jsonl``, half sharing a colour or shape with the image, half any
+    absent pair.
 ``eval.jsonl``
     Held-out questions, one per row, in the LLaVA eval question format plus scoring info:
     ``{"question_id": int, "image": "eval_000000.png", "text": question (no <image>),

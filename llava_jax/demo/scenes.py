@@ -262,8 +262,10 @@ class ShapesWorld:
 
         canonical_only: eval mode - count questions only ask the total count.
         existence_yes: force a yes/no existence answer (None: fair coin).
-        shape_negatives: the share of "no" existence answers that name a shape in the image (None:
-        half of them share a colour or shape with the image, half are any absent pair).
+        shape_negatives: the share of "no" existence answers that name a shape in the image in
+        another colour; the others name a shape the image lacks in a colour it has ("Is there a
+        red cross?" next to a red circle; any absent pair where there is none). None: half of
+        them share a colour or shape with the image, half are any absent pair.
         exclude_shapes: existence questions name none of these shapes; the coin and the kind of
         "no" are drawn first, and None comes back when they leave no candidate (so excluding
         shapes does not tilt the yes/no share toward the "no"s that are always possible)."""
@@ -342,11 +344,13 @@ class ShapesWorld:
                     return None
                 if shape_negatives is None:  # half of the time a hard negative: shares colour or shape
                     hard = [(c, s) for c, s in absent if c in color_counts or s in shape_counts]
+                    rest = absent
                     share = 0.5
-                else:
+                else:  # a shape in the image in another colour, else an absent shape in a colour it has
                     hard = [(c, s) for c, s in absent if s in shape_counts]
+                    rest = [(c, s) for c, s in absent if s not in shape_counts and c in color_counts] or absent
                     share = shape_negatives
-                pool = hard if hard and rng.random() < share else absent
+                pool = hard if hard and rng.random() < share else rest
                 if exclude_shapes:
                     pool = [(c, s) for c, s in pool if s not in exclude_shapes]
                     if not pool:
