@@ -70,8 +70,8 @@ def get_config(arg: str = "stage1"):
         # demo's ~980 steps depended on the seed and on package releases (seed 0: 99.5% with
         # transformers 5.23, 54.6% with 5.25 and tokenizers 0.23.3). Batches of 8 (twice the
         # updates for the same tokens; ~30% more stage-2 time on CPU) with a 10% warm-up formed
-        # it in 6 of 10 seed x version runs; the answers that restate the asked object before the
-        # verdict (`llava_jax/demo/run.py: STAGE2_ROWS`) do the rest (BENCHMARKS.md, "Session 7").
+        # it in 6 of 10 seed x version runs; with the answers of `llava_jax/demo/run.py:
+        # STAGE2_ROWS`, the llava_hf format and three epochs, 9 of 10 (BENCHMARKS.md, "Session 10").
         c.optim.lr = 2e-3
         c.optim.warmup_ratio = 0.1
         c.train.per_device_batch = 8
