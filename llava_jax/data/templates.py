@@ -302,11 +302,11 @@ def chat_template_jinja(template: str = "vicuna_v1") -> str | None:
     """The llava-jax conversation template as a Jinja chat template (`tokenizer.chat_template`):
     what llama.cpp's tools and server apply to chat messages (llama-mtmd-cli refuses a model
     without one), and what an exported llava-hf directory carries so that it is served, chatted
-    with and evaluated in the format it was trained in (`template_of_chat_template`). It renders exactly what `llava_jax.data.templates.render` renders for messages
-    whose user content already holds the image markers in front ("<__media__>\\n" + text for
-    llama.cpp, as llava-jax puts "<image>\\n" in front). None for templates with a shape this
-    simple form does not cover (a system block inside the first user turn, stripped contents,
-    image-replacing `plain`)."""
+    with and evaluated in the format it was trained in (`template_of_chat_template`). It renders
+    exactly what `render` renders for messages whose user content already holds the image
+    markers in front ("<__media__>\\n" + text for llama.cpp, as llava-jax puts "<image>\\n" in
+    front). None for templates with a shape this simple form does not cover (a system block
+    inside the first user turn, stripped contents, image-replacing `plain`)."""
     t = get_template(template)
     if t.first_user_format is not None or t.strip_content or t.image_placement != "front":
         return None
