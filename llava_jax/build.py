@@ -263,8 +263,8 @@ def apply_workdir_params(model: LlavaModel, workdir: str, patterns) -> tuple[Lla
     """Load a training run's trained params (its latest checkpoint) into `model`; only those
     matching `patterns` are taken (e.g. just `projector/.*` from a stage-1 run). Returns the
     model and the param paths loaded."""
-    from llava_jax.train.checkpoint import Checkpointer
-    from llava_jax.train.state import split_model
+    from llava_jax.checkpoint import Checkpointer
+    from llava_jax.train_step import split_model
 
     ck = Checkpointer(workdir, async_save=False)
     try:
@@ -457,7 +457,7 @@ def train_parts(config, mesh, model: LlavaModel, num_steps: int, *, abstract: bo
     `abstract`: `model` is `shd.abstract_model`'s (params are ShapeDtypeStructs carrying their
     shardings) and nothing is materialised (tools/aot.py lowers the same step for a TPU topology;
     `batch`: a `batch_spec`)."""
-    from llava_jax.train.state import make_optimizer, opt_state_shardings, split_model
+    from llava_jax.train_step import make_optimizer, opt_state_shardings, split_model
 
     graphdef, trainable, frozen = split_model(model, list(config.trainable))
     frozen = frozen_for_training(frozen, config)
@@ -472,10 +472,50 @@ def train_parts(config, mesh, model: LlavaModel, num_steps: int, *, abstract: bo
     return TrainParts(graphdef, trainable, frozen, tx, schedule, opt_state, step)
 
 
+@dataclasses.dataclass
+class TrainingRun:
+    """All a training loop needs, assembled from one config: the mesh, the model's config, the
+    input (`TrainingData`) and the step with its params and optimizer state (`TrainParts`)."""
+    mesh: Any
+    model_config: LlavaConfig
+    data: TrainingData
+    parts: TrainParts
+    grad_accum: int
+
+
+def training_run(config, workdir) -> TrainingRun:
+    """The trainer's assembly, in order: mesh, the run's config recorded in `workdir` (process 0),
+    tokenizer, model (params created/loaded straight into their shards), the process's input
+    shard, freezing + optimizer + compiled step. Checks that the tokenizer fits the model's
+    vocabulary; logs the batch layout and the param counts."""
+    from llava_jax.train_step import count_params, param_count_by_subtree
+
+    mesh = shd.make_mesh(dict(config.train.mesh))
+    grad_accum = grad_accum_steps(config, mesh)
+    if jax.process_index() == 0:
+        record_run_config(config, workdir)
+    tok, tok_ids = tokenizer(config)
+    built = model(config, mesh, tok_ids, vocab_size=len(tok))
+    model_cfg: LlavaConfig = built.config
+    if len(tok) > model_cfg.text.vocab_size:
+        raise ValueError(f"tokenizer has {len(tok)} tokens but the model vocab is {model_cfg.text.vocab_size}")
+    # Each process reads the data shard whose rows its devices hold; the global batch is
+    # assembled from the process-local rows (jax.make_array_from_process_local_data).
+    data = training_data(config, tok, model_cfg, mesh, workdir)
+    log.info("mesh %s, global batch %d = %d per device x %d devices x %d accumulation; %d process(es), "
+             "input shard %d of %d (%d rows each)", dict(mesh.shape), config.train.global_batch,
+             config.train.per_device_batch, shd.data_parallel_size(mesh), grad_accum, jax.process_count(),
+             data.shard[0], data.shard[1], data.process_batch)
+    parts = train_parts(config, mesh, built, data.num_steps)
+    log.info("trainable params %s (%d); frozen %d", param_count_by_subtree(parts.trainable),
+             count_params(parts.trainable), count_params(parts.frozen))
+    return TrainingRun(mesh, model_cfg, data, parts, grad_accum)
+
+
 def frozen_for_training(frozen, config):
     """The frozen params as the train step holds them: in model.dtype when model.cast_frozen
     (`state.cast_frozen`: every use casts them to it anyway), else as loaded."""
-    from llava_jax.train.state import cast_frozen
+    from llava_jax.train_step import cast_frozen
 
     return cast_frozen(frozen, DTYPES[config.model.dtype]) if config.model.cast_frozen else frozen
 
@@ -495,17 +535,29 @@ def compiled_train_step(config, mesh, graphdef, tx, schedule, trainable, opt_sta
     pinned to the batch sharding and the trainable params and optimizer state donated; the step
     options (`model.loss_chunk`) are its arguments. `batch` (arrays or `batch_spec`) fixes the
     batch shardings when given."""
-    from llava_jax.train.state import make_train_step
+    from llava_jax.train_step import make_train_step
 
     sh = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())  # metrics: readable on every host
     lora = lora_config(config)
     step = make_train_step(graphdef, tx, schedule, grad_accum_steps(config, mesh), loss_chunk=config.model.loss_chunk,
                            dropout_seed=config.train.seed if lora is not None and lora.dropout > 0 else None)
-    return jax.jit(shd.with_batch_sharded_activations(step, mesh),
+    return jax.jit(with_batch_sharded_activations(step, mesh),
                    in_shardings=(sh(trainable), sh(opt_state), sh(frozen), None if batch is None else sh(batch),
                                  None if batch is None else replicated),
                    out_shardings=(sh(trainable), sh(opt_state), replicated), donate_argnums=(0, 1))
+
+
+def with_batch_sharded_activations(fn, mesh):
+    """`fn` traced with every model layer's activations pinned to the batch sharding (see
+    `llava_jax.models.layers.batch_sharded_activations`); wrap a train step with it before jit."""
+    from llava_jax.models.layers import batch_sharded_activations
+
+    def traced(*args, **kwargs):
+        with batch_sharded_activations(lambda ndim: shd.batch_sharding(mesh, ndim)):
+            return fn(*args, **kwargs)
+
+    return traced
 
 
 def batch_spec(config, model_cfg: LlavaConfig, mesh, rows: int | None = None) -> dict:

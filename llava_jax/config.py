@@ -16,7 +16,13 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from llava_jax.models.pixels import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD
+# The vision towers' pixel statistics: OpenAI CLIP's (transformers.image_utils.OPENAI_CLIP_MEAN /
+# OPENAI_CLIP_STD) and SigLIP's (IMAGENET_STANDARD_MEAN / _STD: pixels scaled to [-1, 1]).
+# `ImageProcessorConfig`'s defaults; `models.pixels.normalize` applies them.
+CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
+SIGLIP_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
 # The label of a position that is not supervised (HF's convention), shared by the data pipeline
 # and the loss.

@@ -49,6 +49,7 @@ the weight files there (*.safetensors, model.safetensors.index.json) first; othe
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import jax
 from absl import flags
@@ -120,6 +121,37 @@ def export_checkpoint(model_dir: str, out: str, adapter: str | None = None, dtyp
     return model
 
 
+def export_gguf_checkpoint(out, workdir=None, model_dir=None, quant: str = "f16", config=None,
+                           allow_random_init: bool = False, adapter=None) -> dict[str, Path]:
+    """GGUF files of a training workdir (its latest checkpoint, rebuilt as the trainer built it)
+    or of a checkpoint directory llava-jax loads (`llava_jax.from_pretrained`), with the PEFT LoRA
+    adapter directory `adapter` merged in when given."""
+    if bool(workdir) == bool(model_dir):
+        raise ValueError("give exactly one of --workdir or --model")
+    from llava_jax.convert.gguf_export import export_gguf
+    from llava_jax.data.templates import default_template
+
+    if workdir:
+        from llava_jax import build
+
+        model, tokenizer, config = build.trained_model(workdir, config, allow_random_init=allow_random_init)
+        name = Path(workdir).name
+        template = config.data.get("template", "vicuna_v1")  # the prompt format the run trained with
+    else:
+        import llava_jax
+        from llava_jax.data.tokenize import load_tokenizer
+
+        model, tokenizer, name = llava_jax.from_pretrained(model_dir), load_tokenizer(model_dir), Path(model_dir).name
+        template = default_template(tokenizer)  # the format its chat template was written from, else vicuna_v1
+    if template == "chat_template":  # the tokenizer's own template: its Jinja is no Template to convert
+        template = "vicuna_v1"
+    if adapter:
+        from llava_jax.convert.peft import with_adapter
+
+        model = with_adapter(model, workdir or model_dir, adapter)
+    return export_gguf(model, tokenizer, out, quant=quant, name=name, template=template)
+
+
 def export_adapter(workdir: str, out: str, config=None, dtype: str = "float32", allow_random_init: bool = False,
                    overwrite: bool = False):
     """The LoRA adapters a run trained, as a PEFT adapter directory (`convert/peft.py`)."""
@@ -150,9 +182,7 @@ def main(argv):
             raise ValueError(f"--nomerge: --format={_FORMAT.value} has no place for unmerged LoRA adapters; write them "
                              "with --format=peft (and serve them with --adapter-unmerged)")
         if _FORMAT.value == "gguf":
-            from llava_jax.convert.gguf_export import export_checkpoint as export_gguf
-
-            files = export_gguf(_OUT.value, _WORKDIR.value, _MODEL.value, _QUANT.value, _CONFIG.value,
+            files = export_gguf_checkpoint(_OUT.value, _WORKDIR.value, _MODEL.value, _QUANT.value, _CONFIG.value,
                                 _RANDOM.value, adapter=_ADAPTER.value)
             if jax.process_index() == 0:
                 print("\n".join(f"{k}: {v}" for k, v in files.items()))

@@ -195,14 +195,3 @@ def shard_of(rows_by_process: dict[int, set[int]], process: int, n: int, mesh_sh
                          "data-parallel groups (batch axes outermost)")
     return groups.index(frozenset(rows_by_process[process])), len(groups)
 
-
-def with_batch_sharded_activations(fn, mesh: Mesh, rules=LOGICAL_RULES):
-    """`fn` traced with every model layer's activations pinned to the batch sharding (see
-    `llava_jax.models.layers.batch_sharded_activations`); wrap a train step with it before jit."""
-    from llava_jax.models.layers import batch_sharded_activations
-
-    def traced(*args, **kwargs):
-        with batch_sharded_activations(lambda ndim: batch_sharding(mesh, ndim, rules)):
-            return fn(*args, **kwargs)
-
-    return traced

@@ -23,7 +23,7 @@ from llava_jax.data.pipeline import SampleProcessor  # noqa: E402
 from llava_jax.data.pipeline_config import PipelineConfig  # noqa: E402
 from llava_jax.data.tokenize import tokenize_conversation  # noqa: E402
 from llava_jax.models.llava import LlavaModel  # noqa: E402
-from llava_jax.train import state as st  # noqa: E402
+from llava_jax import train_step as st  # noqa: E402
 from test_anyres import PATCH, PINPOINTS, S, hf_image_processor, make_image  # noqa: E402
 from test_pipeline import run  # noqa: E402
 from test_chat_templates import real_tokenizer  # noqa: E402
@@ -118,7 +118,7 @@ def reference_sample(rec, tokenizer, cfg):
 @pytest.fixture(scope="module")
 def evaluate(model):
     """batch -> (per-token NLL [B, L] from the logits, (sum, count) of the train step's loss
-    function `train.state.batch_loss`), jitted."""
+    function `train_step.batch_loss`), jitted."""
     graphdef, trainable, frozen = st.split_model(model, [r".*"])
 
     @jax.jit

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from llava_jax.tools.aot import UsageError, parse_topology
+from llava_jax.tools.aot_compile import UsageError, parse_topology
 
 REPO = Path(__file__).resolve().parents[1]
 HAVE_LIBTPU = importlib.util.find_spec("libtpu") is not None
@@ -76,7 +76,7 @@ def test_cast_frozen_shrinks_the_compiled_step_on_cpu():
     import jax
 
     from llava_jax.demo.run import load_demo_config
-    from llava_jax.tools import aot
+    from llava_jax.tools import aot_compile as aot
 
     topo = aot.Topology(name="cpu", desc_name="cpu", chips=1, hbm_gib=16.0)
     reports = {}
@@ -98,8 +98,8 @@ ESTIMATE_SCRIPT = r"""
 import json, sys
 from llava_jax import sharding as shd
 from llava_jax.demo.run import load_demo_config
-from llava_jax.tools import aot
-from llava_jax.train.state import step_flops
+from llava_jax.tools import aot_compile as aot
+from llava_jax.train_step import step_flops
 
 def config(pdb):
     c = load_demo_config("tiny_stage2")
@@ -117,14 +117,14 @@ out = {}
 for pdb in (2, 4):
     c = config(pdb)
     r = aot.compile_step(c, topo, vocab_size=512, top=0)
-    cfg = aot._model_config(c, 512)
+    cfg = aot.model_config(c, 512)
     r["step_flops"] = step_flops(cfg, {"projector", "llm"}, c.train.global_batch * 128, c.train.global_batch * 2, 128)
     out[pdb] = r
 # the same micro-step compiled at full depth with every scan unrolled: what the extrapolation stands for
 c = config(2)
 mesh = shd.make_mesh(dict(c.train.mesh), devices=aot.topology_devices(topo))
 with aot._unrolled_scans():
-    _, lowered = aot._lower_step(c, mesh, aot._model_config(c, 512))
+    _, lowered = aot._lower_step(c, mesh, aot.model_config(c, 512))
 out["full_unrolled"] = aot._cost(lowered.compile())
 print("RESULT" + json.dumps(out))
 """
@@ -143,7 +143,7 @@ def test_compiler_estimate_is_positive_consistent_and_extrapolates_depth():
     for r in (r2, r4):
         e = r["estimate"]
         assert r["fits"] and r["grad_accum"] == 1 and e["step_s"] > 0 and e["tokens_per_s"] > 0
-        # the model FLOPs are train.state.step_flops', and MFU is them over time x chips x v5e's peak
+        # the model FLOPs are train_step.step_flops', and MFU is them over time x chips x v5e's peak
         assert r["model_tflops_per_step"] * 1e12 == pytest.approx(r["step_flops"], rel=1e-12)
         assert e["peak_tflops_per_chip"] == 197.0
         assert e["mfu"] == pytest.approx(r["step_flops"] / (e["step_s"] * 4 * 197e12), rel=1e-9)
@@ -200,7 +200,7 @@ def test_sweep_cache_returns_a_report_without_compiling_again(tmp_path, monkeypa
     import jax
 
     from llava_jax.demo.run import load_demo_config
-    from llava_jax.tools import aot, aot_sweep
+    from llava_jax.tools import aot_compile as aot, aot_sweep
 
     monkeypatch.setenv("LLAVA_JAX_AOT_CACHE", str(tmp_path))
     topo = aot.Topology(name="cpu", desc_name="cpu", chips=1, hbm_gib=16.0)
@@ -221,7 +221,7 @@ def test_qlora_int8_base_shrinks_the_compiled_step_on_cpu():
     import jax
 
     from llava_jax.demo.run import load_demo_config
-    from llava_jax.tools import aot
+    from llava_jax.tools import aot_compile as aot
 
     topo = aot.Topology(name="cpu", desc_name="cpu", chips=1, hbm_gib=16.0)
     reports = {}

@@ -11,8 +11,8 @@ from flax import nnx
 
 from llava_jax import build
 from llava_jax import sharding as shd
-from llava_jax.train.checkpoint import Checkpointer
-from llava_jax.train.state import split_model
+from llava_jax.checkpoint import Checkpointer
+from llava_jax.train_step import split_model
 
 REPO = Path(__file__).resolve().parents[1]
 

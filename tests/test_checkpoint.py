@@ -15,8 +15,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from llava_jax.convert.hf import CheckpointError
-from llava_jax.train import integrity
-from llava_jax.train.checkpoint import Checkpointer
+from llava_jax import integrity
+from llava_jax.checkpoint import Checkpointer
 from train_util import empty_folder, flip_params_data, truncate
 
 # a damaged file fails many reads at once: Orbax's abandoned reads must not print a traceback each

@@ -8,8 +8,9 @@ import numpy as np
 from flax import nnx
 
 from llava_jax.models.llava import LlavaModel
+from llava_jax import build
 from llava_jax import sharding as shd
-from llava_jax.train.state import make_optimizer, make_train_step, opt_state_shardings, split_model
+from llava_jax.train_step import make_optimizer, make_train_step, opt_state_shardings, split_model
 from train_util import devices, optim_config, synthetic_batch, tiny_model_config
 
 
@@ -51,7 +52,7 @@ def test_activations_stay_split_over_the_batch():
     step = make_train_step(graphdef, tx, schedule)
     args = (trainable, opt_state, frozen, batch, jnp.asarray(0, jnp.int32))
 
-    pinned = jax.jit(shd.with_batch_sharded_activations(step, mesh)).lower(*args).compile()
+    pinned = jax.jit(build.with_batch_sharded_activations(step, mesh)).lower(*args).compile()
     free = jax.jit(step).lower(*args).compile()
     # one row per device instead of all eight
     assert pinned.memory_analysis().temp_size_in_bytes < free.memory_analysis().temp_size_in_bytes / 2

@@ -36,7 +36,8 @@ def _val(r, key):
 
 @pytest.mark.parametrize("quant", ["f16", "q8_0"])
 def test_gguf_layout_and_weights(model_dir, tmp_path, quant):
-    from llava_jax.convert.gguf_export import _permute, export_checkpoint
+    from llava_jax.convert.gguf_export import _permute
+    from llava_jax.export import export_gguf_checkpoint as export_checkpoint
 
     if quant == "f16":
         files = export_checkpoint(str(tmp_path), model_dir=str(model_dir), quant=quant)
@@ -118,7 +119,8 @@ def test_chat_template_renders_as_llava_jax(name):
 
 
 def test_gguf_has_chat_template(model_dir, tmp_path):
-    from llava_jax.convert.gguf_export import chat_template_jinja, export_checkpoint
+    from llava_jax.convert.gguf_export import chat_template_jinja
+    from llava_jax.export import export_gguf_checkpoint as export_checkpoint
 
     files = export_checkpoint(str(tmp_path), model_dir=str(model_dir), quant="f16")
     r, _ = _read(files["llm"])

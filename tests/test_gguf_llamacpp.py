@@ -60,7 +60,7 @@ QUANTS = ("f16", "q8_0", "q4_0")
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from llava_jax.convert.gguf_export import export_checkpoint
+    from llava_jax.export import export_gguf_checkpoint as export_checkpoint
     from llava_jax.serve.generator import ChatGenerator
 
     root = tmp_path_factory.mktemp("llamacpp")

@@ -16,7 +16,7 @@ from llava_jax import build
 from llava_jax import sharding as shd
 from llava_jax.presets import LLAVA_V1_6_PINPOINTS, PRESETS
 from llava_jax.models.llava import LlavaModel
-from llava_jax.train.state import lr_groups, make_optimizer, param_count_by_subtree, split_model
+from llava_jax.train_step import lr_groups, make_optimizer, param_count_by_subtree, split_model
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "llava_next.py"
 
@@ -83,7 +83,7 @@ def test_stage2_tower_trains_at_the_low_lr():
 def test_stage1_projector_hands_off_to_the_anyres_model(tmp_path):
     """A stage-1 run's projector (base resolution: no image_newline) loads into the stage-2
     AnyRes model through `init_from_workdir`; image_newline keeps its fresh init."""
-    from llava_jax.train.checkpoint import Checkpointer
+    from llava_jax.checkpoint import Checkpointer
     from test_anyres_pipeline import anyres_config, init_model
 
     anyres_cfg = anyres_config(800)

@@ -16,7 +16,7 @@ from llava_jax import build
 from llava_jax import sharding as shd
 from llava_jax.models.lora import LoraConfig
 from llava_jax.models.params import path_str
-from llava_jax.train.state import make_optimizer, make_train_step, split_model
+from llava_jax.train_step import make_optimizer, make_train_step, split_model
 from test_trainer import cmd, run, world  # noqa: F401 - world: the shapes-world fixture
 from train_util import IMAGE_TOKEN, devices, optim_config, params_by_path, synthetic_batch, tiny_model
 
@@ -139,7 +139,7 @@ def test_lora_run_started_from_an_adapter_begins_at_its_loss_and_trains(tmp_path
     from llava_jax.convert import peft as lpeft
     from llava_jax.convert.hf import CheckpointError, hf_tensors
     from llava_jax.demo.run import load_demo_config
-    from llava_jax.train.state import batch_loss
+    from llava_jax.train_step import batch_loss
 
     config = load_demo_config("tiny_stage2_lora")  # rank 8, alpha 16, the seven projections
     config.model.scratch.text.update(hidden_size=16, intermediate_size=32, num_heads=4, num_kv_heads=2, head_dim=4)
@@ -289,7 +289,7 @@ def test_trained_adapter_exports_as_peft_and_merged_alike(world, tmp_path):  # n
 
 
 def test_step_flops_count_the_adapters_on_a_frozen_llm():
-    from llava_jax.train.state import param_count_by_subtree, step_flops
+    from llava_jax.train_step import param_count_by_subtree, step_flops
     from train_util import tiny_model_config
 
     lora = LoraConfig(rank=2, alpha=4, targets=(r"llm/layers/(q|down)_kernel",))
@@ -338,7 +338,7 @@ def test_lora_and_qlora_presets_are_the_original_finetune_lora_recipe(size):
     from pathlib import Path
 
     from llava_jax.models.llava import LlavaModel
-    from llava_jax.train.state import lr_groups
+    from llava_jax.train_step import lr_groups
     from train_util import tiny_model_config
 
     path = Path(__file__).resolve().parents[1] / "configs" / "llava_v1_5.py"

@@ -72,7 +72,7 @@ def test_metrics_and_tensorboard_to_a_bucket(fake_gcs):
 def test_skip_log_and_paths_on_a_bucket(fake_gcs):
     from llava_jax.data.skips import SkipLog
     from llava_jax.fileio import as_path, is_remote
-    from llava_jax.train.checkpoint import Checkpointer
+    from llava_jax.checkpoint import Checkpointer
 
     log = SkipLog("gs://bkt/run/skipped.jsonl")
     log.record("a.json", 3, "x", "too_long: 3000 tokens")

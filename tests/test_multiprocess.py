@@ -141,8 +141,8 @@ def _fresh_frozen_digest(world, base_quant: str) -> str:
     from llava_jax import build
     from llava_jax import sharding as shd
     from llava_jax.demo.run import load_demo_config
-    from llava_jax.train import integrity
-    from llava_jax.train.state import split_model
+    from llava_jax import integrity
+    from llava_jax.train_step import split_model
 
     config = load_demo_config("tiny_stage2_lora")
     config.tokenizer_path, config.model.base_quant = str(world / "tok"), base_quant
@@ -161,7 +161,7 @@ def test_lora_on_two_processes_matches_one_and_resumes(world, tmp_path, base_qua
     only, and a restore from step 4 gives the uninterrupted run's steps 5 and 6."""
     import json
 
-    from llava_jax.train.checkpoint import Checkpointer
+    from llava_jax.checkpoint import Checkpointer
 
     args = LORA_ARGS + [f"--config.model.base_quant={base_quant}"]
     fresh = _fresh_frozen_digest(world, base_quant)

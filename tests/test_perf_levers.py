@@ -11,7 +11,7 @@ from flax import nnx
 
 from llava_jax.models.layers import attention_mask, dot_product_attention
 from llava_jax.models.llava import LlavaModel, chunked_loss_fn, loss_fn_from_logits
-from llava_jax.train.state import batch_loss, cast_frozen, split_model
+from llava_jax.train_step import batch_loss, cast_frozen, split_model
 from llava_jax.train.defaults import base_config
 from train_util import synthetic_batch, tiny_model_config
 
@@ -188,8 +188,8 @@ def test_trainer_config_turns_the_memory_levers_on(monkeypatch):
     from llava_jax import build
     from llava_jax import sharding as shd
     from llava_jax.data.tokenize import LlavaTokenIds
-    from llava_jax.train import state
-    from llava_jax.train.state import make_optimizer
+    from llava_jax import train_step as state
+    from llava_jax.train_step import make_optimizer
 
     build_model, frozen_for_training = build.model, build.frozen_for_training
 

@@ -16,7 +16,7 @@ from llava_jax import build
 from llava_jax import sharding as shd
 from llava_jax.models.quant import KERNELS, quantize_array
 from llava_jax.serve.quant import compare_logits
-from llava_jax.train.checkpoint import Checkpointer
+from llava_jax.checkpoint import Checkpointer
 from test_trainer import cmd, run, world  # noqa: F401 - world: the shapes-world fixture
 from train_util import IMAGE_TOKEN, devices, params_by_path, synthetic_batch
 
@@ -108,7 +108,7 @@ def test_qlora_is_refused_without_lora_and_its_base_cannot_train():
 def test_qlora_checkpoint_restores_to_the_same_next_step(tmp_path):
     """Save after 2 steps, rebuild the model from the config (the base quantized again, not read
     from the checkpoint), restore: step 3 gives the uninterrupted run's loss, bit for bit."""
-    from llava_jax.train.state import split_model
+    from llava_jax.train_step import split_model
 
     mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     config = _config("int4")

@@ -81,8 +81,8 @@ def test_pretrain_trains_only_the_tower_and_feeds_later_stages(grid_world, tmp_p
     assert res["patch_position_acc"] > 0.5, res  # chance: 1 in 4 patches
 
     # a later stage: tower from the pretraining workdir, projector from another workdir
-    from llava_jax.train.checkpoint import Checkpointer
-    from llava_jax.train.state import split_model
+    from llava_jax.checkpoint import Checkpointer
+    from llava_jax.train_step import split_model
 
     other = _model(c)
     proj = jax.tree.map(lambda x: x + 1.0, nnx.state(other.projector))

@@ -7,7 +7,7 @@ from flax import nnx
 
 from llava_jax.models.llava import loss_fn_from_logits
 from llava_jax import sharding as shd
-from llava_jax.train.state import batch_loss, lr_schedule, split_model
+from llava_jax.train_step import batch_loss, lr_schedule, split_model
 from train_util import devices, params_by_path, run_steps, synthetic_batch, tiny_model
 
 
@@ -91,7 +91,7 @@ def test_schedule_matches_hf_cosine_with_warmup():
 def test_no_weight_decay_on_norms_and_biases():
     model = tiny_model()
     _, trainable, _ = split_model(model, [r".*"])
-    from llava_jax.train.state import decay_mask, path_str
+    from llava_jax.train_step import decay_mask, path_str
 
     mask = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(decay_mask(trainable))[0]}
     assert len(mask) == len(jax.tree.leaves(trainable))

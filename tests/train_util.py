@@ -62,7 +62,7 @@ def run_steps(model, patterns, batch, steps=2, accum=1, mesh=None, lr=1e-2):
     import jax.numpy as jnp
 
     from llava_jax import sharding as shd
-    from llava_jax.train.state import make_optimizer, make_train_step, split_model
+    from llava_jax.train_step import make_optimizer, make_train_step, split_model
 
     graphdef, trainable, frozen = split_model(model, patterns)
     if mesh is not None:

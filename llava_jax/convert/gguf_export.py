@@ -31,7 +31,7 @@ from typing import Iterator
 
 import numpy as np
 
-from llava_jax.data.templates import chat_template_jinja, default_template
+from llava_jax.data.templates import chat_template_jinja
 
 QUANTS = ("f16", "q8_0", "q4_0", "q4_K_M")
 
@@ -313,34 +313,6 @@ def export_gguf(model, tokenizer, out_dir, quant: str = "f16", name: str | None 
     mf = out / "Modelfile"
     mf.write_text(modelfile(llm.name, mmproj.name, template), encoding="utf-8")
     return {"llm": llm, "mmproj": mmproj, "modelfile": mf}
-
-
-def export_checkpoint(out, workdir=None, model_dir=None, quant: str = "f16", config=None,
-                      allow_random_init: bool = False, adapter=None) -> dict[str, Path]:
-    """GGUF files of a training workdir (its latest checkpoint, rebuilt as the trainer built it)
-    or of a checkpoint directory llava-jax loads (`llava_jax.from_pretrained`), with the PEFT LoRA
-    adapter directory `adapter` merged in when given."""
-    if bool(workdir) == bool(model_dir):
-        raise ValueError("give exactly one of --workdir or --model")
-    if workdir:
-        from llava_jax import build
-
-        model, tokenizer, config = build.trained_model(workdir, config, allow_random_init=allow_random_init)
-        name = Path(workdir).name
-        template = config.data.get("template", "vicuna_v1")  # the prompt format the run trained with
-    else:
-        import llava_jax
-        from llava_jax.data.tokenize import load_tokenizer
-
-        model, tokenizer, name = llava_jax.from_pretrained(model_dir), load_tokenizer(model_dir), Path(model_dir).name
-        template = default_template(tokenizer)  # the format its chat template was written from, else vicuna_v1
-    if template == "chat_template":  # the tokenizer's own template: its Jinja is no Template to convert
-        template = "vicuna_v1"
-    if adapter:
-        from llava_jax.convert.peft import with_adapter
-
-        model = with_adapter(model, workdir or model_dir, adapter)
-    return export_gguf(model, tokenizer, out, quant=quant, name=name, template=template)
 
 
 def _llama_quantize(src: Path, dst: Path, qtype: str):

@@ -36,11 +36,10 @@ from typing import Any, BinaryIO, Sequence, Union
 import numpy as np
 from PIL import Image
 
-from llava_jax.config import ImageProcessorConfig
-
-# The vision tower's pixel convention (CLIP mean/std, normalize) lives with the model; the
-# pipeline ships uint8 and the model normalizes on device.
-from llava_jax.models.pixels import CLIP_MEAN, CLIP_STD, normalize
+# The vision tower's pixel convention: its mean/std are config (ImageProcessorConfig), `normalize`
+# lives with the model; the pipeline ships uint8 and the model normalizes on device.
+from llava_jax.config import CLIP_MEAN, CLIP_STD, ImageProcessorConfig
+from llava_jax.models.pixels import normalize
 
 CLIP_PROCESSOR = ImageProcessorConfig()
 

@@ -1,8 +1,7 @@
 """Random-access data sources for the Grain pipeline: LLaVA JSON/JSONL files, TFDS, mixtures.
 
 Every source (here and in :mod:`llava_jax.data.tfds_source`) follows Grain's random-access
-protocol (``__len__`` and ``__getitem__(i)``, ``i`` any int-like, negative allowed,
-``IndexError`` out of range: :func:`check_index`), is cheap to pickle (Grain worker processes
+protocol (:mod:`llava_jax.data.random_access`), is cheap to pickle (Grain worker processes
 get a copy: files are reopened lazily in each process) and returns one plain ``dict`` per row.
 Rows that cannot be used are *not* raised: ``__getitem__`` returns a record with an ``"error"``
 key instead, so the pipeline can drop it and count it (see :mod:`llava_jax.data.skips`).
@@ -53,36 +52,21 @@ from __future__ import annotations
 
 import bisect
 import json
-import operator
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
 from llava_jax.data.json_index import detect_format, index_rows
+from llava_jax.data.random_access import check_index
 from llava_jax.data.skips import error_record
 from llava_jax.data.templates import normalize_turns
+from llava_jax.data.tfds_source import TfdsSource
 
 __all__ = [
     "LlavaJsonSource",
     "ConcatSource",
     "sources_from_config",
-    "check_index",
-    "DEFAULT_CAPTION_INSTRUCTION",
 ]
-
-DEFAULT_CAPTION_INSTRUCTION = "Describe the image concisely."
-
-
-def check_index(i: Any, n: int) -> int:
-    """Grain's random-access index rule for a source of ``n`` rows: any int-like ``i``, negative
-    from the end, ``IndexError`` out of range. Returns the index as a non-negative int."""
-    i = operator.index(i)
-    if i < 0:
-        i += n
-    if not 0 <= i < n:
-        raise IndexError(f"index {i} out of range for a source of {n} rows")
-    return i
-
 
 # ---------------------------------------------------------------------------------------------
 # LLaVA JSON / JSONL
@@ -291,9 +275,6 @@ def sources_from_config(specs, image_folder: str | None = None) -> list:
     if isinstance(specs, str):
         text = specs.strip()
         specs = json.loads(text) if text.startswith("[") else ([{"path": text}] if text else [])
-    # Imported here: tfds_source builds on this module (check_index, DEFAULT_CAPTION_INSTRUCTION).
-    from llava_jax.data.tfds_source import TfdsSource
-
     out = []
     for spec in specs:
         spec = dict(spec)

@@ -13,10 +13,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from llava_jax.data.skips import error_record
-from llava_jax.data.sources import DEFAULT_CAPTION_INSTRUCTION, check_index
+from llava_jax.data.random_access import check_index
 from llava_jax.data.templates import IMAGE_TOKEN
 
 __all__ = ["TfdsSource"]
+
+DEFAULT_CAPTION_INSTRUCTION = "Describe the image concisely."  # the caption request of a row
 
 
 def _walk_features(feature: Any, prefix: str, in_sequence: bool, out: list) -> None:

@@ -133,7 +133,7 @@ def run(out: Path, opts: DemoOptions = DemoOptions()) -> dict:
     from llava_jax.demo.scoring import score_answer
     from llava_jax.demo.tower import pretrain_tower
     from llava_jax.eval.answer import answer_questions
-    from llava_jax.train.checkpoint import Checkpointer
+    from llava_jax.checkpoint import Checkpointer
     from llava_jax.train.trainer import train
 
     t0 = time.perf_counter()

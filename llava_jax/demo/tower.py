@@ -60,8 +60,8 @@ def pretrain_tower(model, data_dir, workdir, *, steps: int = 300, batch_size: in
                    log=print) -> dict:
     """Train `model.vision` (in place) on per-patch colour/shape labels; save it to `workdir` as a
     trainer checkpoint; return held-out per-patch accuracies."""
-    from llava_jax.train.checkpoint import Checkpointer
-    from llava_jax.train.state import split_model
+    from llava_jax.checkpoint import Checkpointer
+    from llava_jax.train_step import split_model
 
     t0 = time.perf_counter()
     data_dir = Path(data_dir)

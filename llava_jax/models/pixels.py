@@ -1,5 +1,5 @@
-"""The vision towers' pixel conventions (OpenAI CLIP's and SigLIP's mean/std) and `normalize`,
-for numpy arrays on the host and jax arrays on the device. No flax here: the data pipeline's workers import it
+"""`normalize`: a vision tower's pixel convention (mean/std, `llava_jax.config.CLIP_MEAN` ...) applied
+to numpy arrays on the host and jax arrays on the device. No flax here: the data pipeline's workers import it
 (through `llava_jax.data.images`) and so does the model.
 """
 from __future__ import annotations
@@ -14,12 +14,7 @@ try:  # jax is optional for host-side use
 except ImportError:  # pragma: no cover
     jax = jnp = None
 
-# OpenAI CLIP statistics (transformers.image_utils.OPENAI_CLIP_MEAN / OPENAI_CLIP_STD).
-CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
-# SigLIP (transformers.image_utils.IMAGENET_STANDARD_MEAN / _STD): pixels scaled to [-1, 1].
-SIGLIP_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
-SIGLIP_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
+from llava_jax.config import CLIP_MEAN, CLIP_STD
 
 
 def normalize(images_uint8, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD):

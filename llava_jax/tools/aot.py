@@ -15,7 +15,7 @@ out-of-memory error included), 2 on a usage error.
 
 Beside memory it prints the compiler estimate: XLA's TPU cost model's step time (from shallow
 unrolled compiles, see `estimate_step_time`), tokens/s and samples/s per chip and for the slice,
-and the implied MFU (`train.state.step_flops` over estimated time x chips x the generation's
+and the implied MFU (`train_step.step_flops` over estimated time x chips x the generation's
 peak, `train.metrics.PEAK_TFLOPS`). A model of the hardware, not a measurement: docs/performance.md
 ("Compiler estimates") says how far it was from published measured figures.
 
@@ -32,23 +32,21 @@ named preset `model.preset` or the one the directory names (vicuna-7b-v1.5, llav
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
-import math
 import os
-import re
 import sys
-import time
 from pathlib import Path
 
 from absl import flags
 from ml_collections import config_flags
 
+from llava_jax.tools import aot_sweep
+from llava_jax.tools.aot_compile import GIB, UsageError, compile_step, parse_topology
+
 
 def _define_flags():
-    """The command's flags, defined when it runs (not on import: `aot_sweep` imports this module,
-    and `python -m` would otherwise define them twice, as __main__ and as llava_jax.tools.aot)."""
+    """The command's flags, defined when it runs (not on import: `python -m` would otherwise define them
+    twice, as __main__ and as llava_jax.tools.aot)."""
     global _CONFIG, _TOPOLOGY, _HBM, _TOP, _VOCAB, _JSON, _ESTIMATE, _CACHE
     global _SWEEP, _SWEEP_MESH, _SWEEP_REMAT, _SWEEP_BATCH, _SWEEP_ATTN
     _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (path:arg)", lock_config=True)
@@ -68,332 +66,6 @@ def _define_flags():
     _SWEEP_ATTN = flags.DEFINE_list("sweep_attention", [], "attention implementations; default: the config's")
     _CACHE = flags.DEFINE_bool("cache", True, "--sweep: reuse reports cached under ~/.cache/llava_jax/aot")
     flags.mark_flags_as_required(["config", "topology"])
-
-
-GIB = 1024**3
-
-# generation -> (get_topology_desc name prefix, "-N" units per chip, usable HBM GiB per chip, grid dims).
-# HBM is what XLA's TPU compiler allows a program (it reports it in its out-of-memory error).
-GENERATIONS = {
-    "v5p": ("v5p", 2, 95.74, 3),  # v5p-N counts TensorCores: N/2 chips (one JAX device each)
-    "v5e": ("v5e", 1, 15.75, 2),  # v5e-N / v6e-N count chips
-    "v5litepod": ("v5e", 1, 15.75, 2),
-    "v6e": ("v6e", 1, 31.25, 2),
-}
-SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
-             512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
-SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
-
-class UsageError(ValueError):
-    pass
-
-
-@dataclasses.dataclass(frozen=True)
-class Topology:
-    name: str  # as given
-    desc_name: str  # for get_topology_desc, e.g. "v5p:2x4x4"
-    chips: int
-    hbm_gib: float
-
-
-def parse_topology(name: str, hbm_gib: float = 0.0) -> Topology:
-    """`v5p-64` (Cloud TPU accelerator type) or `v5p:2x4x4` (generation:chip grid)."""
-    m = re.fullmatch(r"(v5p|v5e|v5litepod|v6e)-(\d+)", name)
-    if m:
-        prefix, per, hbm, dims = GENERATIONS[m.group(1)]
-        n = int(m.group(2))
-        if n % per:
-            raise UsageError(f"{name}: v5p-N counts TensorCores, N must be even")
-        chips = n // per
-        shape = (SHAPES_3D if dims == 3 else SHAPES_2D).get(chips)
-        if shape is None:
-            raise UsageError(f"{name}: unknown slice size; give the chip grid, e.g. {prefix}:2x4x4")
-        return Topology(name, f"{prefix}:{shape}", chips, hbm_gib or hbm)
-    m = re.fullmatch(r"(v5p|v5e|v6e):(\d+(?:x\d+)+)", name)
-    if m:
-        chips = math.prod(int(x) for x in m.group(2).split("x"))
-        return Topology(name, name, chips, hbm_gib or GENERATIONS[m.group(1)][2])
-    raise UsageError(f"unknown topology {name!r}; use e.g. v5p-64, v5e-256, v6e-64 or v5p:2x4x4 "
-                     "(v5p, v5e, v6e)")
-
-
-def topology_devices(topo: Topology):
-    try:
-        import libtpu  # noqa: F401
-    except ImportError as e:
-        raise UsageError('libtpu is not installed: pip install "jax[tpu]==<your jax version>"') from e
-    # Not on a TPU VM: tell libtpu what it would otherwise look up (and warn about).
-    gen, _ = topo.desc_name.split(":")
-    accel = {"v5e": f"v5litepod-{topo.chips}", "v6e": f"v6e-{topo.chips}"}.get(gen, f"{gen}-{2 * topo.chips}")
-    # ALLOW_MULTIPLE_LIBTPU_LOAD: several compiles may run at once (no TPU to guard with a lockfile).
-    for k, v in {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": accel, "TPU_WORKER_HOSTNAMES": "localhost",
-                 "TPU_WORKER_ID": "0", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}.items():
-        os.environ.setdefault(k, v)
-    from jax.experimental import topologies
-
-    devices = topologies.get_topology_desc(platform="tpu", topology_name=topo.desc_name).devices
-    if len(devices) != topo.chips:
-        raise UsageError(f"{topo.name}: libtpu gives {len(devices)} devices for {topo.desc_name}, expected {topo.chips}")
-    return devices
-
-
-# ------------------------------------------------------------------ the step, abstractly
-def _lower_step(config, mesh, cfg):
-    """The trainer's own freezing, optimizer and jitted step (`build.train_parts`) for model
-    geometry `cfg` on abstract params, lowered for `mesh`: (train parts, lowered step)."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    from llava_jax import build
-    from llava_jax import sharding as shd
-    from llava_jax.models.llava import LlavaModel
-
-    # params as ShapeDtypeStructs with the run's shardings on the topology's mesh
-    abs_model = nnx.merge(*shd.abstract_model(lambda: LlavaModel(cfg, rngs=nnx.Rngs(0)), mesh))
-    batch = build.batch_spec(config, cfg, mesh)
-    if config.data.max_images_per_row == 0:  # text only (calibration against LLM-only figures)
-        batch = {k: v for k, v in batch.items() if not k.startswith("image")}
-    parts = build.train_parts(config, mesh, abs_model, 1000, abstract=True, batch=batch)
-    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
-    return parts, parts.step.lower(parts.trainable, parts.opt_state, parts.frozen, batch, step)
-
-
-def _model_config(config, vocab_size: int):
-    """The model geometry: `vocab_size` for model.init=scratch (0: 32064), else the checkpoint's or
-    preset's own vocabulary unless one is given."""
-    from llava_jax import build
-
-    try:
-        if config.model.init == "scratch":
-            vocab_size = vocab_size or 32064
-            return build.model_config(config, vocab_size, image_token_id=vocab_size - 1)
-        return build.model_config(config, vocab_size or None)
-    except ValueError as e:
-        raise UsageError(f"{e}; set --config.train.global_batch / the model paths") from None
-
-
-def compile_step(config, topo: Topology, vocab_size: int = 0, devices=None, top: int = 8,
-                 estimate: bool = True) -> dict:
-    """Lower + compile the train step of `config` for `topo`; a report dict (see `main`).
-    `estimate`: add the compiler's step-time estimate (`estimate_step_time`; TPU devices only)."""
-    from llava_jax import build
-    from llava_jax import sharding as shd
-    from llava_jax.train.state import step_flops
-
-    devices = topology_devices(topo) if devices is None else devices
-    mesh = shd.make_mesh(dict(config.train.mesh), devices=devices)
-    pdb, gb = config.train.per_device_batch, config.train.global_batch
-    try:
-        grad_accum = build.grad_accum_steps(config, mesh)
-    except ValueError as e:
-        raise UsageError(f"{e}; set --config.train.global_batch / the model paths") from None
-    cfg = _model_config(config, vocab_size)
-    t0 = time.perf_counter()
-    L, M = config.data.max_length, config.data.max_images_per_row
-    parts, lowered = _lower_step(config, mesh, cfg)
-    trainable, frozen, opt_state = parts.trainable, parts.frozen, parts.opt_state
-    report = {
-        "config": config.name, "topology": topo.name, "topology_desc": topo.desc_name, "chips": topo.chips,
-        "device_kind": devices[0].device_kind, "mesh": dict(mesh.shape), "per_device_batch": pdb,
-        "global_batch": gb, "grad_accum": grad_accum, "max_length": L, "remat": config.model.remat,
-        "attention_impl": config.model.attention_impl,
-        "loss_chunk": config.model.loss_chunk, "cast_frozen": bool(config.model.cast_frozen),
-        "dtype": config.model.dtype, "param_dtype": config.model.param_dtype, "hbm_gib": topo.hbm_gib,
-        "trainable": list(config.trainable),
-        # model FLOPs (6N + attention per token; every image slot filled, as the static-shape step
-        # computes; an AnyRes slot runs its base view and max_tiles tiles through tower and projector)
-        "model_tflops_per_step": step_flops(cfg, _trains(config), gb * L, gb * M * _views_per_slot(cfg), L) / 1e12,
-        "params": {"trainable": _count(trainable), "frozen": _count(frozen)},
-        "largest": _largest([("params", trainable), ("frozen", frozen), ("opt_state", opt_state)], top),
-    }
-    try:
-        compiled = lowered.compile()
-    except Exception as e:  # noqa: BLE001 - XLA reports out-of-memory at compile time
-        msg = str(e)
-        if "RESOURCE_EXHAUSTED" not in msg and "memory" not in msg.lower():
-            raise
-        report.update(fits=False, error=msg.strip().splitlines()[0][:2000], error_full=msg,
-                      compile_s=time.perf_counter() - t0)
-        return report
-    report["compile_s"] = time.perf_counter() - t0
-
-    mem = compiled.memory_analysis()
-    args, outs = mem.argument_size_in_bytes, mem.output_size_in_bytes
-    alias, temps, code = mem.alias_size_in_bytes, mem.temp_size_in_bytes, mem.generated_code_size_in_bytes
-    total = args + outs - alias + temps + code
-    report.update(
-        fits=total <= topo.hbm_gib * GIB,
-        memory={"arguments": args, "outputs": outs, "aliased": alias, "temps": temps, "code": code, "total": total},
-        hbm_used_frac=total / (topo.hbm_gib * GIB),
-        # XLA's cost analysis counts a loop body once (layers and accumulation are loops): reference only
-        xla_cost_analysis_tflops=_cost(compiled)["flops"] / 1e12,
-    )
-    if estimate and report["fits"] and devices[0].platform == "tpu":
-        report["estimate"] = estimate_step_time(config, cfg, mesh, report)
-    return report
-
-
-def _views_per_slot(cfg) -> int:
-    """Tower passes per image slot in the compiled step: 1, or 1 + max_tiles for AnyRes."""
-    return 1 + cfg.max_tiles if cfg.is_anyres else 1
-
-
-def _trains(config) -> set[str]:
-    """What `step_flops` needs to know of `config.trainable`: the top-level subtrees, "lora"."""
-    return {"lora" if "lora" in p else p.split("/")[0] for p in config.trainable}
-
-
-# Custom calls XLA's TPU cost model has no time for: each adds -1 s to `optimal_seconds` (seen with
-# libtpu of jax 0.10.2: a shallow step with 9 `ConcatBitcast`s reported -8.99948 s, the same step
-# deeper with 15 reported -14.9987 s; their FLOPs were right). They join two slices in place (no
-# data moves), so adding the 1 s back leaves their time at zero.
-UNCOSTED_CUSTOM_CALLS = ("ConcatBitcast",)
-
-
-def _cost(compiled) -> dict:
-    """Per-device cost analysis of a compiled executable: modelled seconds (TPU only; 0 elsewhere),
-    FLOPs and bytes accessed."""
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
-    seconds = float(cost.get("optimal_seconds", 0.0))
-    if seconds < 0:
-        text = compiled.as_text()
-        seconds += sum(text.count(f'custom_call_target="{t}"') for t in UNCOSTED_CUSTOM_CALLS)
-    return {"seconds": seconds, "flops": float(cost.get("flops", 0.0)), "bytes": float(cost.get("bytes accessed", 0.0))}
-
-
-# ------------------------------------------------------------------ compiler estimate
-# XLA's TPU compiler models the run time of what it compiles (`cost_analysis()["optimal_seconds"]`,
-# beside "flops" and "bytes accessed", per device). It counts a while loop's body ONCE, whatever
-# its trip count (../shared/DESIGN.md, "TPU compiler estimate"), and the step is loops: the scanned
-# LLM and vision layers, the chunked loss, gradient accumulation. So the estimate comes from
-# shallow copies of the model with every `lax.scan` unrolled, one micro-batch per step, and is
-# extrapolated linearly in depth: T(n_llm, n_vis) = T(a, b) + (n_llm - a) dT_llm + (n_vis - b) dT_vis,
-# the per-layer slopes taken between depth a and a + 1 (a = 2: a one-layer scan is compiled
-# differently). Then step = grad_accum x micro-step, which counts the optimizer update once per
-# micro-batch: an overestimate by (grad_accum - 1) updates (memory-bound, ~1 ms at 7B on 32 chips).
-# XLA's SPMD partitioner turns an FSDP matmul into a "windowed einsum" (collective matmul): a while
-# loop over the shards whose body the cost model counts once. Seen on v5p-64 (7B, fsdp 32): 21 such
-# loops per LLM layer, and the estimate's FLOPs 0.24 x the model's. The estimate's compiles turn
-# them off: the same matmuls and collectives, not overlapped (so the estimate errs slow).
-LOOP_FREE_OPTIONS = {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
-                     "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
-
-
-@contextlib.contextmanager
-def _unrolled_scans():
-    """Every `jax.lax.scan` traced inside is fully unrolled (the models call `jax.lax.scan`)."""
-    import jax
-
-    scan = jax.lax.scan
-
-    def unrolled(f, init, xs=None, length=None, reverse=False, unroll=1, _split_transpose=False):
-        del unroll
-        return scan(f, init, xs, length=length, reverse=reverse, unroll=True)
-
-    jax.lax.scan = unrolled
-    try:
-        yield
-    finally:
-        jax.lax.scan = scan
-
-
-def _at_depth(cfg, llm_layers: int, vision_layers: int | None):
-    """`cfg` with `llm_layers` LLM layers and `vision_layers` vision layers run (the layers after
-    the feature layer stay; None: the vision tower as is)."""
-    text = dataclasses.replace(cfg.text, num_layers=llm_layers)
-    if vision_layers is None:
-        return cfg.replace(text=text)
-    if len(cfg.feature_layers) != 1:
-        raise UsageError("the compiler estimate supports one vision feature layer")
-    unrun = cfg.vision.num_layers - cfg.feature_layers[0]
-    return cfg.replace(text=text, vision=dataclasses.replace(cfg.vision, num_layers=vision_layers + unrun),
-                       vision_feature_layer=-(unrun + 1))
-
-
-def _depth_points(n: int) -> tuple[int, int | None]:
-    """(base depth, slope depth or None when the base already is the full depth)."""
-    a = min(2, n)
-    return a, (a + 1 if n > a else None)
-
-
-def estimate_step_time(config, cfg, mesh, report: dict) -> dict:
-    """The compiler's estimate of one train step of `config` (model geometry `cfg`) on `mesh`,
-    from unrolled shallow compiles (see above); throughput and MFU from it."""
-    from llava_jax import sharding as shd
-    from llava_jax.train.metrics import peak_tflops
-
-    t0 = time.perf_counter()
-    micro = config.copy_and_resolve_references()
-    micro.train.global_batch = config.train.per_device_batch * shd.data_parallel_size(mesh)  # no accumulation
-    with_images = config.data.max_images_per_row > 0
-    n_llm, n_vis = cfg.text.num_layers, cfg.feature_layers[0] if with_images else None
-    (a, a1), (b, b1) = _depth_points(n_llm), _depth_points(n_vis) if with_images else (None, None)
-
-    def cost(llm_layers, vision_layers):
-        with _unrolled_scans():
-            _, lowered = _lower_step(micro, mesh, _at_depth(cfg, llm_layers, vision_layers))
-        compiled = lowered.compile(compiler_options=LOOP_FREE_OPTIONS)
-        if " while(" in compiled.as_text():
-            raise RuntimeError("the shallow compile for the compiler estimate still has a while loop, whose body "
-                               "XLA's cost model counts once: the estimate would be too low")
-        return _cost(compiled)
-
-    base = cost(a, b)
-    points = [{"llm_layers": a, "vision_layers": b, **base}]
-    total = dict(base)
-    for depth, slope_depth, n, key in ((a, a1, n_llm, "llm_layers"), (b, b1, n_vis, "vision_layers")):
-        if slope_depth is None:
-            continue
-        c = cost(slope_depth, b) if key == "llm_layers" else cost(a, slope_depth)
-        points.append({"llm_layers": slope_depth if key == "llm_layers" else a,
-                       "vision_layers": slope_depth if key == "vision_layers" else b, **c})
-        for k in total:
-            total[k] += (n - depth) * (c[k] - base[k])
-    k, chips = report["grad_accum"], report["chips"]
-    step = k * total["seconds"]
-    rows, tokens = report["global_batch"], report["global_batch"] * report["max_length"]
-    peak = peak_tflops(report["device_kind"])
-    out = {
-        "method": "compiler estimate (XLA TPU cost model; unrolled shallow compiles extrapolated in depth)",
-        "step_s": step, "micro_step_s": total["seconds"],
-        "tokens_per_s": tokens / step, "tokens_per_s_per_chip": tokens / step / chips,
-        "samples_per_s": rows / step, "samples_per_s_per_chip": rows / step / chips,
-        "peak_tflops_per_chip": peak,
-        "mfu": None if not peak else report["model_tflops_per_step"] * 1e12 / (step * chips * peak * 1e12),
-        # what XLA computes (remat recompute, masked attention blocks, ...) against the model FLOPs
-        "xla_tflops_per_step": k * total["flops"] * chips / 1e12,
-        "hbm_bytes_per_chip_per_step": k * total["bytes"],
-        "points": points, "compile_s": time.perf_counter() - t0,
-    }
-    if min(p["seconds"] for p in points) <= 0:
-        raise RuntimeError(f"the compiler's time estimate is not positive at {points}: an op it has no cost for "
-                           f"(aot.UNCOSTED_CUSTOM_CALLS lists the known ones)")
-    return out
-
-
-def _count(tree) -> int:
-    import jax
-
-    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
-
-
-def _largest(named_trees, k: int) -> list[dict]:
-    import jax
-
-    from llava_jax.train.state import path_str
-
-    rows = []
-    for name, tree in named_trees:
-        for path, x in jax.tree_util.tree_leaves_with_path(tree):
-            nbytes = math.prod(x.shape) * x.dtype.itemsize
-            shard = x.sharding.shard_shape(x.shape)
-            rows.append({"array": f"{name}/{path_str(path)}", "shape": list(x.shape), "dtype": str(x.dtype),
-                         "spec": str(x.sharding.spec), "bytes": nbytes,
-                         "per_device_bytes": math.prod(shard) * x.dtype.itemsize})
-    return sorted(rows, key=lambda r: -r["bytes"])[:k]
 
 
 # ------------------------------------------------------------------ report
@@ -446,8 +118,6 @@ def main(argv):
     try:
         topo = parse_topology(_TOPOLOGY.value, _HBM.value)
         if _SWEEP.value:
-            from llava_jax.tools import aot_sweep
-
             print(aot_sweep.HEADER, flush=True)
             reports = aot_sweep.sweep(_CONFIG.value, topo, _VOCAB.value, _SWEEP_MESH.value, _SWEEP_REMAT.value,
                                       [int(b) for b in _SWEEP_BATCH.value], _SWEEP_ATTN.value, _CACHE.value)

@@ -1,11 +1,11 @@
-"""Calibration of the compiler estimate (`tools/aot.py`) against published measured LLM figures.
+"""Calibration of the compiler estimate (`tools/aot_compile.py`) against published measured LLM figures.
 
     python -m llava_jax.tools.aot_calibrate llama2_70b v5p-128 4096 4 full
 
 Builds a text-only LLaMA with llava-jax's own layers (the LLaVA-1.5 stage-2 config with
 `model.init=scratch`, the named geometry, no image slots, the LLM trained), FSDP over every chip,
 the given sequence length and per-chip batch (no accumulation) and remat policy, and prints the
-compiler estimate (`aot.estimate_step_time`: shallow unrolled compiles only, no full-depth memory
+compiler estimate (`aot_compile.estimate_step_time`: shallow unrolled compiles only, no full-depth memory
 compile) as one JSON line. BENCHMARKS.md ("TPU compiler estimates") compares it with MaxText's
 published measurements.
 """
@@ -37,8 +37,8 @@ def main(argv=None) -> dict:
 
     from configs.llava_v1_5 import get_config
     from llava_jax import sharding as shd
-    from llava_jax.tools import aot
-    from llava_jax.train.state import step_flops
+    from llava_jax.tools import aot_compile
+    from llava_jax.train_step import step_flops
 
     geom, vocab = GEOMETRIES[a.model]
     c = get_config("7b_stage2")
@@ -46,19 +46,19 @@ def main(argv=None) -> dict:
     c.model.scratch.text.update(max_position_embeddings=a.seq, **geom)
     c.data.max_images_per_row, c.data.max_length = 0, a.seq
     c.trainable = (r"llm/.*",)
-    topo = aot.parse_topology(a.topology)
-    devices = aot.topology_devices(topo)
+    topo = aot_compile.parse_topology(a.topology)
+    devices = aot_compile.topology_devices(topo)
     c.train.per_device_batch, c.train.global_batch = a.per_chip_batch, a.per_chip_batch * topo.chips
     c.train.mesh.data, c.train.mesh.fsdp, c.train.mesh.tensor = 1, -1, 1
     c.model.remat = a.remat
     mesh = shd.make_mesh(dict(c.train.mesh), devices=devices)
-    cfg = aot._model_config(c, vocab)
+    cfg = aot_compile.model_config(c, vocab)
     gb = c.train.global_batch
     report = {"grad_accum": 1, "chips": topo.chips, "global_batch": gb, "max_length": a.seq,
               "device_kind": devices[0].device_kind,
               "model_tflops_per_step": step_flops(cfg, {"llm"}, gb * a.seq, 0, a.seq) / 1e12}
     t = time.time()
-    estimate = aot.estimate_step_time(c, cfg, mesh, report)
+    estimate = aot_compile.estimate_step_time(c, cfg, mesh, report)
     out = {"model": a.model, "topology": a.topology, "seq": a.seq, "per_chip_batch": a.per_chip_batch,
            "remat": a.remat, **report, "estimate": estimate, "wall_s": time.time() - t}
     print(json.dumps(out), flush=True)

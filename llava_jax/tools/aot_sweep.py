@@ -1,6 +1,6 @@
 """`tools/aot.py --sweep`: compile one recipe for one TPU topology over a grid of mesh shapes
 (data x fsdp x tensor), remat policies, per-chip batches and attention implementations, and rank
-what fits by the compiler's estimated tokens/s (`aot.estimate_step_time`).
+what fits by the compiler's estimated tokens/s (`aot_compile.estimate_step_time`).
 
 The grid is pruned before anything compiles: a mesh must use every chip, its batch axes
 (data x fsdp) must divide the global batch and `tensor` the attention heads; a per-chip batch
@@ -22,7 +22,7 @@ import json
 import os
 from pathlib import Path
 
-from llava_jax.tools import aot
+from llava_jax.tools import aot_compile
 
 CACHE_VERSION = 1  # bump when a report's content changes meaning
 
@@ -31,7 +31,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LLAVA_JAX_AOT_CACHE", "~/.cache/llava_jax/aot")).expanduser()
 
 
-def cache_key(config, topo: aot.Topology, vocab_size: int) -> str:
+def cache_key(config, topo: aot_compile.Topology, vocab_size: int) -> str:
     import jax
 
     try:
@@ -44,12 +44,12 @@ def cache_key(config, topo: aot.Topology, vocab_size: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def cached_compile(config, topo: aot.Topology, vocab_size: int, devices, use_cache: bool = True) -> dict:
-    """`aot.compile_step` with the estimate, its report read from / written to the cache."""
+def cached_compile(config, topo: aot_compile.Topology, vocab_size: int, devices, use_cache: bool = True) -> dict:
+    """`aot_compile.compile_step` with the estimate, its report read from / written to the cache."""
     path = cache_dir() / f"{cache_key(config, topo, vocab_size)}.json"
     if use_cache and path.exists():
         return {**json.loads(path.read_text()), "cached": True}
-    report = aot.compile_step(config, topo, vocab_size, devices=devices, top=0)
+    report = aot_compile.compile_step(config, topo, vocab_size, devices=devices, top=0)
     report.pop("error_full", None)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -64,7 +64,7 @@ def parse_mesh(text: str) -> tuple[int, int, int]:
     try:
         d, f, t = (int(x) for x in text.lower().split("x"))
     except ValueError:
-        raise aot.UsageError(f"mesh {text!r}: give data x fsdp x tensor, e.g. 2x16x1") from None
+        raise aot_compile.UsageError(f"mesh {text!r}: give data x fsdp x tensor, e.g. 2x16x1") from None
     return d, f, t
 
 
@@ -83,7 +83,7 @@ def mesh_shapes(chips: int, global_batch: int, heads: int, config_mesh: dict, gi
     for d, f, t in cands:
         ok = d * f * t == chips and min(d, f, t) >= 1 and global_batch % (d * f) == 0 and heads % t == 0
         if given and not ok:
-            raise aot.UsageError(f"mesh {d}x{f}x{t} does not fit {chips} chips, global batch {global_batch} "
+            raise aot_compile.UsageError(f"mesh {d}x{f}x{t} does not fit {chips} chips, global batch {global_batch} "
                                  f"and {heads} heads")
         if ok and (d, f, t) not in out:
             out.append((d, f, t))
@@ -105,12 +105,12 @@ def batch_sizes(global_batch: int, dp: int, given=()) -> list[int]:
     return out
 
 
-def sweep(config, topo: aot.Topology, vocab_size: int, meshes=(), remats=(), batches=(), attentions=(),
+def sweep(config, topo: aot_compile.Topology, vocab_size: int, meshes=(), remats=(), batches=(), attentions=(),
           use_cache: bool = True, log=print) -> list[dict]:
     """Compile the grid (module docstring); the reports, ranked by estimated tokens/s (what does
     not fit last)."""
-    devices = aot.topology_devices(topo)
-    cfg = aot._model_config(config, vocab_size)
+    devices = aot_compile.topology_devices(topo)
+    cfg = aot_compile.model_config(config, vocab_size)
     gb = config.train.global_batch
     remats = list(remats) or list(dict.fromkeys([config.model.remat, "full"]))
     attentions = list(attentions) or [config.model.attention_impl]
@@ -143,7 +143,7 @@ def format_row(r: dict) -> str:
             f"{r['per_device_batch']:>3} x{r['grad_accum']:<3}")
     if "memory" not in r:
         return head + "  does not fit (XLA out of memory)" + (" [cached]" if r.get("cached") else "")
-    mem = f"{r['memory']['total'] / aot.GIB:7.2f} GiB {r['hbm_used_frac']:4.0%}"
+    mem = f"{r['memory']['total'] / aot_compile.GIB:7.2f} GiB {r['hbm_used_frac']:4.0%}"
     e = r.get("estimate")
     if not r["fits"] or not e:
         return head + f" {mem}  does not fit" + (" [cached]" if r.get("cached") else "")
@@ -156,7 +156,7 @@ HEADER = ("mesh d x f x t remat          attn   pdb x acc    memory / HBM    ste
           "\n" + "-" * 104)
 
 
-def format_sweep(config_name: str, topo: aot.Topology, reports: list[dict]) -> str:
+def format_sweep(config_name: str, topo: aot_compile.Topology, reports: list[dict]) -> str:
     out = [f"{config_name} on {topo.name} ({topo.chips} chips): {len(reports)} configurations, ranked by "
            "estimated tokens/s (compiler estimate: XLA's TPU cost model, not a measurement)", HEADER]
     out += [format_row(r) for r in reports]

@@ -18,12 +18,11 @@ import numpy as np
 
 from llava_jax import build
 from llava_jax import sharding as shd
-from llava_jax.config import LlavaConfig
 from llava_jax.fileio import as_path
-from llava_jax.train import integrity
-from llava_jax.train.checkpoint import Checkpointer
+from llava_jax import integrity
+from llava_jax.checkpoint import Checkpointer
 from llava_jax.train.metrics import MetricsWriter, peak_flops_per_device
-from llava_jax.train.state import count_params, param_count_by_subtree, step_flops
+from llava_jax.train_step import param_count_by_subtree, step_flops
 
 log = logging.getLogger(__name__)
 
@@ -39,29 +38,12 @@ def train(config, workdir: str) -> dict:
 
     # ---------------------------------------------------------------- mesh, model, data, step
     # (all assembled by llava_jax/build.py; this module is the loop)
-    mesh = shd.make_mesh(dict(config.train.mesh))
-    grad_accum = build.grad_accum_steps(config, mesh)
-    if is_main:
-        build.record_run_config(config, workdir)
-    tokenizer, tok_ids = build.tokenizer(config)
-    model = build.model(config, mesh, tok_ids, vocab_size=len(tokenizer))
-    model_cfg: LlavaConfig = model.config
-    if len(tokenizer) > model_cfg.text.vocab_size:
-        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model vocab is {model_cfg.text.vocab_size}")
-    # Each process reads the data shard whose rows its devices hold; the global batch is
-    # assembled from the process-local rows (jax.make_array_from_process_local_data).
-    data = build.training_data(config, tokenizer, model_cfg, mesh, workdir)
+    run = build.training_run(config, workdir)
+    mesh, model_cfg, data = run.mesh, run.model_config, run.data
     data_iter, num_steps, num_shards = data.iterator, data.num_steps, data.shard[1]
-    log.info("mesh %s, global batch %d = %d per device x %d devices x %d accumulation; %d process(es), "
-             "input shard %d of %d (%d rows each)", dict(mesh.shape), config.train.global_batch,
-             config.train.per_device_batch, shd.data_parallel_size(mesh), grad_accum, jax.process_count(),
-             data.shard[0], num_shards, data.process_batch)
-    parts = build.train_parts(config, mesh, model, num_steps)
-    del model
-    trainable, opt_state, frozen, step_fn = parts.trainable, parts.opt_state, parts.frozen, parts.step
-    counts = param_count_by_subtree(trainable)
-    trains = set(counts)
-    log.info("trainable params %s (%d); frozen %d", counts, count_params(trainable), count_params(frozen))
+    trainable, opt_state, frozen, step_fn = run.parts.trainable, run.parts.opt_state, run.parts.frozen, run.parts.step
+    del run  # only the loop's names hold the params and optimizer state (donated to each step)
+    trains = set(param_count_by_subtree(trainable))
 
     # ---------------------------------------------------------------- restore
     ckpt = Checkpointer(workdir, keep=config.train.keep, async_save=config.train.async_checkpoint)

@@ -21,7 +21,7 @@ Same model geometry, random weights, same work on both sides (issue 9):
     own tools from the build `python -m llava_jax.tools.llamacpp` caches (`llamacpp_jobs`).
     The presets `demo` (the demo's model size) and `cpu` (the 1B-class geometry, 32 new tokens)
     are for this CPU side-by-side.
-Reported: tokens/s, ms/step, MFU (model FLOPs of `train.state.step_flops`, the same count for both
+Reported: tokens/s, ms/step, MFU (model FLOPs of `train_step.step_flops`, the same count for both
 sides, over the device's dense bf16 peak from a table by device kind), peak device memory, and the
 ratio llava-jax / transformers (compiled unless that was skipped) of tokens/s.
 

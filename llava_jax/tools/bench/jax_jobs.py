@@ -80,7 +80,7 @@ def jax_train(geo: Geometry, stage: int, variant: dict, opts: dict) -> dict:
     import numpy as np
 
     from llava_jax.config import RuntimeOptions
-    from llava_jax.train.state import cast_frozen, make_optimizer, make_train_step, split_model
+    from llava_jax.train_step import cast_frozen, make_optimizer, make_train_step, split_model
 
     rt = RuntimeOptions(dtype=jnp.bfloat16, param_dtype=getattr(jnp, variant["param_dtype"]),
                         remat_policy=variant["remat"], attention_impl=variant["attention"])

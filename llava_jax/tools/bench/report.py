@@ -17,7 +17,7 @@ def derive(r: dict, geo: Geometry, peak_override: float | None) -> dict:
         out["tokens_per_s"] = r["batch"] / sec if sec > 0 else float("nan")
         out["mfu"] = None
     else:
-        from llava_jax.train.state import step_flops
+        from llava_jax.train_step import step_flops
 
         tokens = geo.train_batch * geo.seq_len
         out["tokens_per_s"] = tokens / sec

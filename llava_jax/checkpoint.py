@@ -39,7 +39,7 @@ import orbax.checkpoint as ocp
 
 from llava_jax.convert.hf import CheckpointError
 from llava_jax.fileio import as_path, is_remote
-from llava_jax.train import integrity
+from llava_jax import integrity
 
 log = logging.getLogger(__name__)
 
