@@ -61,7 +61,7 @@ def get_config(arg: str = "stage1"):
     else:
         # llava-hf's LLaVA-1.5 prompt ("USER: <image>\n... ASSISTANT:"), i.e. vicuna_v1 without its
         # system prompt: the system prompt was 29 of a row's ~124 tokens, and the demo spends the
-        # time it took on a third stage-2 epoch (`llava_jax/demo/run.py: DemoOptions`).
+        # time it took on more stage-2 epochs (`llava_jax/demo/run.py: DemoOptions`).
         c.data.template = "llava_hf"
         c.data.max_length = 256
         c.data.num_epochs = 4
@@ -71,7 +71,8 @@ def get_config(arg: str = "stage1"):
         # transformers 5.23, 54.6% with 5.25 and tokenizers 0.23.3). Batches of 8 (twice the
         # updates for the same tokens; ~30% more stage-2 time on CPU) with a 10% warm-up formed
         # it in 6 of 10 seed x version runs; with the answers of `llava_jax/demo/run.py:
-        # STAGE2_ROWS`, the llava_hf format and three epochs, 9 of 10 (BENCHMARKS.md, "Session 10").
+        # STAGE2_ROWS`, the llava_hf format and three epochs, 9 of 10; with four, 10 of 10
+        # (BENCHMARKS.md, "Session 11").
         c.optim.lr = 2e-3
         c.optim.warmup_ratio = 0.1
         c.train.per_device_batch = 8
