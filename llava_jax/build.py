@@ -514,7 +514,7 @@ def training_run(config, workdir) -> TrainingRun:
 
 def frozen_for_training(frozen, config):
     """The frozen params as the train step holds them: in model.dtype when model.cast_frozen
-    (`state.cast_frozen`: every use casts them to it anyway), else as loaded."""
+    (`train_step.cast_frozen`: every use casts them to it anyway), else as loaded."""
     from llava_jax.train_step import cast_frozen
 
     return cast_frozen(frozen, DTYPES[config.model.dtype]) if config.model.cast_frozen else frozen
@@ -531,7 +531,7 @@ def grad_accum_steps(config, mesh) -> int:
 
 
 def compiled_train_step(config, mesh, graphdef, tx, schedule, trainable, opt_state, frozen, batch=None):
-    """The jitted train step (`state.make_train_step`) with the run's shardings, activations
+    """The jitted train step (`train_step.make_train_step`) with the run's shardings, activations
     pinned to the batch sharding and the trainable params and optimizer state donated; the step
     options (`model.loss_chunk`) are its arguments. `batch` (arrays or `batch_spec`) fixes the
     batch shardings when given."""
