@@ -480,7 +480,6 @@ class TrainingRun:
     model_config: LlavaConfig
     data: TrainingData
     parts: TrainParts
-    grad_accum: int
 
 
 def training_run(config, workdir) -> TrainingRun:
@@ -509,7 +508,7 @@ def training_run(config, workdir) -> TrainingRun:
     parts = train_parts(config, mesh, built, data.num_steps)
     log.info("trainable params %s (%d); frozen %d", param_count_by_subtree(parts.trainable),
              count_params(parts.trainable), count_params(parts.frozen))
-    return TrainingRun(mesh, model_cfg, data, parts, grad_accum)
+    return TrainingRun(mesh, model_cfg, data, parts)
 
 
 def frozen_for_training(frozen, config):

@@ -183,7 +183,7 @@ def main(argv):
                              "with --format=peft (and serve them with --adapter-unmerged)")
         if _FORMAT.value == "gguf":
             files = export_gguf_checkpoint(_OUT.value, _WORKDIR.value, _MODEL.value, _QUANT.value, _CONFIG.value,
-                                _RANDOM.value, adapter=_ADAPTER.value)
+                                           _RANDOM.value, adapter=_ADAPTER.value)
             if jax.process_index() == 0:
                 print("\n".join(f"{k}: {v}" for k, v in files.items()))
             return

@@ -84,7 +84,7 @@ def mesh_shapes(chips: int, global_batch: int, heads: int, config_mesh: dict, gi
         ok = d * f * t == chips and min(d, f, t) >= 1 and global_batch % (d * f) == 0 and heads % t == 0
         if given and not ok:
             raise aot_compile.UsageError(f"mesh {d}x{f}x{t} does not fit {chips} chips, global batch {global_batch} "
-                                 f"and {heads} heads")
+                                         f"and {heads} heads")
         if ok and (d, f, t) not in out:
             out.append((d, f, t))
     return out
