@@ -117,9 +117,9 @@ def test_siglip_tower_with_qwen2(tmp_path):
     assert _max_diff(torch_logits(back, ids, mask, px), ref, mask) <= 1e-6
 
 
-@pytest.mark.parametrize("impl", ["dpa", "dpa_padded", "pallas"])
+@pytest.mark.parametrize("impl", ["dpa", "dpa_padded", "pallas", "splash"])
 def test_fused_attention_impls_equal_xla(pair, impl):
-    """The fused impls (window via local_window_size; Pallas falls back to the mask) give the
+    """The fused impls (window via local_window_size or splash's LocalMask; Pallas falls back to the mask) give the
     xla path's logits on a packed row (dpa_padded: one right-padded segment per row)."""
     name, hf, d, model = pair
     rng = np.random.default_rng(6)

@@ -41,7 +41,7 @@ def _attn_and_grads(impl, seg, q, k, v, r):
 
 
 @pytest.mark.parametrize("impl,seg", [("dpa", SEGMENTS), ("pallas", SEGMENTS), ("dpa_padded", UNPACKED),
-                                      ("dpa", UNPACKED)])
+                                      ("dpa", UNPACKED), ("splash", SEGMENTS)])
 def test_attention_impl_equals_xla(impl, seg):
     """Outputs at valid positions and gradients w.r.t. q, k, v (GQA, packed segments, padding)."""
     q, k, v, r = _qkv()
@@ -64,7 +64,7 @@ def test_unmasked_attention_equals_xla():
     """The vision tower's call (no mask, no segments), on a length the Pallas kernel must pad."""
     q, k, v, _ = _qkv(l=13, h=2, kv=2)
     ref = dot_product_attention(q, k, v, None, "xla")
-    for impl in ("dpa", "pallas"):
+    for impl in ("dpa", "pallas", "splash"):
         np.testing.assert_allclose(dot_product_attention(q, k, v, None, impl), ref, atol=2e-5)
 
 
@@ -116,7 +116,7 @@ def reference():
 
 # CI runs two combinations covering every lever's wiring through the model; the full matrix is slow.
 @pytest.mark.parametrize("impl,chunk,remat", [
-    ("pallas", 0, "none"), ("dpa", 5, "dots_attn"),
+    ("pallas", 0, "none"), ("dpa", 5, "dots_attn"), ("splash", 0, "full"),
     pytest.param("dpa", 0, "none", marks=pytest.mark.slow), pytest.param("xla", 4, "none", marks=pytest.mark.slow),
     pytest.param("xla", 16, "dots", marks=pytest.mark.slow),
     pytest.param("pallas", 5, "dots_attn", marks=pytest.mark.slow),

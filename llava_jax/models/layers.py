@@ -222,12 +222,18 @@ def attention_mask(q_index, k_index, q_segment, k_segment, causal: bool, window:
 #   pallas        the Pallas flash-attention kernel (jax.experimental.pallas.ops.gpu.attention, Triton)
 #                 that takes segment ids natively: packed rows exact, no mask in memory. Runs in
 #                 interpret mode off GPU (slow; for tests). GQA by repeating K/V heads.
+#   splash        the TPU splash-attention kernel (jax.experimental.pallas.ops.tpu.splash_attention):
+#                 segment ids, causal / sliding-window masks whose empty blocks it skips, GQA
+#                 natively, no [L, L] array in HBM. Inside a sharded train step it runs per device
+#                 under shard_map (batch over the batch axes, heads over `tensor` when it divides
+#                 them): the kernel is a custom call GSPMD cannot split. Interpret mode on CPU
+#                 (tests); on GPU an error (use cudnn / pallas there).
 # The fused impls apply to self-attention without a KV cache (training, the vision tower); cached
 # decoding always takes the `xla` path with its mask.
 # Sliding windows (Mistral): dpa / cudnn pass `local_window_size=(window - 1, 0)` (cuDNN's causal
 # sliding window of `window` keys); the Pallas kernel has no window, so `pallas` with a window
-# takes the `xla` path on the mask (which holds the window).
-ATTENTION_IMPLS = ("xla", "dpa", "cudnn", "dpa_padded", "cudnn_padded", "pallas")
+# takes the `xla` path on the mask (which holds the window); splash's LocalMask holds the window.
+ATTENTION_IMPLS = ("xla", "dpa", "cudnn", "dpa_padded", "cudnn_padded", "pallas", "splash")
 # Pallas interpret mode: None = interpret unless the default backend is a GPU (tests set False to
 # lower the real Triton kernel for CUDA on a CPU-only machine).
 PALLAS_INTERPRET: bool | None = None
@@ -252,6 +258,8 @@ def dot_product_attention(q, k, v, mask, impl: str = "xla", *, segment_ids=None,
         if window is not None:  # the Pallas kernel has no sliding window: the mask holds it
             return _attention_xla(q, k, v, mask)
         return _attention_pallas(q, k, v, segment_ids, causal)
+    if impl == "splash":
+        return _attention_splash(q, k, v, segment_ids, causal, window)
     backend, _, variant = impl.partition("_")
     implementation = "cudnn" if backend == "cudnn" else None
     scale = 1.0 / math.sqrt(q.shape[-1])
@@ -307,3 +315,106 @@ def _attention_pallas(q, k, v, segment_ids, causal: bool):
                                interpret=jax.default_backend() != "gpu" if PALLAS_INTERPRET is None
                                else PALLAS_INTERPRET)
     return out[:, :l]
+
+
+# Splash block sizes: the largest of these that divides the (padded) length. Bigger blocks keep
+# the MXU busier; 512 is what MaxText runs its splash kernel with at 2048+ tokens.
+SPLASH_BLOCKS = (512, 256, 128)
+# The mesh axis the heads are split over (sharding.LOGICAL_RULES["heads"]).
+HEADS_MESH_AXIS = "tensor"
+
+
+def _attention_splash(q, k, v, segment_ids, causal: bool, window: int | None):
+    """The TPU splash kernel on [B, L, H, D] inputs. The length is padded to a multiple of 128
+    with segment 0, which no real query attends to; padded outputs are dropped."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+
+    b, l, h, d = q.shape
+    kvh = k.shape[2]
+    seg = jnp.ones((b, l), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+    lp = -(-l // 128) * 128
+    if lp != l:
+        pad = ((0, 0), (0, lp - l), (0, 0), (0, 0))
+        q, k, v = jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad)
+        seg = jnp.pad(seg, ((0, 0), (0, lp - l)))
+    q = q * jnp.asarray(1.0 / math.sqrt(d), q.dtype)  # the kernel does not scale the scores
+
+    get_sharding = _BATCH_SHARDING.get()
+    sharding = None if get_sharding is None else get_sharding(4)
+    heads_axis = None
+    if sharding is not None:
+        mesh = sharding.mesh
+        t = mesh.shape.get(HEADS_MESH_AXIS, 1)
+        heads_axis = HEADS_MESH_AXIS if t > 1 and h % t == 0 and kvh % t == 0 else None
+        local_h = h // (mesh.shape[heads_axis] if heads_axis else 1)
+        platform = mesh.devices.flat[0].platform
+    else:
+        local_h, platform = h, jax.default_backend()
+    if platform not in ("tpu", "cpu"):  # interpret mode is for CPU tests, far too slow to train with
+        raise ValueError(f"attention_impl='splash' is a TPU kernel; on {platform} use cudnn, cudnn_padded or pallas")
+    kernel = _splash_kernel(local_h, lp, causal, window, platform == "cpu")
+
+    def per_device(q, k, v, seg):  # [b', L, h', D] -> kernel layout [h', L, D] per row
+        one = lambda q, k, v, s: kernel(q.swapaxes(0, 1), k.swapaxes(0, 1), v.swapaxes(0, 1),
+                                        segment_ids=splash.SegmentIds(s, s)).swapaxes(0, 1)
+        return jax.vmap(one)(q, k, v, seg)
+
+    if sharding is not None:
+        batch = sharding.spec[0] if len(sharding.spec) else None
+        qkv, rows = jax.sharding.PartitionSpec(batch, None, heads_axis, None), jax.sharding.PartitionSpec(batch, None)
+        per_device = jax.shard_map(per_device, mesh=sharding.mesh, in_specs=(qkv, qkv, qkv, rows),
+                                   out_specs=qkv, check_vma=False)
+    return per_device(q, k, v, seg)[:, :l]
+
+
+
+# (heads, length, causal, window, interpret) -> the kernel built for it (see `_splash_kernel`).
+_SPLASH_KERNELS: dict[tuple, Any] = {}
+
+
+def _splash_kernel(heads: int, length: int, causal: bool, window: int | None, interpret: bool):
+    """A splash kernel for `heads` query heads over `length` (a multiple of 128) tokens. Its
+    block-sparsity tables are built here, on the host, once per shape (they are constants of the
+    compiled step)."""
+    key = (heads, length, causal, window, interpret)
+    if key not in _SPLASH_KERNELS:
+        _SPLASH_KERNELS[key] = _build_splash_kernel(*key)
+    return _SPLASH_KERNELS[key]
+
+
+def splash_visited_fraction(heads: int, length: int) -> float:
+    """The fraction of the [length, length] score blocks that the causal (or sliding-window)
+    splash kernels built so far for `heads` heads visit (their mask leaves the others empty, and
+    the kernels skip them; an unmasked kernel visits all). The TPU compiler estimate costs the
+    kernels with it (tools/aot_compile.py): XLA cannot look inside them."""
+    fractions = set()
+    for (h, n, causal, window, _), kernel in _SPLASH_KERNELS.items():
+        if (h, n) == (heads, length) and (causal or window is not None):
+            block_mask = np.asarray(kernel.fwd_mask_info.block_mask)  # [unique heads, q blocks, <= kv blocks]
+            blocks = length // _splash_block(length)
+            fractions.add(float((block_mask != 0).sum() / (block_mask.shape[0] * blocks * blocks)))
+    if len(fractions) != 1:
+        raise ValueError(f"{len(fractions)} masked splash kernels for {heads} heads x {length} tokens: cannot tell "
+                         f"which one a kernel call runs ({sorted(fractions)})")
+    return fractions.pop()
+
+
+def _build_splash_kernel(heads: int, length: int, causal: bool, window: int | None, interpret: bool):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    shape = (length, length)
+    if window is not None:  # `window - 1` keys before the query and itself (causal by construction)
+        mask = masks.LocalMask(shape, window_size=(window - 1, 0), offset=0)
+    else:
+        mask = masks.CausalMask(shape) if causal else masks.FullMask(shape)
+    blk = _splash_block(length)
+    sizes = splash.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk, block_kv_dkv=blk,
+                              block_kv_dkv_compute=blk, use_fused_bwd_kernel=True)
+    with jax.ensure_compile_time_eval():  # concrete tables: the cache outlives any one trace
+        return splash.make_splash_mha(masks.MultiHeadMask([mask] * heads), block_sizes=sizes, head_shards=1,
+                                      q_seq_shards=1, interpret=interpret)
+
+
+def _splash_block(length: int) -> int:
+    return next(bs for bs in SPLASH_BLOCKS if length % bs == 0)

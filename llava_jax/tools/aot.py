@@ -63,7 +63,8 @@ def _define_flags():
                                     "config's, all-fsdp, 2 x fsdp, fsdp x 2 tensor")
     _SWEEP_REMAT = flags.DEFINE_list("sweep_remat", [], "remat policies; default: the config's and full")
     _SWEEP_BATCH = flags.DEFINE_list("sweep_batch", [], "per-chip batches; default: global batch / batch axes and halves")
-    _SWEEP_ATTN = flags.DEFINE_list("sweep_attention", [], "attention implementations; default: the config's")
+    _SWEEP_ATTN = flags.DEFINE_list("sweep_attention", [], "attention implementations; default: the config's and "
+                                    "splash (the TPU kernel)")
     _CACHE = flags.DEFINE_bool("cache", True, "--sweep: reuse reports cached under ~/.cache/llava_jax/aot")
     flags.mark_flags_as_required(["config", "topology"])
 

@@ -1,6 +1,6 @@
 """Calibration of the compiler estimate (`tools/aot_compile.py`) against published measured LLM figures.
 
-    python -m llava_jax.tools.aot_calibrate llama2_70b v5p-128 4096 4 full
+    python -m llava_jax.tools.aot_calibrate llama2_70b v5p-128 4096 4 full [--attention=splash]
 
 Builds a text-only LLaMA with llava-jax's own layers (the LLaVA-1.5 stage-2 config with
 `model.init=scratch`, the named geometry, no image slots, the LLM trained), FSDP over every chip,
@@ -32,6 +32,8 @@ def main(argv=None) -> dict:
     ap.add_argument("seq", type=int)
     ap.add_argument("per_chip_batch", type=int)
     ap.add_argument("remat", help="full, dots_no_batch, ...")
+    ap.add_argument("--attention", default="xla", help="model.attention_impl: xla (default) or splash, the fused "
+                    "TPU kernel MaxText's measured runs use")
     a = ap.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -50,7 +52,7 @@ def main(argv=None) -> dict:
     devices = aot_compile.topology_devices(topo)
     c.train.per_device_batch, c.train.global_batch = a.per_chip_batch, a.per_chip_batch * topo.chips
     c.train.mesh.data, c.train.mesh.fsdp, c.train.mesh.tensor = 1, -1, 1
-    c.model.remat = a.remat
+    c.model.remat, c.model.attention_impl = a.remat, a.attention
     mesh = shd.make_mesh(dict(c.train.mesh), devices=devices)
     cfg = aot_compile.model_config(c, vocab)
     gb = c.train.global_batch
@@ -60,7 +62,7 @@ def main(argv=None) -> dict:
     t = time.time()
     estimate = aot_compile.estimate_step_time(c, cfg, mesh, report)
     out = {"model": a.model, "topology": a.topology, "seq": a.seq, "per_chip_batch": a.per_chip_batch,
-           "remat": a.remat, **report, "estimate": estimate, "wall_s": time.time() - t}
+           "remat": a.remat, "attention": a.attention, **report, "estimate": estimate, "wall_s": time.time() - t}
     print(json.dumps(out), flush=True)
     return out
 

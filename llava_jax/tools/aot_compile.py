@@ -230,6 +230,76 @@ LOOP_FREE_OPTIONS = {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
                      "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
 
 
+# Pallas TPU kernels are custom calls XLA's cost model sees into only through the `pl.CostEstimate`
+# a kernel carries (seen with libtpu of jax 0.10.2: jax's TPU flash-attention forward carries one
+# and is costed at its FLOPs over the chip's peak, 34.56 GFLOP -> 0.175 ms on v5e). jax's splash
+# kernels carry none, and XLA counts them as no FLOPs and no time, so the estimate's compiles give
+# each of them one: 2 FLOPs per multiply-add of every score block the mask lets the kernel visit (the forward
+# computes QK' and PV; the fused backward recomputes QK', then dO V', dV, dK and dQ), one exp per
+# visited score, and its operands and results read / written once. XLA then costs the kernel as
+# if it ran at the chip's peak: the estimate of the attention is a lower bound on its time.
+SPLASH_MATMULS = {"fwd": ("qk", "v"), "dq": ("qk", "v", "qk"), "dkv": ("qk", "v", "v", "qk"),
+                  "dkv_fused": ("qk", "v", "v", "qk", "qk")}
+
+
+def _splash_cost_estimate(name: str, operands, out_shape):
+    """The `pl.CostEstimate` of one splash kernel call (operands as jax 0.10's splash passes them:
+    three mask tables, q [H, Lq, D], k [KV, Lk, D], v [KV, Lk, Dv], ..., and last the query
+    positions, which only a causal or sliding-window mask reads)."""
+    import jax.experimental.pallas as pl
+    import numpy as np
+
+    from llava_jax.models.layers import splash_visited_fraction
+
+    q, k, v = operands[3:6]
+    if not (q.ndim == k.ndim == v.ndim == 3 and k.shape[1] == q.shape[1] == v.shape[1]):
+        raise RuntimeError(f"{name}: operands 3-5 are not q, k, v of one self-attention ({q.shape}, {k.shape}, "
+                           f"{v.shape}): the splash kernel's call changed, update _splash_cost_estimate")
+    heads, lq, d = q.shape
+    masked = operands[-1] is not None
+    phase = next(p for p in ("fwd", "dkv", "dq") if f"_{p}" in name)
+    if phase == "dkv" and out_shape[3] is not None:  # the fused backward also writes dQ
+        phase = "dkv_fused"
+    dims = {"qk": d, "v": v.shape[-1]}
+    scores = heads * lq * lq * (splash_visited_fraction(heads, lq) if masked else 1.0)
+    arrays = [x for x in (*operands, *out_shape) if x is not None and hasattr(x, "shape")]
+    return pl.CostEstimate(flops=int(scores * sum(2 * dims[m] for m in SPLASH_MATMULS[phase])),
+                           transcendentals=int(scores),
+                           bytes_accessed=int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in arrays)))
+
+
+@contextlib.contextmanager
+def _costed_splash_kernels():
+    """Every splash kernel traced inside carries `_splash_cost_estimate` (see above). Yields the
+    names of the kernels it costed."""
+    import jax
+    import jax.experimental.pallas as pl
+
+    pallas_call = pl.pallas_call
+    costed_names: list[str] = []
+
+    def costed(kernel, *args, name=None, cost_estimate=None, **kwargs):
+        if cost_estimate is not None or not str(name).startswith("splash_"):
+            return pallas_call(kernel, *args, name=name, cost_estimate=cost_estimate, **kwargs)
+
+        def call(*operands):
+            estimate = _splash_cost_estimate(name, operands, kwargs["out_shape"])
+            costed_names.append(name)
+            return pallas_call(kernel, *args, name=name, cost_estimate=estimate, **kwargs)(*operands)
+
+        return call
+
+    # splash's entry point is a jax.jit, whose traces are cached: a kernel traced before (the
+    # memory compile) would come back uncosted, and a costed one would outlive this context
+    jax.clear_caches()
+    pl.pallas_call = costed
+    try:
+        yield costed_names
+    finally:
+        pl.pallas_call = pallas_call
+        jax.clear_caches()
+
+
 @contextlib.contextmanager
 def _unrolled_scans():
     """Every `jax.lax.scan` traced inside is fully unrolled (the models call `jax.lax.scan`)."""
@@ -281,12 +351,16 @@ def estimate_step_time(config, cfg, mesh, report: dict) -> dict:
     (a, a1), (b, b1) = _depth_points(n_llm), _depth_points(n_vis) if with_images else (None, None)
 
     def cost(llm_layers, vision_layers):
-        with _unrolled_scans():
+        with _unrolled_scans(), _costed_splash_kernels() as costed:
             _, lowered = _lower_step(micro, mesh, _at_depth(cfg, llm_layers, vision_layers))
         compiled = lowered.compile(compiler_options=LOOP_FREE_OPTIONS)
-        if " while(" in compiled.as_text():
+        text = compiled.as_text()
+        if " while(" in text:
             raise RuntimeError("the shallow compile for the compiler estimate still has a while loop, whose body "
                                "XLA's cost model counts once: the estimate would be too low")
+        if 'custom_call_target="tpu_custom_call"' in text and not costed:
+            raise RuntimeError("the step holds a Pallas kernel that XLA's cost model counts as no work and the "
+                               "estimate has no cost for: the estimate would be too low")
         return _cost(compiled)
 
     base = cost(a, b)

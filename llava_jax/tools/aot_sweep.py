@@ -113,7 +113,7 @@ def sweep(config, topo: aot_compile.Topology, vocab_size: int, meshes=(), remats
     cfg = aot_compile.model_config(config, vocab_size)
     gb = config.train.global_batch
     remats = list(remats) or list(dict.fromkeys([config.model.remat, "full"]))
-    attentions = list(attentions) or [config.model.attention_impl]
+    attentions = list(attentions) or list(dict.fromkeys([config.model.attention_impl, "splash"]))
     reports = []
     for d, f, t in mesh_shapes(topo.chips, gb, cfg.text.num_kv_heads, config.train.mesh, meshes):
         for remat in remats:
