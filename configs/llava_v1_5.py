@@ -55,6 +55,9 @@ def get_config(arg: str = "7b_stage1"):
     c.model.projector_type = "mlp2x_gelu"
     c.model.vision_feature_layer = -2
     c.model.remat = "dots_no_batch"
+    # Attention stays `xla` (runs on every backend). On TPU pass --config.model.attention_impl=splash:
+    # the fused kernel, less memory and by the compiler's estimate 1.2-1.8x faster stage-2 steps
+    # (launch/README.md, BENCHMARKS.md "TPU compiler estimates").
     c.data.max_length = 2048
     c.optim.warmup_ratio = 0.03
     c.optim.weight_decay = 0.0
