@@ -367,7 +367,6 @@ def _attention_splash(q, k, v, segment_ids, causal: bool, window: int | None):
     return per_device(q, k, v, seg)[:, :l]
 
 
-
 # (heads, length, causal, window, interpret) -> the kernel built for it (see `_splash_kernel`).
 _SPLASH_KERNELS: dict[tuple, Any] = {}
 
