@@ -54,7 +54,7 @@ def test_compiles_the_train_step_for_a_tpu_slice(tmp_path):
     out = tmp_path / "r.json"
     p = aot("--topology=v5e-4", "--config.train.mesh.data=2", "--config.train.mesh.fsdp=2", f"--json={out}")
     assert p.returncode == 0, p.stdout + p.stderr[-3000:]
-    assert "FITS" in p.stdout and "largest arrays" in p.stdout
+    assert "FITS" in p.stdout and "largest arrays" in p.stdout and ", attention xla," in p.stdout
     r = json.loads(out.read_text())
     assert r["fits"] and r["chips"] == 4 and r["device_kind"].startswith("TPU v5")
     assert r["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1} and r["grad_accum"] == 2

@@ -79,6 +79,7 @@ def format_report(r: dict) -> str:
            f"{r['hbm_gib']:g} GiB HBM each)",
            f"  mesh {r['mesh']}, per-device batch {r['per_device_batch']} x {r['grad_accum']} accumulation = "
            f"global batch {r['global_batch']} rows of {r['max_length']}, remat {r['remat']}, "
+           f"attention {r.get('attention_impl', 'xla')}, "
            f"{r['dtype']} compute / {r['param_dtype']} params, compiled in {r['compile_s']:.0f}s"]
     out.append(f"  params: {r['params']['trainable']:,} trainable, {r['params']['frozen']:,} frozen")
     if "error" in r:
