@@ -292,6 +292,18 @@ def _attention_xla(q, k, v, mask):
     return out.reshape(b, lq, h, d)
 
 
+def _padded_with_segments(q, k, v, segment_ids, length: int):
+    """q, k, v [B, L, *, D] padded along L to `length` and int32 segment ids [B, length] (all 1
+    when None): the padding is segment 0, which no real query attends to."""
+    b, l = q.shape[:2]
+    seg = jnp.ones((b, l), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+    if length != l:
+        pad = ((0, 0), (0, length - l), (0, 0), (0, 0))
+        q, k, v = jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad)
+        seg = jnp.pad(seg, ((0, 0), (0, length - l)))
+    return q, k, v, seg
+
+
 def _attention_pallas(q, k, v, segment_ids, causal: bool):
     """Pallas flash attention with segment ids. The sequence is padded to the kernel's block
     multiple with segment 0 (real queries never see those keys; their own outputs are dropped)."""
@@ -301,12 +313,8 @@ def _attention_pallas(q, k, v, segment_ids, causal: bool):
     g = h // k.shape[2]
     if g > 1:  # the kernel is multi-head only: share each K/V head with its G query heads
         k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
-    seg = jnp.ones((b, l), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
     lp = -(-l // 128) * 128 if l > 128 else max(16, 1 << (l - 1).bit_length())
-    if lp != l:
-        pad = ((0, 0), (0, lp - l), (0, 0), (0, 0))
-        q, k, v = jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad)
-        seg = jnp.pad(seg, ((0, 0), (0, lp - l)))
+    q, k, v, seg = _padded_with_segments(q, k, v, segment_ids, lp)
     blk = min(128, lp)
     small = min(32, lp)
     sizes = pallas_attention.BlockSizes(block_q=blk, block_k=blk, block_q_dkv=small, block_kv_dkv=small,
@@ -331,12 +339,8 @@ def _attention_splash(q, k, v, segment_ids, causal: bool, window: int | None):
 
     b, l, h, d = q.shape
     kvh = k.shape[2]
-    seg = jnp.ones((b, l), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
     lp = -(-l // 128) * 128
-    if lp != l:
-        pad = ((0, 0), (0, lp - l), (0, 0), (0, 0))
-        q, k, v = jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad)
-        seg = jnp.pad(seg, ((0, 0), (0, lp - l)))
+    q, k, v, seg = _padded_with_segments(q, k, v, segment_ids, lp)
     q = q * jnp.asarray(1.0 / math.sqrt(d), q.dtype)  # the kernel does not scale the scores
 
     get_sharding = _BATCH_SHARDING.get()
@@ -386,11 +390,11 @@ def splash_visited_fraction(heads: int, length: int) -> float:
     splash kernels built so far for `heads` heads visit (their mask leaves the others empty, and
     the kernels skip them; an unmasked kernel visits all). The TPU compiler estimate costs the
     kernels with it (tools/aot_compile.py): XLA cannot look inside them."""
+    blocks = length // _splash_block(length)
     fractions = set()
     for (h, n, causal, window, _), kernel in _SPLASH_KERNELS.items():
         if (h, n) == (heads, length) and (causal or window is not None):
             block_mask = np.asarray(kernel.fwd_mask_info.block_mask)  # [unique heads, q blocks, <= kv blocks]
-            blocks = length // _splash_block(length)
             fractions.add(float((block_mask != 0).sum() / (block_mask.shape[0] * blocks * blocks)))
     if len(fractions) != 1:
         raise ValueError(f"{len(fractions)} masked splash kernels for {heads} heads x {length} tokens: cannot tell "

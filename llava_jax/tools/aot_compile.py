@@ -234,9 +234,9 @@ LOOP_FREE_OPTIONS = {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
 # a kernel carries (seen with libtpu of jax 0.10.2: jax's TPU flash-attention forward carries one
 # and is costed at its FLOPs over the chip's peak, 34.56 GFLOP -> 0.175 ms on v5e). jax's splash
 # kernels carry none, and XLA counts them as no FLOPs and no time, so the estimate's compiles give
-# each of them one: 2 FLOPs per multiply-add of every score block the mask lets the kernel visit (the forward
-# computes QK' and PV; the fused backward recomputes QK', then dO V', dV, dK and dQ), one exp per
-# visited score, and its operands and results read / written once. XLA then costs the kernel as
+# each of them one: 2 FLOPs per multiply-add of every score block the mask lets the kernel visit
+# (the forward computes QK' and PV; the fused backward recomputes QK', then dO V', dV, dK and dQ),
+# one exp per visited score, and its operands and results read / written once. XLA then costs the kernel as
 # if it ran at the chip's peak: the estimate of the attention is a lower bound on its time.
 SPLASH_MATMULS = {"fwd": ("qk", "v"), "dq": ("qk", "v", "qk"), "dkv": ("qk", "v", "v", "qk"),
                   "dkv_fused": ("qk", "v", "v", "qk", "qk")}
