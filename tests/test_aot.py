@@ -257,7 +257,7 @@ SPLASH_SCRIPT = r"""
 import json
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from llava_jax.models.layers import attention_mask, batch_sharded_activations, dot_product_attention
+from llava_jax.models.layers import attention_mask, batch_sharded_activations, dot_product_attention, maybe_remat
 from llava_jax.tools import aot_compile as aot
 
 dev = aot.topology_devices(aot.parse_topology("v5e-4"))[0]
@@ -284,6 +284,26 @@ for impl, causal in (("xla", False), ("splash", False), ("splash", True)):
     out[f"{impl}_{causal}"] = {**aot._cost(compiled),
                                "mosaic": compiled.as_text().count('custom_call_target="tpu_custom_call"')}
 out["uncosted"] = aot._cost(grads("splash", True).lower(x, x, x).compile())
+
+# Two scanned layers (projection, causal splash, projection) under a remat policy: how many splash
+# kernels the compiled step holds.
+def scanned(policy):
+    def layer(h, w):
+        q = (h @ w).reshape(B, L, H, D)
+        seg = jnp.ones((B, L), jnp.int32)
+        i = jnp.broadcast_to(jnp.arange(L), (B, L))
+        a = dot_product_attention(q, q, q, attention_mask(i, i, seg, seg, True), "splash", segment_ids=seg,
+                                  causal=True)
+        return a.reshape(B, L, H * D) @ w, None
+    def loss(h, ws):
+        with batch_sharded_activations(rows):
+            return (jax.lax.scan(maybe_remat(layer, policy), h, ws)[0].astype(jnp.float32) ** 2).sum()
+    h = jax.ShapeDtypeStruct((B, L, H * D), jnp.bfloat16, sharding=NamedSharding(mesh, P()))
+    ws = jax.ShapeDtypeStruct((2, H * D, H * D), jnp.bfloat16, sharding=NamedSharding(mesh, P()))
+    with aot._costed_splash_kernels():
+        txt = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(h, ws).compile().as_text()
+    return txt.count('custom_call_target="tpu_custom_call"')
+out["remat"] = {policy: scanned(policy) for policy in ("dots_no_batch", "dots_attn")}
 print("RESULT" + json.dumps(out))
 """
 
@@ -304,3 +324,7 @@ def test_splash_attention_compiles_for_tpu_and_the_estimate_costs_it():
     assert full["flops"] == pytest.approx(7 * matmul, rel=0.05)
     assert causal["flops"] == pytest.approx(full["flops"] * 3 / 4, rel=0.05)
     assert 0 < causal["seconds"] < full["seconds"]
+    # Scanned layers: `dots_no_batch` reruns the forward kernel in the backward pass (per layer:
+    # forward, forward again, fused backward: 3 in the scan bodies); `dots_attn` saves the kernel's
+    # output and residuals (2).
+    assert out["remat"] == {"dots_no_batch": 3, "dots_attn": 2}
