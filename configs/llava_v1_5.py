@@ -23,6 +23,13 @@ The same recipe on other LLM backbones (docs/backbones.md): `llama3_8b_*` (Meta-
 (Mistral-7B-Instruct-v0.2, rendered with its tokenizer's own chat template), each with stage1,
 stage2 and lora, e.g. `--config=configs/llava_v1_5.py:qwen2_7b_stage2 --config.model.llm_path=/ckpt/Qwen2-7B-Instruct`.
 Their geometry (for tools/aot.py without the checkpoints) is the named preset in `model.preset`.
+
+On a Cloud TPU slice, add `@<slice>` for the settings the TPU compiler's estimate ranked fastest
+there (`TPU_SETTINGS` below; BENCHMARKS.md, "TPU compiler estimates"), e.g.
+`--config=configs/llava_v1_5.py:7b_stage2@v5p-64`: the splash attention kernel, and the mesh,
+per-chip batch, remat and loss chunking that fit the slice's HBM. The global batch and every
+hyperparameter stay the recipe's. Check a setting before renting with `python -m
+llava_jax.tools.aot --config=configs/llava_v1_5.py:7b_stage2@v5p-64 --topology=v5p-64`.
 """
 from llava_jax.train.defaults import base_config
 
@@ -36,7 +43,56 @@ LLMS = {
 }
 
 
+# Flags beyond the recipe per (recipe, TPU slice), from compile-only runs of tools/aot.py (the
+# estimate's step time and per-chip memory are in BENCHMARKS.md, "TPU compiler estimates"). Every
+# entry also sets `model.attention_impl=splash`. `_FSDP`: stage 1's frozen LLM sharded over every
+# chip (whole on each chip it does not fit); a larger `train.per_device_batch`: fewer, larger
+# accumulation micro-steps (larger matmuls, fewer weight gathers) where the memory allows.
+_FSDP = {"train.mesh.data": 1, "train.mesh.fsdp": -1}
+TPU_SETTINGS = {
+    ("7b_stage1", "v5p-64"): {"train.per_device_batch": 8},
+    ("7b_stage2", "v5p-64"): {"train.per_device_batch": 4},
+    ("7b_lora", "v5p-64"): {},
+    ("13b_stage1", "v5p-128"): {"train.per_device_batch": 4},
+    ("13b_stage2", "v5p-128"): {"train.per_device_batch": 2},
+    ("13b_lora", "v5p-128"): {},
+    ("7b_stage1", "v5e-64"): {**_FSDP, "train.per_device_batch": 2},
+    ("7b_stage2", "v5e-64"): {"train.per_device_batch": 2},
+    ("7b_lora", "v5e-64"): {},
+    ("13b_stage1", "v5e-64"): _FSDP,
+    ("13b_stage2", "v5e-64"): {"model.loss_chunk": 1024},  # 98% of HBM; remat `full` if short of it
+    ("7b_stage1", "v5e-256"): _FSDP,
+    ("13b_stage1", "v5e-256"): _FSDP,
+    # 128 rows cannot split over 256 chips at one row per chip: two chips share each row's heads
+    ("7b_stage2", "v5e-256"): {"train.mesh.tensor": 2},
+    ("13b_stage2", "v5e-256"): {"train.mesh.tensor": 2},
+    ("7b_stage1", "v6e-64"): {"train.per_device_batch": 2},
+    ("7b_stage2", "v6e-64"): {"train.per_device_batch": 2},
+    ("7b_lora", "v6e-64"): {},
+    ("13b_stage1", "v6e-64"): {**_FSDP, "train.per_device_batch": 2},
+    ("13b_stage2", "v6e-64"): {"train.per_device_batch": 2},
+}
+
+
+def _on_tpu_slice(c, recipe: str, tpu: str):
+    """`c` with the TPU_SETTINGS of (recipe, tpu) and the splash kernel."""
+    if (recipe, tpu) not in TPU_SETTINGS:
+        known = sorted(t for r, t in TPU_SETTINGS if r == recipe)
+        raise ValueError(f"no TPU settings for {recipe}@{tpu}; " + (f"known slices for {recipe}: {', '.join(known)}"
+                         if known else f"recipes with TPU settings: {', '.join(sorted({r for r, _ in TPU_SETTINGS}))}")
+                         + " (or pass the flags yourself: launch/README.md)")
+    c.model.attention_impl = "splash"
+    c.update_from_flattened_dict(TPU_SETTINGS[recipe, tpu])
+    return c
+
+
 def get_config(arg: str = "7b_stage1"):
+    arg, _, tpu = arg.partition("@")
+    c = _recipe(arg)
+    return _on_tpu_slice(c, arg, tpu) if tpu else c
+
+
+def _recipe(arg: str):
     size, _, stage = arg.rpartition("_")
     if size not in LLMS or stage not in ("stage1", "stage2", "lora", "qlora"):
         raise ValueError(f"unknown config {arg!r}; use <llm>_<stage> with llm one of {', '.join(LLMS)} and stage "

@@ -328,3 +328,36 @@ def test_splash_attention_compiles_for_tpu_and_the_estimate_costs_it():
     # forward, forward again, fused backward: 3 in the scan bodies); `dots_attn` saves the kernel's
     # output and residuals (2).
     assert out["remat"] == {"dots_no_batch": 3, "dots_attn": 2}
+
+
+def _v1_5_recipes():
+    spec = importlib.util.spec_from_file_location("llava_v1_5_recipes", REPO / "configs" / "llava_v1_5.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _flat(config, prefix=""):
+    out = {}
+    for k, v in config.items():
+        out.update(_flat(v, f"{prefix}{k}.") if hasattr(v, "items") else {f"{prefix}{k}": v})
+    return out
+
+
+def test_tpu_slice_settings_fit_the_slice_and_change_nothing_else():
+    """`<recipe>@<slice>` (configs/llava_v1_5.py TPU_SETTINGS): a mesh that the slice's chips
+    fill, a per-chip batch that divides the recipe's global batch, the splash kernel, and every
+    other field (global batch, learning rates, trainable set, ...) the recipe's own."""
+    from llava_jax.sharding import resolve_mesh_shape
+
+    recipes = _v1_5_recipes()
+    assert {t for _, t in recipes.TPU_SETTINGS} == {"v5p-64", "v5p-128", "v5e-64", "v5e-256", "v6e-64"}
+    for (recipe, tpu), flags in recipes.TPU_SETTINGS.items():
+        base, c = _flat(recipes.get_config(recipe)), _flat(recipes.get_config(f"{recipe}@{tpu}"))
+        assert c["model.attention_impl"] == "splash"
+        assert {k for k in c if c[k] != base[k]} <= set(flags) | {"model.attention_impl"}, (recipe, tpu)
+        data, fsdp, _ = resolve_mesh_shape({a: c[f"train.mesh.{a}"] for a in ("data", "fsdp", "tensor")},
+                                           parse_topology(tpu).chips)
+        assert c["train.global_batch"] % (c["train.per_device_batch"] * data * fsdp) == 0, (recipe, tpu)
+    with pytest.raises(ValueError, match="known slices for 7b_stage2: .*v5p-64"):
+        recipes.get_config("7b_stage2@v5p-8")
