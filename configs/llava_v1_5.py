@@ -78,9 +78,9 @@ def _on_tpu_slice(c, recipe: str, tpu: str):
     """`c` with the TPU_SETTINGS of (recipe, tpu) and the splash kernel."""
     if (recipe, tpu) not in TPU_SETTINGS:
         known = sorted(t for r, t in TPU_SETTINGS if r == recipe)
-        raise ValueError(f"no TPU settings for {recipe}@{tpu}; " + (f"known slices for {recipe}: {', '.join(known)}"
-                         if known else f"recipes with TPU settings: {', '.join(sorted({r for r, _ in TPU_SETTINGS}))}")
-                         + " (or pass the flags yourself: launch/README.md)")
+        hint = (f"known slices for {recipe}: {', '.join(known)}" if known else
+                f"recipes with TPU settings: {', '.join(sorted({r for r, _ in TPU_SETTINGS}))}")
+        raise ValueError(f"no TPU settings for {recipe}@{tpu}; {hint} (or pass the flags yourself: launch/README.md)")
     c.model.attention_impl = "splash"
     c.update_from_flattened_dict(TPU_SETTINGS[recipe, tpu])
     return c

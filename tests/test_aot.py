@@ -330,13 +330,6 @@ def test_splash_attention_compiles_for_tpu_and_the_estimate_costs_it():
     assert out["remat"] == {"dots_no_batch": 3, "dots_attn": 2}
 
 
-def _v1_5_recipes():
-    spec = importlib.util.spec_from_file_location("llava_v1_5_recipes", REPO / "configs" / "llava_v1_5.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _flat(config, prefix=""):
     out = {}
     for k, v in config.items():
@@ -348,16 +341,20 @@ def test_tpu_slice_settings_fit_the_slice_and_change_nothing_else():
     """`<recipe>@<slice>` (configs/llava_v1_5.py TPU_SETTINGS): a mesh that the slice's chips
     fill, a per-chip batch that divides the recipe's global batch, the splash kernel, and every
     other field (global batch, learning rates, trainable set, ...) the recipe's own."""
-    from llava_jax.sharding import resolve_mesh_shape
+    from jax.sharding import AbstractMesh
+    from train_util import recipes as load_recipes
 
-    recipes = _v1_5_recipes()
+    from llava_jax.build import grad_accum_steps
+    from llava_jax.sharding import MESH_AXES, resolve_mesh_shape
+
+    recipes = load_recipes("llava_v1_5")
     assert {t for _, t in recipes.TPU_SETTINGS} == {"v5p-64", "v5p-128", "v5e-64", "v5e-256", "v6e-64"}
     for (recipe, tpu), flags in recipes.TPU_SETTINGS.items():
         base, c = _flat(recipes.get_config(recipe)), _flat(recipes.get_config(f"{recipe}@{tpu}"))
         assert c["model.attention_impl"] == "splash"
         assert {k for k in c if c[k] != base[k]} <= set(flags) | {"model.attention_impl"}, (recipe, tpu)
-        data, fsdp, _ = resolve_mesh_shape({a: c[f"train.mesh.{a}"] for a in ("data", "fsdp", "tensor")},
-                                           parse_topology(tpu).chips)
-        assert c["train.global_batch"] % (c["train.per_device_batch"] * data * fsdp) == 0, (recipe, tpu)
+        config = recipes.get_config(f"{recipe}@{tpu}")
+        mesh = AbstractMesh(resolve_mesh_shape(dict(config.train.mesh), parse_topology(tpu).chips), MESH_AXES)
+        assert grad_accum_steps(config, mesh) >= 1  # raises unless the global batch divides
     with pytest.raises(ValueError, match="known slices for 7b_stage2: .*v5p-64"):
         recipes.get_config("7b_stage2@v5p-8")

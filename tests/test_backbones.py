@@ -278,16 +278,12 @@ def test_unsupported_layouts_are_refused():
 def test_recipe_configs_use_the_backbone_preset_and_template(llm, preset, template):
     """configs/llava_v1_5.py on another LLM: without checkpoint dirs its geometry is the preset
     (what tools/aot.py compiles), stage 2 renders with the backbone's template."""
-    import importlib.util
-    from pathlib import Path
+    from train_util import recipes
 
     from llava_jax import build
     from llava_jax.data.templates import resolve_template
 
-    path = Path(__file__).resolve().parents[1] / "configs" / "llava_v1_5.py"
-    spec = importlib.util.spec_from_file_location("llava_v1_5_config", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = recipes("llava_v1_5")
     c = mod.get_config(f"{llm}_stage2")
     assert c.data.template == template and resolve_template(template)
     assert build.model_config(c).text == PRESETS[preset]().text

@@ -3,9 +3,7 @@ weight is allocated), the vision tower lands in the low-lr group, the batch spec
 the stage-1 -> stage-2 hand-off loads the base-resolution projector into the AnyRes model."""
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -17,15 +15,11 @@ from llava_jax import sharding as shd
 from llava_jax.presets import LLAVA_V1_6_PINPOINTS, PRESETS
 from llava_jax.models.llava import LlavaModel
 from llava_jax.train_step import lr_groups, make_optimizer, param_count_by_subtree, split_model
-
-RECIPE = Path(__file__).resolve().parents[1] / "configs" / "llava_next.py"
+from train_util import recipes
 
 
 def recipe(arg):
-    spec = importlib.util.spec_from_file_location("llava_next_recipe", RECIPE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
+    return recipes("llava_next").get_config(arg)
 
 
 def elsewhere(c):

@@ -18,7 +18,7 @@ from llava_jax.models.lora import LoraConfig
 from llava_jax.models.params import path_str
 from llava_jax.train_step import make_optimizer, make_train_step, split_model
 from test_trainer import cmd, run, world  # noqa: F401 - world: the shapes-world fixture
-from train_util import IMAGE_TOKEN, devices, optim_config, params_by_path, synthetic_batch, tiny_model
+from train_util import IMAGE_TOKEN, devices, optim_config, params_by_path, recipes, synthetic_batch, tiny_model
 
 TRAINABLE = (r".*lora.*", r"projector/.*")
 
@@ -334,18 +334,12 @@ def test_lora_and_qlora_presets_are_the_original_finetune_lora_recipe(size):
     alpha 256, dropout 0.05 on the seven projections, lr 2e-4, mm_projector_lr 2e-5, stage 2 of
     vicuna_v1 at batch 128), training adapters + projector only, each at its lr; `_qlora` is the
     same over an int4 base."""
-    import importlib.util
-    from pathlib import Path
-
     from llava_jax.models.llava import LlavaModel
     from llava_jax.train_step import lr_groups
     from train_util import tiny_model_config
 
-    path = Path(__file__).resolve().parents[1] / "configs" / "llava_v1_5.py"
-    spec = importlib.util.spec_from_file_location("llava_v1_5_recipe", path)
-    recipes = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipes)
-    lora_cfg, qlora_cfg = recipes.get_config(f"{size}_lora"), recipes.get_config(f"{size}_qlora")
+    v1_5 = recipes("llava_v1_5")
+    lora_cfg, qlora_cfg = v1_5.get_config(f"{size}_lora"), v1_5.get_config(f"{size}_qlora")
     for c in (lora_cfg, qlora_cfg):
         lora = build.lora_config(c)
         assert lora == LoraConfig(rank=128, alpha=256.0, dropout=0.05) and lora.scale == 2.0 and not lora.rslora

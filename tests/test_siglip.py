@@ -178,19 +178,15 @@ def test_configs_and_presets():
 
 
 def test_siglip_recipes_name_their_preset_and_llm_template():
-    import importlib.util
-    from pathlib import Path
+    from train_util import recipes
 
-    path = Path(__file__).resolve().parents[1] / "configs" / "llava_siglip.py"
-    spec = importlib.util.spec_from_file_location("llava_siglip_recipe", path)
-    recipes = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipes)
+    siglip = recipes("llava_siglip")
     for arg, preset, template in [("7b_stage2", "llava_siglip_7b", "vicuna_v1"),
                                   ("qwen2_7b_stage1", "llava_siglip_qwen2_7b", "plain"),
                                   ("qwen2_7b_stage2", "llava_siglip_qwen2_7b", "qwen2"),
                                   ("qwen2_7b_qlora", "llava_siglip_qwen2_7b", "qwen2")]:
-        c = recipes.get_config(arg)
+        c = siglip.get_config(arg)
         assert (c.model.preset, c.data.template, c.model.vision_feature_select_strategy) == (preset, template, "full")
         assert PRESETS[c.model.preset]().num_image_tokens == 729
     with pytest.raises(ValueError, match="qwen2_7b"):
-        recipes.get_config("13b_stage2")
+        siglip.get_config("13b_stage2")

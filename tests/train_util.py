@@ -2,6 +2,7 @@
 damage done to checkpoints in the checkpoint tests."""
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,16 @@ from llava_jax.models.llava import LlavaModel
 from llava_jax.train.defaults import base_config
 
 IMAGE_TOKEN = 60
+
+
+def recipes(name: str):
+    """configs/<name>.py as a module (get_config and its tables), loaded by path: configs/ is
+    not a package."""
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_model_config(**kw) -> LlavaConfig:
