@@ -73,6 +73,7 @@ TPU_SETTINGS = {
     ("13b_stage1", "v5e-256"): _FSDP,
     # 128 rows cannot split over 256 chips at one row per chip: two chips share each row's heads
     ("7b_stage2", "v5e-256"): {"train.mesh.tensor": 2},
+    ("7b_lora", "v5e-256"): {"train.mesh.tensor": 2},
     ("13b_stage2", "v5e-256"): {"train.mesh.tensor": 2},
     ("13b_lora", "v5e-256"): {"train.mesh.tensor": 2},
     ("7b_stage1", "v6e-64"): {"train.per_device_batch": 2},

@@ -348,12 +348,14 @@ def test_tpu_slice_settings_fit_the_slice_and_change_nothing_else():
     from llava_jax.sharding import MESH_AXES, resolve_mesh_shape
 
     recipes = load_recipes("llava_v1_5")
-    assert {t for _, t in recipes.TPU_SETTINGS} == {"v5p-64", "v5p-128", "v5e-64", "v5e-256", "v6e-64"}
+    slices = ("v5p-64", "v5p-128", "v5e-64", "v5e-256", "v6e-64")
+    trained = [f"{size}_{stage}" for size in ("7b", "13b") for stage in ("stage1", "stage2", "lora")]
+    assert set(recipes.TPU_SETTINGS) == {(r, t) for r in trained for t in slices}  # every cell
     for (recipe, tpu), flags in recipes.TPU_SETTINGS.items():
-        base, c = _flat(recipes.get_config(recipe)), _flat(recipes.get_config(f"{recipe}@{tpu}"))
+        config = recipes.get_config(f"{recipe}@{tpu}")
+        base, c = _flat(recipes.get_config(recipe)), _flat(config)
         assert c["model.attention_impl"] == "splash"
         assert {k for k in c if c[k] != base[k]} <= set(flags) | {"model.attention_impl"}, (recipe, tpu)
-        config = recipes.get_config(f"{recipe}@{tpu}")
         mesh = AbstractMesh(resolve_mesh_shape(dict(config.train.mesh), parse_topology(tpu).chips), MESH_AXES)
         assert grad_accum_steps(config, mesh) >= 1  # raises unless the global batch divides
     with pytest.raises(ValueError, match="known slices for 7b_stage2: .*v5p-64"):
