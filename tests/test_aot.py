@@ -169,10 +169,49 @@ def test_compiler_estimate_is_positive_consistent_and_extrapolates_depth():
     # chip's peak and stays under twice the time. At 7B scale the same estimate went 1.86x from one
     # to two rows per micro-step (BENCHMARKS.md, v6e-64).
     e4 = r4["estimate"]
+    # data-parallel over the 4 chips: each step all-reduces every trainable parameter's gradient
+    # (in bf16 or fp32) and nothing else of weight size, whatever the rows per chip
+    for e in (e2, e4):
+        reduced = e["collectives_per_step"]["all-reduce"]["bytes"]
+        assert 2 * r2["params"]["trainable"] <= reduced <= 4.05 * r2["params"]["trainable"]
+        assert e.get("collectives_per_step", {}).get("all-gather", {"bytes": 0})["bytes"] < 0.01 * reduced
+    assert e4["collectives_per_step"]["all-reduce"] == e2["collectives_per_step"]["all-reduce"]
     assert 1.8 < e4["xla_tflops_per_step"] / e2["xla_tflops_per_step"] <= 2.05
     extra_flops_per_chip = (e4["xla_tflops_per_step"] - e2["xla_tflops_per_step"]) * 1e12 / 4
     assert extra_flops_per_chip / (197e12) <= e4["step_s"] - e2["step_s"]
     assert e4["step_s"] <= 2.1 * e2["step_s"]
+
+
+def test_hlo_collectives_counts_each_collective_and_its_result_bytes():
+    """Explicit collectives (shard_map over 8 host devices) in XLA's compiled HLO: one each, with
+    the bytes of the array each produces on one device; and the async form the TPU compiler
+    writes (this line is from its output for the 7B step on v5p-64), counted once, by its result."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    from llava_jax.tools.aot_compile import hlo_collectives
+
+    mesh = Mesh(np.array(jax.devices()[:8]), ("x",))
+
+    def f(shard, grad, block):
+        return (jax.lax.all_gather(shard, "x", tiled=True), jax.lax.psum(grad, "x"),
+                jax.lax.ppermute(block, "x", [(i, (i + 1) % 8) for i in range(8)]))
+
+    step = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P("x"), P(), P("x")), out_specs=(P(), P(), P("x")),
+                                 check_vma=False))
+    text = step.lower(jnp.zeros((8 * 16, 64), jnp.float32), jnp.zeros((32, 32), jnp.float32),
+                      jnp.zeros((8 * 4, 10), jnp.int8)).compile().as_text()
+    assert hlo_collectives(text) == {"all-gather": {"count": 1, "bytes": 128 * 64 * 4},
+                                     "all-reduce": {"count": 1, "bytes": 32 * 32 * 4},
+                                     "collective-permute": {"count": 1, "bytes": 4 * 10}}
+    tpu = ("  %collective-permute-start = (bf16[14,14,3,1,32]{4,1,0,2,3:T(8,128)(2,1)}, "
+           "bf16[14,14,3,1,32]{4,1,0,2,3:T(8,128)(2,1)}, u32[]{:S(2)}, u32[]{:S(2)}) "
+           "collective-permute-start(%get-tuple-element.4559), channel_id=178, source_target_pairs={{0,31},{1,0}}\n"
+           "  %collective-permute-done = bf16[14,14,3,1,32]{4,1,0,2,3:T(8,128)(2,1)} "
+           "collective-permute-done(%collective-permute-start)\n")
+    assert hlo_collectives(tpu) == {"collective-permute": {"count": 1, "bytes": 14 * 14 * 3 * 32 * 2}}
 
 
 def test_sweep_grid_is_pruned_to_shapes_that_divide():

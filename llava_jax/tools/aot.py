@@ -16,7 +16,8 @@ out-of-memory error included), 2 on a usage error.
 Beside memory it prints the compiler estimate: XLA's TPU cost model's step time (from shallow
 unrolled compiles, see `estimate_step_time`), tokens/s and samples/s per chip and for the slice,
 and the implied MFU (`train_step.step_flops` over estimated time x chips x the generation's
-peak, `train.metrics.PEAK_TFLOPS`). A model of the hardware, not a measurement: docs/performance.md
+peak, `train.metrics.PEAK_TFLOPS`), and the collectives one chip runs per step (count and GiB of
+the all-gathers, all-reduces, ... in the estimate's compiled HLO). A model of the hardware, not a measurement: docs/performance.md
 ("Compiler estimates") says how far it was from published measured figures.
 
     python -m llava_jax.tools.aot --config=configs/llava_v1_5.py:7b_stage2 --topology=v5p-64 --sweep \
@@ -111,7 +112,10 @@ def format_estimate(r: dict) -> list[str]:
             f"{e['tokens_per_s']:,.0f} for the slice; {e['samples_per_s_per_chip']:,.3f} samples (rows of "
             f"{r['max_length']}) /s per chip, {e['samples_per_s']:,.2f} for the slice",
             f"  MFU (compiler estimate): {mfu}; XLA computes {e['xla_tflops_per_step']:,.1f} TFLOP per step "
-            f"({e['xla_tflops_per_step'] / r['model_tflops_per_step']:.2f} x the model FLOPs)"]
+            f"({e['xla_tflops_per_step'] / r['model_tflops_per_step']:.2f} x the model FLOPs)"] + (
+            ["  collectives per step and chip (the estimate's compile; GiB of results): " + ", ".join(
+                f"{op} {c['count']:,} ({c['bytes'] / 2**30:,.2f} GiB)" for op, c in e["collectives_per_step"].items())]
+            if e.get("collectives_per_step") else [])
 
 
 def main(argv):

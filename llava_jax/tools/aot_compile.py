@@ -212,6 +212,45 @@ def _cost(compiled) -> dict:
     return {"seconds": seconds, "flops": float(cost.get("flops", 0.0)), "bytes": float(cost.get("bytes accessed", 0.0))}
 
 
+# The collectives a compiled step runs, read from its HLO: which op, how many, and the bytes of
+# their results on one chip (an all-gather's result is the gathered array). The TPU compiler
+# writes a reduce-scatter as an all-reduce whose result is then sliced (XLA's cost model gives a
+# `psum_scatter` and an all-reduce + slice of one gradient the same time), so FSDP's gradient
+# reduction shows up as all-reduce. An async op counts once (its -start; its -done is not matched).
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+_COLLECTIVE = re.compile(r"= (.+?) (" + "|".join(COLLECTIVES) + r")(-start)?\(")
+_ARRAY = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]")
+
+
+def hlo_collectives(text: str) -> dict[str, dict[str, int]]:
+    """{op: {"count", "bytes"}} of the collectives in compiled HLO `text` (one chip's program)."""
+    import numpy as np
+
+    out = {}
+    for line in text.splitlines():
+        m = _COLLECTIVE.search(line)
+        if not m:
+            continue
+        result, op, is_async = m.groups()
+        arrays = _ARRAY.findall(result)
+        if is_async:  # (operands, results, scalar contexts...): the results
+            while arrays and not arrays[-1][1]:
+                arrays.pop()
+            arrays = arrays[len(arrays) // 2:]
+        nbytes = sum(int(np.prod([int(d) for d in dims.split(",") if d], dtype=np.int64)) * _dtype_bytes(dt)
+                     for dt, dims in arrays)
+        entry = out.setdefault(op, {"count": 0, "bytes": 0})
+        entry["count"] += 1
+        entry["bytes"] += nbytes
+    return out
+
+
+def _dtype_bytes(hlo_type: str) -> int:
+    """bf16 -> 2, f8e4m3fn -> 1, pred -> 1, s4 -> 1 (rounded up to a byte)."""
+    bits = re.search(r"[0-9]+", hlo_type)
+    return max(1, int(bits.group()) // 8) if bits else 1
+
+
 # ------------------------------------------------------------------ compiler estimate
 # XLA's TPU compiler models the run time of what it compiles (`cost_analysis()["optimal_seconds"]`,
 # beside "flops" and "bytes accessed", per device). It counts a while loop's body ONCE, whatever
@@ -361,7 +400,8 @@ def estimate_step_time(config, cfg, mesh, report: dict) -> dict:
         if 'custom_call_target="tpu_custom_call"' in text and not costed:
             raise RuntimeError("the step holds a Pallas kernel that XLA's cost model counts as no work and the "
                                "estimate has no cost for: the estimate would be too low")
-        return _cost(compiled)
+        collectives = {f"{op} {key}": v for op, e in hlo_collectives(text).items() for key, v in e.items()}
+        return {**_cost(compiled), **collectives}
 
     base = cost(a, b)
     points = [{"llm_layers": a, "vision_layers": b, **base}]
@@ -372,8 +412,8 @@ def estimate_step_time(config, cfg, mesh, report: dict) -> dict:
         c = cost(slope_depth, b) if key == "llm_layers" else cost(a, slope_depth)
         points.append({"llm_layers": slope_depth if key == "llm_layers" else a,
                        "vision_layers": slope_depth if key == "vision_layers" else b, **c})
-        for k in total:
-            total[k] += (n - depth) * (c[k] - base[k])
+        for k in total.keys() | c.keys():
+            total[k] = total.get(k, 0) + (n - depth) * (c.get(k, 0) - base.get(k, 0))
     k, chips = report["grad_accum"], report["chips"]
     step = k * total["seconds"]
     rows, tokens = report["global_batch"], report["global_batch"] * report["max_length"]
@@ -388,6 +428,9 @@ def estimate_step_time(config, cfg, mesh, report: dict) -> dict:
         # what XLA computes (remat recompute, masked attention blocks, ...) against the model FLOPs
         "xla_tflops_per_step": k * total["flops"] * chips / 1e12,
         "hbm_bytes_per_chip_per_step": k * total["bytes"],
+        # what one chip's step gathers / reduces / exchanges: each micro-step runs its own
+        "collectives_per_step": {op: {"count": round(k * total[f"{op} count"]), "bytes": k * total[f"{op} bytes"]}
+                                 for op in COLLECTIVES if total.get(f"{op} count", 0) > 0},
         "points": points, "compile_s": time.perf_counter() - t0,
     }
     if min(p["seconds"] for p in points) <= 0:
