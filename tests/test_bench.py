@@ -88,6 +88,30 @@ def test_isolated_workers_and_a_failure_is_reported(tmp_path):
     assert any(r[1] == "llava-jax (defaults)" and _num(r[2]) > 0 for r in rows)
 
 
+def test_resume_skips_recorded_jobs_and_keeps_their_results(tmp_path):
+    """A rerun with --resume runs only the jobs its JSON lines hold no result for: a recorded
+    success or failure (a kernel that refused the shape) is reported as it was, not run again."""
+    js = tmp_path / "r.jsonl"
+    base = [sys.executable, "-m", "llava_jax.tools.bench", "--preset=tiny", "--tasks=stage1", f"--json={js}",
+            "--resume", "--variants=attention=xla;attention=nope"]
+    first = subprocess.run(base + ["--frameworks=jax"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 1  # the unknown attention fails
+    recorded = [json.loads(x) for x in js.read_text().splitlines()]
+    assert [r["ok"] for r in recorded] == [True, False]
+    again = subprocess.run(base + ["--frameworks=jax,torch"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 1
+    assert again.stderr.count("not run again") == 2 and "failed: " in again.stderr
+    lines = [json.loads(x) for x in js.read_text().splitlines()]
+    assert lines[:2] == recorded and len(lines) == 3 and lines[2]["framework"] == "torch" and lines[2]["ok"]
+    rows = _rows(again.stdout)
+    jax_ok = [r for r in rows if r[1] == "llava-jax (defaults)"]
+    first_ok = [r for r in _rows(first.stdout) if r[1] == "llava-jax (defaults)"]
+    # the recorded figures, not a new measurement (the ratio column now has transformers beside it)
+    assert [r[:6] + r[7:] for r in jax_ok] == [r[:6] + r[7:] for r in first_ok] and len(jax_ok) == 1
+    assert any("attention=nope" in r[1] and r[2] == "failed" for r in rows)
+    assert any(r[1] == "transformers eager" and _num(r[2]) > 0 for r in rows)
+
+
 def test_peak_table_and_variants():
     from llava_jax.train.metrics import peak_tflops  # the trainer's MFU and the bench read one table
 

@@ -141,3 +141,29 @@ def test_slurm_dry_run_and_job_script(fakes, tmp_path):
     sh(["bash", str(LAUNCH / "slurm_gpu.sbatch"), "cfg.py:x", "/shared/w", ODD], job_env)
     assert calls() == [srun[:3] + ["python", "-m", "llava_jax.train", "--config=cfg.py:x", "--workdir=/shared/w", ODD]]
     assert Path(f"{log}.env").read_text().strip() == "LLAVA_JAX_DISTRIBUTED=1"
+
+
+@pytest.mark.slow  # ~35 s on 2 cores: both frameworks' stage-2 step and decoding at the tiny size
+def test_gpu_bench_script_records_each_measurement_and_a_rerun_runs_nothing_twice(tmp_path):
+    """launch/gpu_bench.sh at the CPU-sized preset: what ran where (env.txt), one JSON line per
+    measurement, the markdown table; run again on the same folder, it measures nothing anew."""
+    pytest.importorskip("torch")
+    import json
+    import sys
+
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=sys.executable, PRESET="tiny")
+    cmd = [str(LAUNCH / "gpu_bench.sh"), str(out), "--peak_tflops=1"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    env_txt = (out / "env.txt").read_text()
+    assert "jax " in env_txt and "torch " in env_txt and "transformers " in env_txt
+    results = [json.loads(x) for x in (out / "bench.jsonl").read_text().splitlines()]
+    # stage 2 and decoding at the preset's two batches, each for both frameworks
+    assert sorted((r["work"], r.get("batch"), r["framework"]) for r in results) == sorted(
+        (w, b, f) for w, b in (("train", None), ("decode", 1), ("decode", 2)) for f in ("jax", "torch"))
+    assert all(r["ok"] for r in results) and {r.get("stage") for r in results if r["work"] == "train"} == {2}
+    assert "| stage 2 train" in (out / "bench.md").read_text()
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("not run again") == 6  # the script tees stderr
+    assert len((out / "bench.jsonl").read_text().splitlines()) == 6

@@ -39,6 +39,11 @@ Perfetto) of 2 timed steps of each llava-jax run and a torch.profiler Chrome tra
 step of each transformers run, flat in that folder; for a decode run, one whole generate.
 Results: printed table, appended to `--markdown` (device, versions, date, exact command) and, as
 JSON lines, to `--json`; `--from_json` re-renders saved results (e.g. runs split over commands).
+`--resume` (with `--json`) runs only the jobs that file holds no result for: a rerun after a run
+cut short measures the rest, and a job recorded as failed (a kernel that refused the shape) is
+reported as it was, not retried. `launch/gpu_bench.sh OUT` is the short GPU run: stage-2
+training and decoding of the h100 preset, each measurement appended to OUT/bench.jsonl as it
+finishes, under a wall limit, resumable.
 """
 
 # No JAX (or torch) import at the top of any module of this package: the parent process and the

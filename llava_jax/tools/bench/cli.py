@@ -46,6 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--markdown", help="append the results to this markdown file (e.g. BENCHMARKS.md)")
     p.add_argument("--json", help="append raw results as JSON lines to this file")
     p.add_argument("--from_json", help="render the table from saved JSON lines instead of running")
+    p.add_argument("--resume", action="store_true",
+                   help="with --json: a job that file already holds a result for (done or failed) is not run "
+                        "again; its recorded result goes into the table (a rerun after a cut-off run)")
     p.add_argument("--worker_timeout", type=int, default=1800)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -64,6 +67,27 @@ def geometry_from_args(args) -> Geometry:
     if args.decode_batches:
         over["decode_batches"] = tuple(int(x) for x in args.decode_batches.split(","))
     return dataclasses.replace(geo, **over)
+
+
+# What makes two jobs the same measurement: everything `build_jobs` puts in a job but the
+# command line that asked for it.
+_JOB_FIELDS = ("framework", "work", "stage", "batch", "variant", "compiled", "quant", "geometry", "opts")
+
+
+def _job_key(job: dict) -> str:
+    return json.dumps({k: job.get(k) for k in _JOB_FIELDS}, sort_keys=True)
+
+
+def _recorded(path: str) -> dict[str, dict]:
+    """{job key: its newest result} from the JSON lines at `path` (none when it does not exist)."""
+    if not Path(path).exists():
+        return {}
+    out = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            out[_job_key(r)] = r
+    return out
 
 
 def main(argv=None) -> int:
@@ -89,6 +113,9 @@ def main(argv=None) -> int:
                 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
             if any(j["framework"] == "jax" and j["variant"]["xla"] != "default" for j in jobs):
                 raise SystemExit("xla= flag sets need --isolate=yes (XLA reads its flags at start-up)")
+        if args.resume and not args.json:
+            raise SystemExit("--resume needs --json (the file it resumes from)")
+        recorded = _recorded(args.json) if args.resume else {}
         results = []
         for i, job in enumerate(jobs):
             what = f"{job['framework']} {job['work']}{job.get('stage', '')}" + \
@@ -96,6 +123,13 @@ def main(argv=None) -> int:
                    (f" [{variant_label(job['variant'])}]" if job["framework"] == "jax" else
                     f" [{job['quant']}]" if job["framework"] == "llamacpp" else
                     f" [{'compiled' if job['compiled'] else 'eager'}]")
+            if _job_key(job) in recorded:
+                r = recorded[_job_key(job)]
+                print(f"[{i + 1}/{len(jobs)}] {what}: recorded in {args.json} "
+                      f"({'done' if r['ok'] else 'failed: ' + str(r.get('error'))}), not run again",
+                      file=sys.stderr, flush=True)
+                results.append(r)
+                continue
             print(f"[{i + 1}/{len(jobs)}] {what} ...", file=sys.stderr, flush=True)
             r = run_isolated(job, args.worker_timeout, args.xla_flags) if isolate else run_job(job)
             if not r["ok"]:
