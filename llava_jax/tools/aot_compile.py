@@ -224,8 +224,6 @@ _ARRAY = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]")
 
 def hlo_collectives(text: str) -> dict[str, dict[str, int]]:
     """{op: {"count", "bytes"}} of the collectives in compiled HLO `text` (one chip's program)."""
-    import numpy as np
-
     out = {}
     for line in text.splitlines():
         m = _COLLECTIVE.search(line)
@@ -237,8 +235,7 @@ def hlo_collectives(text: str) -> dict[str, dict[str, int]]:
             while arrays and not arrays[-1][1]:
                 arrays.pop()
             arrays = arrays[len(arrays) // 2:]
-        nbytes = sum(int(np.prod([int(d) for d in dims.split(",") if d], dtype=np.int64)) * _dtype_bytes(dt)
-                     for dt, dims in arrays)
+        nbytes = sum(math.prod(int(d) for d in dims.split(",") if d) * _dtype_bytes(dt) for dt, dims in arrays)
         entry = out.setdefault(op, {"count": 0, "bytes": 0})
         entry["count"] += 1
         entry["bytes"] += nbytes

@@ -78,16 +78,14 @@ def _job_key(job: dict) -> str:
     return json.dumps({k: job.get(k) for k in _JOB_FIELDS}, sort_keys=True)
 
 
+def _read_results(path: str) -> list[dict]:
+    """The results saved as JSON lines at `path` (`--json`), oldest first."""
+    return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+
+
 def _recorded(path: str) -> dict[str, dict]:
     """{job key: its newest result} from the JSON lines at `path` (none when it does not exist)."""
-    if not Path(path).exists():
-        return {}
-    out = {}
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
-            out[_job_key(r)] = r
-    return out
+    return {_job_key(r): r for r in _read_results(path)} if Path(path).exists() else {}
 
 
 def main(argv=None) -> int:
@@ -100,7 +98,7 @@ def main(argv=None) -> int:
     command = "python -m llava_jax.tools.bench " + " ".join(argv)
     preset = args.preset
     if args.from_json:
-        results = [json.loads(x) for x in Path(args.from_json).read_text().splitlines() if x.strip()]
+        results = _read_results(args.from_json)
         geo = Geometry(**{**results[0]["geometry"], "decode_batches": tuple(results[0]["geometry"]["decode_batches"])})
         preset = results[0].get("preset", preset)
     else:
@@ -123,8 +121,8 @@ def main(argv=None) -> int:
                    (f" [{variant_label(job['variant'])}]" if job["framework"] == "jax" else
                     f" [{job['quant']}]" if job["framework"] == "llamacpp" else
                     f" [{'compiled' if job['compiled'] else 'eager'}]")
-            if _job_key(job) in recorded:
-                r = recorded[_job_key(job)]
+            r = recorded.get(_job_key(job))
+            if r is not None:
                 print(f"[{i + 1}/{len(jobs)}] {what}: recorded in {args.json} "
                       f"({'done' if r['ok'] else 'failed: ' + str(r.get('error'))}), not run again",
                       file=sys.stderr, flush=True)
